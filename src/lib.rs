@@ -1,0 +1,13 @@
+//! # mihomo-connections-tracker
+//!
+//! (architecture map: to be completed)
+
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod log;
+pub mod model;
+pub mod store;
+pub mod timefmt;
+
+pub use error::{Error, Result};

@@ -1,0 +1,104 @@
+//! The data that flows between threads: what we know of a connection, and the changes the collector sees.
+
+/// Everything mihomo tells about a connection that does not change over its life, in the shape of the
+/// database row (the earlier tool's record fields). Ports are strings as mihomo sends them; `chains` is a
+/// JSON array with the policy group first and the exit node last (the reverse of mihomo's order), `node` and
+/// `policy` are its two ends as plain fields; the geoip fields are mihomo's arrays as JSON text (`"null"`,
+/// `"[\"us\"]"`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnMeta {
+    pub id: String,
+    pub start_ms: i64,
+    pub network: String,
+    pub conn_type: String,
+    pub source_ip: String,
+    pub source_port: String,
+    pub destination_ip: String,
+    pub destination_port: String,
+    pub source_geoip: String,
+    pub destination_geoip: String,
+    pub source_ip_asn: String,
+    pub destination_ip_asn: String,
+    pub inbound_ip: String,
+    pub inbound_port: String,
+    pub inbound_name: String,
+    pub inbound_user: String,
+    pub host: String,
+    pub dns_mode: String,
+    pub uid: i64,
+    pub process: String,
+    pub process_path: String,
+    pub special_proxy: String,
+    pub special_rules: String,
+    pub remote_destination: String,
+    pub dscp: i64,
+    pub sniff_host: String,
+    pub rematch_name: String,
+    pub chains: String,
+    pub provider_chains: String,
+    pub node: String,
+    pub policy: String,
+    pub rule: String,
+    pub rule_payload: String,
+}
+
+/// Cumulative byte counters of one connection at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bytes {
+    pub upload: u64,
+    pub download: u64,
+}
+
+/// Bytes that flowed between two moments: the writer spreads them evenly over the minutes of
+/// `[from_ms, to_ms]`, so a long download shows over its whole duration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub id: String,
+    /// The new cumulative totals.
+    pub totals: Bytes,
+    /// The increase since the last observation.
+    pub delta: Bytes,
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
+/// A connection that ended: `end_ms` and its final totals.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Closed {
+    pub id: String,
+    pub end_ms: i64,
+    pub totals: Bytes,
+}
+
+/// What changed between two snapshots (or between the database and the first snapshot after a start).
+/// The writer applies `opened`, then `reopened`, then `flows`, then `closed`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionDiff {
+    /// When the snapshot arrived (UTC ms): the `last_updated` of every flow.
+    pub at_ms: i64,
+    /// New connections with their counters at first sight (their bytes also appear in `flows`).
+    pub opened: Vec<(ConnMeta, Bytes)>,
+    /// Ids that were closed and showed up again (mihomo never reuses ids, but a glitch may hide one).
+    pub reopened: Vec<String>,
+    pub flows: Vec<Flow>,
+    pub closed: Vec<Closed>,
+}
+
+impl ConnectionDiff {
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.opened.is_empty()
+            && self.reopened.is_empty()
+            && self.flows.is_empty()
+            && self.closed.is_empty()
+    }
+}
+
+/// A connection the database knows as open, loaded at start so a tracker restart resumes instead of
+/// counting twice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenRow {
+    pub id: String,
+    pub totals: Bytes,
+    pub last_updated_ms: i64,
+}

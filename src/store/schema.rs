@@ -1,0 +1,287 @@
+//! The database file: opening it safely, pragmas, and the schema with its migrations.
+//!
+//! Times are UTC milliseconds since the Unix epoch (`*_ms` columns). Bytes are counted twice on purpose:
+//! `connections.upload/download` hold the final (or latest) totals, and `traffic` holds the deltas per
+//! minute in which they flowed, so a time series shows when bytes moved. Every change to a connection or to
+//! its traffic rows sets `seq` (a durable, monotonic change counter) so an agent can sync by cursor.
+//!
+//! Migrations run in order from `PRAGMA user_version`; a file newer than this binary or not one of ours is
+//! refused, untouched.
+
+use crate::error::{Error, Result};
+use rusqlite::Connection;
+use std::path::Path;
+
+/// `PRAGMA application_id` of our files ("MCT1").
+pub const APPLICATION_ID: i32 = 0x4d43_5431;
+
+/// One entry per schema version; entry `i` upgrades `user_version` i to i+1. Never edit a released entry:
+/// append a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // v1
+    r#"
+CREATE TABLE connections (
+    pk                 INTEGER PRIMARY KEY,
+    agent_id           TEXT    NOT NULL,
+    id                 TEXT    NOT NULL,
+    start_ms           INTEGER NOT NULL,
+    end_ms             INTEGER,
+    last_updated_ms    INTEGER NOT NULL,
+    upload             INTEGER NOT NULL DEFAULT 0,
+    download           INTEGER NOT NULL DEFAULT 0,
+    network            TEXT    NOT NULL DEFAULT '',
+    conn_type          TEXT    NOT NULL DEFAULT '',
+    source_ip          TEXT    NOT NULL DEFAULT '',
+    source_port        TEXT    NOT NULL DEFAULT '',
+    destination_ip     TEXT    NOT NULL DEFAULT '',
+    destination_port   TEXT    NOT NULL DEFAULT '',
+    source_geoip       TEXT    NOT NULL DEFAULT 'null',
+    destination_geoip  TEXT    NOT NULL DEFAULT 'null',
+    source_ip_asn      TEXT    NOT NULL DEFAULT '',
+    destination_ip_asn TEXT    NOT NULL DEFAULT '',
+    inbound_ip         TEXT    NOT NULL DEFAULT '',
+    inbound_port       TEXT    NOT NULL DEFAULT '',
+    inbound_name       TEXT    NOT NULL DEFAULT '',
+    inbound_user       TEXT    NOT NULL DEFAULT '',
+    host               TEXT    NOT NULL DEFAULT '',
+    dns_mode           TEXT    NOT NULL DEFAULT '',
+    uid                INTEGER NOT NULL DEFAULT 0,
+    process            TEXT    NOT NULL DEFAULT '',
+    process_path       TEXT    NOT NULL DEFAULT '',
+    special_proxy      TEXT    NOT NULL DEFAULT '',
+    special_rules      TEXT    NOT NULL DEFAULT '',
+    remote_destination TEXT    NOT NULL DEFAULT '',
+    dscp               INTEGER NOT NULL DEFAULT 0,
+    sniff_host         TEXT    NOT NULL DEFAULT '',
+    rematch_name       TEXT    NOT NULL DEFAULT '',
+    chains             TEXT    NOT NULL DEFAULT '[]',
+    provider_chains    TEXT    NOT NULL DEFAULT '[]',
+    node               TEXT    NOT NULL DEFAULT '',
+    policy             TEXT    NOT NULL DEFAULT '',
+    rule               TEXT    NOT NULL DEFAULT '',
+    rule_payload       TEXT    NOT NULL DEFAULT '',
+    seq                INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (agent_id, id)
+);
+CREATE INDEX connections_start ON connections (start_ms);
+CREATE INDEX connections_open ON connections (agent_id) WHERE end_ms IS NULL;
+CREATE INDEX connections_seq ON connections (seq);
+
+CREATE TABLE traffic (
+    conn     INTEGER NOT NULL REFERENCES connections (pk) ON DELETE CASCADE,
+    minute   INTEGER NOT NULL,
+    upload   INTEGER NOT NULL,
+    download INTEGER NOT NULL,
+    seq      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (conn, minute)
+) WITHOUT ROWID;
+CREATE INDEX traffic_minute ON traffic (minute, upload, download);
+
+CREATE TABLE agents (
+    agent_id      TEXT PRIMARY KEY,
+    first_seen_ms INTEGER NOT NULL,
+    last_sync_ms  INTEGER,
+    last_data_ms  INTEGER,
+    sync_count    INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+"#,
+];
+
+/// How a connection to the database will be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The writer: creates the file (mode 0600), runs migrations.
+    Write,
+    /// Readers (HTTP workers, the sync thread): never write, never migrate.
+    Read,
+}
+
+/// Opens the database at `path`, refusing files that are not SQLite or not ours, and applying migrations when
+/// opened for writing.
+pub fn open(path: &Path, access: Access) -> Result<Connection> {
+    check_header(path)?;
+    if access == Access::Write && !path.exists() {
+        create_private(path)?;
+    }
+    let flags = match access {
+        Access::Write => {
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
+        }
+        Access::Read => rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    } | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let name = path.display().to_string();
+    let conn =
+        Connection::open_with_flags(path, flags).map_err(Error::db(format!("open {name}")))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(Error::db("busy_timeout"))?;
+    // Small page cache: routers have little RAM; the OS cache does the rest.
+    conn.execute_batch(
+        "PRAGMA cache_size = -1024; PRAGMA temp_store = MEMORY; PRAGMA foreign_keys = ON;",
+    )
+    .map_err(Error::db("pragmas"))?;
+    match access {
+        Access::Write => {
+            conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+                .map_err(Error::db(format!("enable WAL on {name}")))?;
+            migrate(&conn, &name)?;
+        }
+        Access::Read => {
+            conn.execute_batch("PRAGMA query_only = ON;")
+                .map_err(Error::db("query_only"))?;
+            let v = user_version(&conn)?;
+            if v as usize != MIGRATIONS.len() {
+                return Err(Error::Schema(format!(
+                    "{name} has schema version {v}, this binary expects {}",
+                    MIGRATIONS.len()
+                )));
+            }
+        }
+    }
+    Ok(conn)
+}
+
+fn user_version(conn: &Connection) -> Result<i64> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(Error::db("read user_version"))
+}
+
+/// Refuses, without touching it, a file that exists, is non-empty and does not start with SQLite's magic.
+fn check_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::Io(format!("open database {}", path.display()), e)),
+    };
+    let mut head = [0u8; 16];
+    let n = f
+        .read(&mut head)
+        .map_err(Error::io(format!("read database {}", path.display())))?;
+    if n == 0 {
+        return Ok(());
+    }
+    if n < 16 || &head != b"SQLite format 3\0" {
+        return Err(Error::Schema(format!(
+            "{} is not a SQLite database; refusing to touch it",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn create_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .or_else(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(Error::io(format!("create database {}", path.display())))
+}
+
+#[cfg(not(unix))]
+fn create_private(_path: &Path) -> Result<()> {
+    Ok(())
+}
+
+fn migrate(conn: &Connection, name: &str) -> Result<()> {
+    let version = user_version(conn)?;
+    let app_id: i32 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(Error::db("read application_id"))?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+        .map_err(Error::db(format!("read schema of {name}")))?;
+    if app_id != APPLICATION_ID && (tables > 0 || version > 0) {
+        return Err(Error::Schema(format!(
+            "{name} is a SQLite database of another program; refusing to touch it"
+        )));
+    }
+    if version as usize > MIGRATIONS.len() {
+        return Err(Error::Schema(format!(
+            "{name} has schema version {version}, newer than this binary ({}); upgrade the binary",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn
+            .unchecked_transaction()
+            .map_err(Error::db("begin migration"))?;
+        tx.execute_batch(sql)
+            .map_err(Error::db(format!("migrate {name} to version {}", i + 1)))?;
+        tx.execute_batch(&format!(
+            "PRAGMA user_version = {}; PRAGMA application_id = {APPLICATION_ID};",
+            i + 1
+        ))
+        .map_err(Error::db("set user_version"))?;
+        tx.commit().map_err(Error::db("commit migration"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("mct-schema-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("t.db")
+    }
+
+    #[test]
+    fn creates_migrates_and_reopens() {
+        let p = tmp("create");
+        let c = open(&p, Access::Write).unwrap();
+        assert_eq!(user_version(&c).unwrap() as usize, MIGRATIONS.len());
+        drop(c);
+        open(&p, Access::Write).unwrap();
+        open(&p, Access::Read).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_non_sqlite_file_untouched() {
+        let p = tmp("garbage");
+        std::fs::write(&p, b"this is not a database, it is a shopping list\n").unwrap();
+        let err = open(&p, Access::Write).unwrap_err().to_string();
+        assert!(err.contains("not a SQLite database"), "{err}");
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            b"this is not a database, it is a shopping list\n"
+        );
+    }
+
+    #[test]
+    fn refuses_foreign_sqlite_file() {
+        let p = tmp("foreign");
+        Connection::open(&p)
+            .unwrap()
+            .execute_batch("CREATE TABLE x (a)")
+            .unwrap();
+        let err = open(&p, Access::Write).unwrap_err().to_string();
+        assert!(err.contains("another program"), "{err}");
+    }
+}

@@ -1,0 +1,467 @@
+//! The writer thread: the only code that writes the database.
+//!
+//! It receives [`WriteCmd`]s over a bounded channel, coalesces connection diffs in memory (latest totals per
+//! connection, byte deltas per connection and minute) and commits them in one transaction every
+//! `flush_every` or when `max_pending` changes are waiting, whichever comes first. A full channel blocks the
+//! collector: back-pressure instead of unbounded memory. Other work (a master's sync batches, retention, the
+//! agent's sync cursor) arrives as [`WriteCmd::Run`] closures, run after pending diffs are committed, so
+//! every closure sees all earlier writes. When every sender is gone the writer commits what it holds and
+//! returns: nothing received is lost on a clean stop.
+
+use crate::error::{Error, Result};
+use crate::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
+use crate::timefmt::{DAY_MS, MINUTE_MS};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::time::{Duration, Instant};
+
+/// A unit of work for the writer thread.
+pub enum WriteCmd {
+    /// Changes the collector saw in one snapshot.
+    Diff(ConnectionDiff),
+    /// Any other write, run on the writer's connection after pending diffs are committed. The closure
+    /// reports its own result (typically over a reply channel it captured).
+    Run(Box<dyn FnOnce(&mut Connection) + Send>),
+    /// Commit everything pending now, then answer.
+    Flush(SyncSender<()>),
+}
+
+/// How the writer batches.
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    /// The agent id written into rows that come from our own collector.
+    pub agent_id: String,
+    /// Commit at least this often while changes are pending.
+    pub flush_every: Duration,
+    /// Commit early once this many changes are pending.
+    pub max_pending: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            agent_id: "local".into(),
+            flush_every: Duration::from_secs(2),
+            max_pending: 20_000,
+        }
+    }
+}
+
+/// Bytes that moved are spread over at most this span; older bytes land in its first minute.
+pub const MAX_SPREAD_MS: i64 = DAY_MS;
+
+/// Splits `delta` over the minutes of `[from_ms, to_ms]` in proportion to the time spent in each, with
+/// exact integer sums. An empty or backwards span puts everything in the minute of `to_ms`.
+pub fn spread(from_ms: i64, to_ms: i64, delta: Bytes) -> Vec<(i64, Bytes)> {
+    let from_ms = from_ms.max(to_ms - MAX_SPREAD_MS);
+    let first = from_ms.div_euclid(MINUTE_MS);
+    let last = to_ms.div_euclid(MINUTE_MS);
+    if to_ms <= from_ms || first == last {
+        return vec![(last, delta)];
+    }
+    let span = (to_ms - from_ms) as u128;
+    let mut out = Vec::with_capacity((last - first + 1) as usize);
+    let (mut done_up, mut done_down) = (0u64, 0u64);
+    for minute in first..=last {
+        let end = ((minute + 1) * MINUTE_MS).min(to_ms);
+        let elapsed = (end - from_ms) as u128;
+        let up = (delta.upload as u128 * elapsed / span) as u64;
+        let down = (delta.download as u128 * elapsed / span) as u64;
+        let share = Bytes {
+            upload: up - done_up,
+            download: down - done_down,
+        };
+        (done_up, done_down) = (up, down);
+        if share != Bytes::default() {
+            out.push((minute, share));
+        }
+    }
+    out
+}
+
+/// Diffs received but not yet committed, coalesced.
+#[derive(Default)]
+struct Pending {
+    opened: Vec<(ConnMeta, Bytes, i64)>,
+    reopened: Vec<(String, i64)>,
+    totals: HashMap<String, (Bytes, i64)>,
+    buckets: HashMap<(String, i64), Bytes>,
+    closed: Vec<Closed>,
+    changes: usize,
+}
+
+impl Pending {
+    fn add(&mut self, diff: ConnectionDiff) {
+        let at = diff.at_ms;
+        self.changes +=
+            diff.opened.len() + diff.reopened.len() + diff.flows.len() + diff.closed.len();
+        for (meta, bytes) in diff.opened {
+            self.opened.push((meta, bytes, at));
+        }
+        self.reopened
+            .extend(diff.reopened.into_iter().map(|id| (id, at)));
+        for Flow {
+            id,
+            totals,
+            delta,
+            from_ms,
+            to_ms,
+        } in diff.flows
+        {
+            if delta != Bytes::default() {
+                for (minute, share) in spread(from_ms, to_ms, delta) {
+                    let b = self.buckets.entry((id.clone(), minute)).or_default();
+                    b.upload += share.upload;
+                    b.download += share.download;
+                }
+            }
+            let t = self.totals.entry(id).or_insert((totals, to_ms));
+            t.0.upload = t.0.upload.max(totals.upload);
+            t.0.download = t.0.download.max(totals.download);
+            t.1 = t.1.max(to_ms);
+        }
+        self.closed.extend(diff.closed);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.changes == 0
+    }
+}
+
+/// The writer's state: its connection, the pending batch and a cache of row keys of open connections.
+pub struct Writer {
+    conn: Connection,
+    cfg: WriterConfig,
+    pending: Pending,
+    pks: HashMap<String, i64>,
+    next_seq: i64,
+}
+
+fn clamp(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+impl Writer {
+    /// Wraps an open (migrated) writable connection.
+    pub fn new(conn: Connection, cfg: WriterConfig) -> Result<Writer> {
+        let max_seq: i64 = conn
+            .query_row("SELECT coalesce(max(seq), 0) FROM connections", [], |r| {
+                r.get(0)
+            })
+            .map_err(Error::db("read change counter"))?;
+        Ok(Writer {
+            conn,
+            cfg,
+            pending: Pending::default(),
+            pks: HashMap::new(),
+            next_seq: max_seq + 1,
+        })
+    }
+
+    /// Runs until every sender is gone; commits what it holds before returning.
+    pub fn run(mut self, rx: Receiver<WriteCmd>) -> Result<()> {
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let cmd = match deadline {
+                Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match cmd {
+                Ok(WriteCmd::Diff(diff)) => {
+                    if !diff.is_empty() {
+                        self.pending.add(diff);
+                        deadline.get_or_insert_with(|| Instant::now() + self.cfg.flush_every);
+                    }
+                    if self.pending.changes >= self.cfg.max_pending {
+                        self.flush_logged();
+                        deadline = None;
+                    }
+                }
+                Ok(WriteCmd::Run(f)) => {
+                    self.flush_logged();
+                    deadline = None;
+                    f(&mut self.conn);
+                }
+                Ok(WriteCmd::Flush(reply)) => {
+                    self.flush_logged();
+                    deadline = None;
+                    let _ = reply.send(());
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.flush_logged();
+                    deadline = None;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return self.flush();
+                }
+            }
+        }
+    }
+
+    /// Commits, logging (not propagating) a failure: the data stays pending and is retried at the next
+    /// flush, so a full disk loses nothing that fits in memory.
+    fn flush_logged(&mut self) {
+        if let Err(e) = self.flush() {
+            crate::error!(
+                "writer: {e}; {} changes kept in memory, retrying",
+                self.pending.changes
+            );
+        }
+    }
+
+    /// Commits everything pending in one transaction. On failure nothing is lost from memory.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let seq = self.next_seq;
+        let pending = std::mem::take(&mut self.pending);
+        let mut new_pks = Vec::new();
+        let result = Self::apply(
+            &mut self.conn,
+            &self.cfg.agent_id,
+            seq,
+            &pending,
+            &mut self.pks,
+            &mut new_pks,
+        );
+        match result {
+            Ok(()) => {
+                self.next_seq += 1;
+                for c in &pending.closed {
+                    self.pks.remove(&c.id);
+                }
+                crate::trace!(
+                    "writer: committed {} changes in {} ms",
+                    pending.changes,
+                    started.elapsed().as_millis()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                for id in new_pks {
+                    self.pks.remove(&id);
+                }
+                self.pending = pending;
+                Err(e)
+            }
+        }
+    }
+
+    fn apply(
+        conn: &mut Connection,
+        agent: &str,
+        seq: i64,
+        p: &Pending,
+        pks: &mut HashMap<String, i64>,
+        new_pks: &mut Vec<String>,
+    ) -> Result<()> {
+        let tx = conn.transaction().map_err(Error::db("begin write"))?;
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO connections (agent_id, id, start_ms, end_ms, last_updated_ms, upload, download,
+                        network, conn_type, source_ip, source_port, destination_ip, destination_port,
+                        source_geoip, destination_geoip, source_ip_asn, destination_ip_asn, inbound_ip,
+                        inbound_port, inbound_name, inbound_user, host, dns_mode, uid, process, process_path,
+                        special_proxy, special_rules, remote_destination, dscp, sniff_host, rematch_name,
+                        chains, provider_chains, node, policy, rule, rule_payload, seq)
+                     VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                        ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35,
+                        ?36, ?37, ?38)
+                     ON CONFLICT (agent_id, id) DO UPDATE SET end_ms = NULL,
+                        upload = max(upload, excluded.upload), download = max(download, excluded.download),
+                        last_updated_ms = max(last_updated_ms, excluded.last_updated_ms), seq = excluded.seq
+                     RETURNING pk",
+                )
+                .map_err(Error::db("prepare insert"))?;
+            for (m, b, at) in &p.opened {
+                let pk: i64 = insert
+                    .query_row(
+                        params![
+                            agent,
+                            m.id,
+                            m.start_ms,
+                            at,
+                            clamp(b.upload),
+                            clamp(b.download),
+                            m.network,
+                            m.conn_type,
+                            m.source_ip,
+                            m.source_port,
+                            m.destination_ip,
+                            m.destination_port,
+                            m.source_geoip,
+                            m.destination_geoip,
+                            m.source_ip_asn,
+                            m.destination_ip_asn,
+                            m.inbound_ip,
+                            m.inbound_port,
+                            m.inbound_name,
+                            m.inbound_user,
+                            m.host,
+                            m.dns_mode,
+                            m.uid,
+                            m.process,
+                            m.process_path,
+                            m.special_proxy,
+                            m.special_rules,
+                            m.remote_destination,
+                            m.dscp,
+                            m.sniff_host,
+                            m.rematch_name,
+                            m.chains,
+                            m.provider_chains,
+                            m.node,
+                            m.policy,
+                            m.rule,
+                            m.rule_payload,
+                            seq
+                        ],
+                        |r| r.get(0),
+                    )
+                    .map_err(Error::db(format!("insert connection {}", m.id)))?;
+                pks.insert(m.id.clone(), pk);
+                new_pks.push(m.id.clone());
+            }
+
+            let mut lookup = tx
+                .prepare("SELECT pk FROM connections WHERE agent_id = ?1 AND id = ?2")
+                .map_err(Error::db("prepare lookup"))?;
+            let mut pk_of = |id: &str, pks: &mut HashMap<String, i64>| -> Result<Option<i64>> {
+                if let Some(pk) = pks.get(id) {
+                    return Ok(Some(*pk));
+                }
+                let pk: Option<i64> = lookup
+                    .query_row(params![agent, id], |r| r.get(0))
+                    .optional()
+                    .map_err(Error::db("look up connection"))?;
+                if let Some(pk) = pk {
+                    pks.insert(id.to_string(), pk);
+                    new_pks.push(id.to_string());
+                }
+                Ok(pk)
+            };
+
+            let mut reopen = tx
+                .prepare(
+                    "UPDATE connections SET end_ms = NULL, last_updated_ms = max(last_updated_ms, ?2), seq = ?3
+                     WHERE pk = ?1",
+                )
+                .map_err(Error::db("prepare reopen"))?;
+            for (id, at) in &p.reopened {
+                if let Some(pk) = pk_of(id, pks)? {
+                    reopen
+                        .execute(params![pk, at, seq])
+                        .map_err(Error::db("reopen connection"))?;
+                }
+            }
+
+            let mut totals = tx
+                .prepare(
+                    "UPDATE connections SET upload = max(upload, ?2), download = max(download, ?3),
+                        last_updated_ms = max(last_updated_ms, ?4), seq = ?5 WHERE pk = ?1",
+                )
+                .map_err(Error::db("prepare totals"))?;
+            for (id, (b, at)) in &p.totals {
+                match pk_of(id, pks)? {
+                    Some(pk) => {
+                        totals
+                            .execute(params![pk, clamp(b.upload), clamp(b.download), at, seq])
+                            .map_err(Error::db("update totals"))?;
+                    }
+                    None => crate::warn!("writer: traffic for unknown connection {id} ignored"),
+                }
+            }
+
+            let mut bucket = tx
+                .prepare(
+                    "INSERT INTO traffic (conn, minute, upload, download, seq) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (conn, minute) DO UPDATE SET upload = upload + excluded.upload,
+                        download = download + excluded.download, seq = excluded.seq",
+                )
+                .map_err(Error::db("prepare traffic"))?;
+            for ((id, minute), b) in &p.buckets {
+                if let Some(pk) = pk_of(id, pks)? {
+                    bucket
+                        .execute(params![pk, minute, clamp(b.upload), clamp(b.download), seq])
+                        .map_err(Error::db("write traffic"))?;
+                }
+            }
+
+            let mut close = tx
+                .prepare(
+                    "UPDATE connections SET end_ms = ?2, upload = max(upload, ?3), download = max(download, ?4),
+                        last_updated_ms = max(last_updated_ms, ?2), seq = ?5 WHERE pk = ?1",
+                )
+                .map_err(Error::db("prepare close"))?;
+            for c in &p.closed {
+                if let Some(pk) = pk_of(&c.id, pks)? {
+                    close
+                        .execute(params![
+                            pk,
+                            c.end_ms,
+                            clamp(c.totals.upload),
+                            clamp(c.totals.download),
+                            seq
+                        ])
+                        .map_err(Error::db("close connection"))?;
+                }
+            }
+        }
+        tx.commit().map_err(Error::db("commit"))
+    }
+}
+
+/// Loads the connections of `agent_id` that the database still has open, for the collector to resume.
+pub fn load_open(conn: &Connection, agent_id: &str) -> Result<Vec<crate::model::OpenRow>> {
+    let mut stmt = conn
+        .prepare("SELECT id, upload, download, last_updated_ms FROM connections WHERE agent_id = ?1 AND end_ms IS NULL")
+        .map_err(Error::db("prepare open connections"))?;
+    let rows = stmt
+        .query_map(params![agent_id], |r| {
+            Ok(crate::model::OpenRow {
+                id: r.get(0)?,
+                totals: Bytes {
+                    upload: r.get::<_, i64>(1)?.max(0) as u64,
+                    download: r.get::<_, i64>(2)?.max(0) as u64,
+                },
+                last_updated_ms: r.get(3)?,
+            })
+        })
+        .map_err(Error::db("load open connections"))?;
+    rows.collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(Error::db("load open connections"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(upload: u64, download: u64) -> Bytes {
+        Bytes { upload, download }
+    }
+
+    #[test]
+    fn spread_keeps_sums_and_shape() {
+        // three hours, 1,800,000 bytes down: 10,000 per minute
+        let parts = spread(0, 3 * 3_600_000, b(0, 1_800_000));
+        let sum: u64 = parts.iter().map(|(_, x)| x.download).sum();
+        assert_eq!(sum, 1_800_000);
+        assert_eq!(parts.len(), 180);
+        assert!(parts.iter().all(|(_, x)| x.download == 10_000));
+        // odd numbers still sum exactly
+        let parts = spread(1_234, 500_001, b(7, 1_000_003));
+        assert_eq!(parts.iter().map(|(_, x)| x.upload).sum::<u64>(), 7);
+        assert_eq!(
+            parts.iter().map(|(_, x)| x.download).sum::<u64>(),
+            1_000_003
+        );
+        // backwards clock: one bucket at the end
+        assert_eq!(spread(600_000, 0, b(1, 2)), vec![(0, b(1, 2))]);
+        // within one minute
+        assert_eq!(spread(60_001, 119_999, b(1, 2)), vec![(1, b(1, 2))]);
+    }
+}
