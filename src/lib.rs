@@ -4,9 +4,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod diff;
 pub mod error;
 pub mod log;
 pub mod model;
+pub mod snapshot;
 pub mod store;
 pub mod timefmt;
 
