@@ -45,7 +45,10 @@ pub struct Tracker {
 impl Tracker {
     /// A tracker that resumes the connections the database still has open.
     pub fn new(open: Vec<OpenRow>) -> Tracker {
-        let mut t = Tracker { fresh: true, ..Tracker::default() };
+        let mut t = Tracker {
+            fresh: true,
+            ..Tracker::default()
+        };
         for row in open {
             let tracked = Tracked {
                 bytes: row.totals,
@@ -72,7 +75,10 @@ impl Tracker {
 
     /// Compares `snap`, received at `at_ms`, with the open set and returns what changed.
     pub fn apply(&mut self, snap: &Snapshot<'_>, at_ms: i64) -> ConnectionDiff {
-        let mut diff = ConnectionDiff { at_ms, ..ConnectionDiff::default() };
+        let mut diff = ConnectionDiff {
+            at_ms,
+            ..ConnectionDiff::default()
+        };
         let core_restarted = match (self.totals, snap.download_total, snap.upload_total) {
             (Some((d, u)), Some(d2), Some(u2)) => d2 < d || u2 < u,
             _ => false,
@@ -81,7 +87,10 @@ impl Tracker {
             self.totals = Some((d, u));
         }
         if core_restarted {
-            crate::info!("collector: mihomo restarted (totals went down); closing {} connections", self.open.len());
+            crate::info!(
+                "collector: mihomo restarted (totals went down); closing {} connections",
+                self.open.len()
+            );
             self.close_all(&mut diff);
         }
         let fresh = std::mem::take(&mut self.fresh);
@@ -105,7 +114,13 @@ impl Tracker {
                 t.bytes.download = t.bytes.download.max(e.bytes.download);
                 if delta != Bytes::default() {
                     crate::trace!("traffic {id} +{}/+{}", delta.upload, delta.download);
-                    diff.flows.push(Flow { id: id.to_string(), totals: t.bytes, delta, from_ms: t.last_seen_ms, to_ms: at_ms });
+                    diff.flows.push(Flow {
+                        id: id.to_string(),
+                        totals: t.bytes,
+                        delta,
+                        from_ms: t.last_seen_ms,
+                        to_ms: at_ms,
+                    });
                 }
                 if t.generation != gen {
                     t.last_seen_ms = t.last_seen_ms.max(at_ms);
@@ -114,37 +129,90 @@ impl Tracker {
                 continue;
             }
             if let Some((before, closed_ms)) = self.recently_closed.remove(id) {
-                let bytes = Bytes { upload: before.upload.max(e.bytes.upload), download: before.download.max(e.bytes.download) };
-                let delta = Bytes { upload: bytes.upload - before.upload, download: bytes.download - before.download };
+                let bytes = Bytes {
+                    upload: before.upload.max(e.bytes.upload),
+                    download: before.download.max(e.bytes.download),
+                };
+                let delta = Bytes {
+                    upload: bytes.upload - before.upload,
+                    download: bytes.download - before.download,
+                };
                 crate::debug!("reopened {id}: it was missing from a snapshot but is back");
                 diff.reopened.push(id.to_string());
                 if delta != Bytes::default() {
-                    diff.flows.push(Flow { id: id.to_string(), totals: bytes, delta, from_ms: closed_ms, to_ms: at_ms });
+                    diff.flows.push(Flow {
+                        id: id.to_string(),
+                        totals: bytes,
+                        delta,
+                        from_ms: closed_ms,
+                        to_ms: at_ms,
+                    });
                 }
-                let tracked = Tracked { bytes, last_seen_ms: at_ms, start_ms: closed_ms, label: "".into(), generation: gen };
+                let tracked = Tracked {
+                    bytes,
+                    last_seen_ms: at_ms,
+                    start_ms: closed_ms,
+                    label: "".into(),
+                    generation: gen,
+                };
                 self.open.insert(id.into(), tracked);
                 continue;
             }
             let meta = e.meta(at_ms);
             if crate::log::enabled(crate::log::Level::Debug) {
-                let dest = if meta.host.is_empty() { &meta.destination_ip } else { &meta.host };
-                let rule = if meta.rule_payload.is_empty() { meta.rule.clone() } else { format!("{}({})", meta.rule, meta.rule_payload) };
+                let dest = if meta.host.is_empty() {
+                    &meta.destination_ip
+                } else {
+                    &meta.host
+                };
+                let rule = if meta.rule_payload.is_empty() {
+                    meta.rule.clone()
+                } else {
+                    format!("{}({})", meta.rule, meta.rule_payload)
+                };
                 crate::debug!(
                     "opened {} {}:{} -> {}:{} rule {} via {}",
-                    meta.network, meta.source_ip, meta.source_port, dest, meta.destination_port, rule, meta.chains
+                    meta.network,
+                    meta.source_ip,
+                    meta.source_port,
+                    dest,
+                    meta.destination_port,
+                    rule,
+                    meta.chains
                 );
             }
-            let label: Box<str> = if meta.host.is_empty() { meta.destination_ip.as_str().into() } else { meta.host.as_str().into() };
+            let label: Box<str> = if meta.host.is_empty() {
+                meta.destination_ip.as_str().into()
+            } else {
+                meta.host.as_str().into()
+            };
             let from_ms = meta.start_ms.min(at_ms);
-            let tracked = Tracked { bytes: e.bytes, last_seen_ms: at_ms, start_ms: meta.start_ms, label, generation: gen };
+            let tracked = Tracked {
+                bytes: e.bytes,
+                last_seen_ms: at_ms,
+                start_ms: meta.start_ms,
+                label,
+                generation: gen,
+            };
             if e.bytes != Bytes::default() {
-                diff.flows.push(Flow { id: id.to_string(), totals: e.bytes, delta: e.bytes, from_ms, to_ms: at_ms });
+                diff.flows.push(Flow {
+                    id: id.to_string(),
+                    totals: e.bytes,
+                    delta: e.bytes,
+                    from_ms,
+                    to_ms: at_ms,
+                });
             }
             diff.opened.push((meta, e.bytes));
             self.open.insert(id.into(), tracked);
         }
 
-        let missing: Vec<Box<str>> = self.open.iter().filter(|(_, t)| t.generation != gen).map(|(id, _)| id.clone()).collect();
+        let missing: Vec<Box<str>> = self
+            .open
+            .iter()
+            .filter(|(_, t)| t.generation != gen)
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in missing {
             if let Some(t) = self.open.remove(&id) {
                 let end_ms = if fresh { t.last_seen_ms } else { at_ms };
@@ -152,7 +220,8 @@ impl Tracker {
             }
         }
         if self.generation % 64 == 0 {
-            self.recently_closed.retain(|_, (_, closed)| *closed > at_ms - REOPEN_WINDOW_MS);
+            self.recently_closed
+                .retain(|_, (_, closed)| *closed > at_ms - REOPEN_WINDOW_MS);
         }
         diff
     }
@@ -174,7 +243,11 @@ impl Tracker {
                 human_duration(end_ms - t.start_ms)
             );
         }
-        diff.closed.push(Closed { id: id.to_string(), end_ms, totals: t.bytes });
+        diff.closed.push(Closed {
+            id: id.to_string(),
+            end_ms,
+            totals: t.bytes,
+        });
         self.recently_closed.insert(id, (t.bytes, end_ms));
     }
 }
@@ -217,7 +290,11 @@ mod tests {
                 format!(r#"{{"id":"{id}","upload":{up},"download":{down},"start":"2026-01-01T00:00:00Z","metadata":{{"host":"{id}.example"}}}}"#)
             })
             .collect();
-        format!(r#"{{"downloadTotal":{totals},"uploadTotal":{totals},"connections":[{}]}}"#, list.join(",")).into_bytes()
+        format!(
+            r#"{{"downloadTotal":{totals},"uploadTotal":{totals},"connections":[{}]}}"#,
+            list.join(",")
+        )
+        .into_bytes()
     }
 
     fn apply(t: &mut Tracker, totals: u64, conns: &[(&str, u64, u64)], at: i64) -> ConnectionDiff {
@@ -227,7 +304,11 @@ mod tests {
     }
 
     fn ids_closed(d: &ConnectionDiff) -> Vec<(String, i64, u64)> {
-        let mut v: Vec<_> = d.closed.iter().map(|c| (c.id.clone(), c.end_ms, c.totals.download)).collect();
+        let mut v: Vec<_> = d
+            .closed
+            .iter()
+            .map(|c| (c.id.clone(), c.end_ms, c.totals.download))
+            .collect();
         v.sort();
         v
     }
@@ -238,11 +319,43 @@ mod tests {
         let d = apply(&mut t, 10, &[("a", 1, 10), ("b", 0, 0)], 1000);
         assert_eq!(d.opened.len(), 2);
         assert_eq!(d.flows.len(), 1); // b moved no bytes yet
-        assert_eq!(d.flows[0].delta, Bytes { upload: 1, download: 10 });
+        assert_eq!(
+            d.flows[0].delta,
+            Bytes {
+                upload: 1,
+                download: 10
+            }
+        );
         let d = apply(&mut t, 20, &[("a", 2, 30), ("b", 5, 5)], 2000);
         assert!(d.opened.is_empty());
-        let deltas: Vec<_> = d.flows.iter().map(|f| (f.id.as_str(), f.delta, f.from_ms, f.to_ms)).collect();
-        assert_eq!(deltas, [("a", Bytes { upload: 1, download: 20 }, 1000, 2000), ("b", Bytes { upload: 5, download: 5 }, 1000, 2000)]);
+        let deltas: Vec<_> = d
+            .flows
+            .iter()
+            .map(|f| (f.id.as_str(), f.delta, f.from_ms, f.to_ms))
+            .collect();
+        assert_eq!(
+            deltas,
+            [
+                (
+                    "a",
+                    Bytes {
+                        upload: 1,
+                        download: 20
+                    },
+                    1000,
+                    2000
+                ),
+                (
+                    "b",
+                    Bytes {
+                        upload: 5,
+                        download: 5
+                    },
+                    1000,
+                    2000
+                )
+            ]
+        );
         let d = apply(&mut t, 30, &[("b", 5, 5)], 3000);
         assert_eq!(ids_closed(&d), [("a".to_string(), 3000, 30)]);
         assert!(d.flows.is_empty());
@@ -256,7 +369,13 @@ mod tests {
         let d = apply(&mut t, 11, &[("a", 5, 40)], 2000);
         assert!(d.flows.is_empty());
         let d = apply(&mut t, 12, &[("a", 5, 120)], 3000);
-        assert_eq!(d.flows[0].delta, Bytes { upload: 0, download: 20 });
+        assert_eq!(
+            d.flows[0].delta,
+            Bytes {
+                upload: 0,
+                download: 20
+            }
+        );
     }
 
     #[test]
@@ -275,7 +394,10 @@ mod tests {
         apply(&mut t, 1000, &[("a", 1, 10), ("b", 1, 10)], 1000);
         apply(&mut t, 2000, &[("a", 1, 20), ("b", 1, 10)], 2000);
         let d = apply(&mut t, 5, &[("c", 0, 5)], 3000);
-        assert_eq!(ids_closed(&d), [("a".into(), 2000, 20), ("b".into(), 2000, 10)]);
+        assert_eq!(
+            ids_closed(&d),
+            [("a".into(), 2000, 20), ("b".into(), 2000, 10)]
+        );
         assert_eq!(d.opened.len(), 1);
     }
 
@@ -293,15 +415,32 @@ mod tests {
     #[test]
     fn tracker_restart_resumes_from_stored_bytes() {
         let stored = vec![
-            OpenRow { id: "a".into(), totals: Bytes { upload: 1, download: 100 }, last_updated_ms: 500 },
-            OpenRow { id: "gone".into(), totals: Bytes { upload: 1, download: 7 }, last_updated_ms: 400 },
+            OpenRow {
+                id: "a".into(),
+                totals: Bytes {
+                    upload: 1,
+                    download: 100,
+                },
+                last_updated_ms: 500,
+            },
+            OpenRow {
+                id: "gone".into(),
+                totals: Bytes {
+                    upload: 1,
+                    download: 7,
+                },
+                last_updated_ms: 400,
+            },
         ];
         let mut t = Tracker::new(stored);
         let d = apply(&mut t, 10, &[("a", 1, 150), ("new", 0, 3)], 5000);
         assert_eq!(d.opened.len(), 1);
         assert_eq!(d.opened[0].0.id, "new");
         let a = d.flows.iter().find(|f| f.id == "a").unwrap();
-        assert_eq!((a.delta.download, a.from_ms, a.totals.download), (50, 500, 150));
+        assert_eq!(
+            (a.delta.download, a.from_ms, a.totals.download),
+            (50, 500, 150)
+        );
         assert_eq!(ids_closed(&d), [("gone".into(), 400, 7)]);
     }
 
@@ -314,7 +453,13 @@ mod tests {
         let d = apply(&mut t, 12, &[("a", 1, 12)], 3000);
         assert_eq!(d.reopened, ["a"]);
         assert!(d.opened.is_empty());
-        assert_eq!(d.flows[0].delta, Bytes { upload: 0, download: 2 });
+        assert_eq!(
+            d.flows[0].delta,
+            Bytes {
+                upload: 0,
+                download: 2
+            }
+        );
     }
 
     #[test]
@@ -322,7 +467,10 @@ mod tests {
         let mut t = Tracker::new(vec![]);
         let start = crate::timefmt::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
         let d = apply(&mut t, 10, &[("a", 1, 10)], start + 3 * 3_600_000);
-        assert_eq!((d.flows[0].from_ms, d.flows[0].to_ms), (start, start + 3 * 3_600_000));
+        assert_eq!(
+            (d.flows[0].from_ms, d.flows[0].to_ms),
+            (start, start + 3 * 3_600_000)
+        );
     }
 
     #[test]

@@ -4,6 +4,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
+pub mod cli;
+pub mod collector;
 pub mod diff;
 pub mod error;
 pub mod log;

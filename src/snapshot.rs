@@ -61,8 +61,14 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawEntry<'a> {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a connection object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
-                let mut e = RawEntry { valid: true, ..RawEntry::default() };
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut e = RawEntry {
+                    valid: true,
+                    ..RawEntry::default()
+                };
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     let slot = match key.as_ref() {
                         "id" => &mut e.id,
@@ -83,7 +89,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawEntry<'a> {
                 }
                 Ok(e)
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Self::Value, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
                 Ok(RawEntry::default())
             }
@@ -123,9 +132,13 @@ struct RawFrame<'a> {
 /// Parses one frame. Errors only when the frame as a whole is unusable.
 pub fn parse(frame: &[u8]) -> Result<Snapshot<'_>> {
     if frame.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(Error::Frame(format!("not a JSON object (frame of {} bytes)", frame.len())));
+        return Err(Error::Frame(format!(
+            "not a JSON object (frame of {} bytes)",
+            frame.len()
+        )));
     }
-    let raw: RawFrame = serde_json::from_slice(frame).map_err(|e| Error::Frame(format!("{e} (frame of {} bytes)", frame.len())))?;
+    let raw: RawFrame = serde_json::from_slice(frame)
+        .map_err(|e| Error::Frame(format!("{e} (frame of {} bytes)", frame.len())))?;
     let mut snap = Snapshot {
         download_total: raw.download_total.and_then(number),
         upload_total: raw.upload_total.and_then(number),
@@ -135,7 +148,11 @@ pub fn parse(frame: &[u8]) -> Result<Snapshot<'_>> {
     let list = raw.connections.unwrap_or_default();
     snap.connections.reserve(list.len());
     for e in list {
-        let id = if e.valid { e.id.map(text).unwrap_or_default() } else { Cow::Borrowed("") };
+        let id = if e.valid {
+            e.id.map(text).unwrap_or_default()
+        } else {
+            Cow::Borrowed("")
+        };
         if id.is_empty() || id.len() > 256 {
             snap.skipped += 1;
             continue;
@@ -152,7 +169,10 @@ pub fn parse(frame: &[u8]) -> Result<Snapshot<'_>> {
 /// A non-negative integer from a JSON number or numeric string; negatives and garbage are `None`.
 fn number(raw: &RawValue) -> Option<u64> {
     let s = raw.get().trim();
-    let s = s.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(s);
+    let s = s
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(s);
     if let Ok(v) = s.parse::<u64>() {
         return Some(v);
     }
@@ -165,8 +185,16 @@ fn number(raw: &RawValue) -> Option<u64> {
 fn signed(raw: Option<&RawValue>) -> i64 {
     raw.and_then(|r| {
         let s = r.get().trim();
-        let s = s.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(s);
-        s.parse::<i64>().ok().or_else(|| s.parse::<f64>().ok().filter(|f| f.is_finite()).map(|f| f as i64))
+        let s = s
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .unwrap_or(s);
+        s.parse::<i64>().ok().or_else(|| {
+            s.parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .map(|f| f as i64)
+        })
     })
     .unwrap_or(0)
 }
@@ -179,7 +207,9 @@ fn text(raw: &RawValue) -> Cow<'_, str> {
         Some(b'"') => {
             let inner = &s[1..s.len() - 1];
             if inner.contains('\\') {
-                serde_json::from_str::<String>(s).map(Cow::Owned).unwrap_or_default()
+                serde_json::from_str::<String>(s)
+                    .map(Cow::Owned)
+                    .unwrap_or_default()
             } else {
                 Cow::Borrowed(inner)
             }
@@ -196,7 +226,13 @@ fn owned(raw: Option<&RawValue>) -> String {
 /// The strings of a JSON array (non-strings skipped); `None` when it is not an array.
 fn strings(raw: Option<&RawValue>) -> Option<Vec<String>> {
     let values: Vec<&RawValue> = serde_json::from_str(raw?.get()).ok()?;
-    Some(values.into_iter().filter(|v| v.get().starts_with('"')).map(|v| text(v).into_owned()).collect())
+    Some(
+        values
+            .into_iter()
+            .filter(|v| v.get().starts_with('"'))
+            .map(|v| text(v).into_owned())
+            .collect(),
+    )
 }
 
 /// A geoip array as compact JSON text, `"null"` when absent or not an array.
@@ -266,8 +302,14 @@ impl Entry<'_> {
     /// Decodes everything else about the connection. `seen_ms` stands in for a missing or unreadable `start`.
     pub fn meta(&self, seen_ms: i64) -> ConnMeta {
         let r = &self.raw;
-        let m: RawMeta = r.metadata.and_then(|m| serde_json::from_str(m.get()).ok()).unwrap_or_default();
-        let start_ms = r.start.and_then(|s| crate::timefmt::parse_rfc3339(&text(s))).unwrap_or(seen_ms);
+        let m: RawMeta = r
+            .metadata
+            .and_then(|m| serde_json::from_str(m.get()).ok())
+            .unwrap_or_default();
+        let start_ms = r
+            .start
+            .and_then(|s| crate::timefmt::parse_rfc3339(&text(s)))
+            .unwrap_or(seen_ms);
         // mihomo: exit node first, the policy group the rule picked last. Stored the other way round, as the
         // earlier tool did.
         let mut chains = strings(r.chains).unwrap_or_default();
@@ -305,7 +347,8 @@ impl Entry<'_> {
             sniff_host: owned(m.sniff_host),
             rematch_name: owned(m.rematch_name),
             chains: serde_json::to_string(&chains).unwrap_or_else(|_| "[]".into()),
-            provider_chains: serde_json::to_string(&provider_chains).unwrap_or_else(|_| "[]".into()),
+            provider_chains: serde_json::to_string(&provider_chains)
+                .unwrap_or_else(|_| "[]".into()),
             node,
             policy,
             rule: owned(r.rule),
@@ -328,30 +371,70 @@ mod tests {
     fn mihomo_frame_every_field() {
         let data = frame("mihomo.wire.txt");
         let s = parse(&data).unwrap();
-        assert_eq!((s.download_total, s.upload_total, s.skipped), (Some(9866342711), Some(412580934), 0));
+        assert_eq!(
+            (s.download_total, s.upload_total, s.skipped),
+            (Some(9866342711), Some(412580934), 0)
+        );
         assert_eq!(s.connections.len(), 2);
         let e = &s.connections[0];
         assert_eq!(e.id, "3f0c6c2e-8b1d-4f5e-9a57-6b2d0e4c7a91");
-        assert_eq!(e.bytes, Bytes { upload: 18342, download: 4718392 });
+        assert_eq!(
+            e.bytes,
+            Bytes {
+                upload: 18342,
+                download: 4718392
+            }
+        );
         let m = e.meta(0);
-        assert_eq!(crate::timefmt::format_rfc3339(m.start_ms, true), "2026-07-14T13:03:17.482Z");
+        assert_eq!(
+            crate::timefmt::format_rfc3339(m.start_ms, true),
+            "2026-07-14T13:03:17.482Z"
+        );
         assert_eq!((m.network.as_str(), m.conn_type.as_str()), ("tcp", "HTTPS"));
-        assert_eq!((m.source_ip.as_str(), m.source_port.as_str()), ("127.0.0.1", "51834"));
-        assert_eq!((m.destination_ip.as_str(), m.destination_port.as_str()), ("", "443"));
+        assert_eq!(
+            (m.source_ip.as_str(), m.source_port.as_str()),
+            ("127.0.0.1", "51834")
+        );
+        assert_eq!(
+            (m.destination_ip.as_str(), m.destination_port.as_str()),
+            ("", "443")
+        );
         assert_eq!(m.host, "rr3---sn-oguelnzz.googlevideo.com");
-        assert_eq!((m.source_geoip.as_str(), m.destination_geoip.as_str()), ("null", "null"));
-        assert_eq!((m.inbound_ip.as_str(), m.inbound_port.as_str(), m.inbound_name.as_str()), ("127.0.0.1", "7890", "DEFAULT-MIXED"));
+        assert_eq!(
+            (m.source_geoip.as_str(), m.destination_geoip.as_str()),
+            ("null", "null")
+        );
+        assert_eq!(
+            (
+                m.inbound_ip.as_str(),
+                m.inbound_port.as_str(),
+                m.inbound_name.as_str()
+            ),
+            ("127.0.0.1", "7890", "DEFAULT-MIXED")
+        );
         assert_eq!((m.uid, m.dscp), (1000, 0));
-        assert_eq!((m.process.as_str(), m.process_path.as_str()), ("firefox", "/usr/lib/firefox/firefox"));
+        assert_eq!(
+            (m.process.as_str(), m.process_path.as_str()),
+            ("firefox", "/usr/lib/firefox/firefox")
+        );
         assert_eq!(m.remote_destination, "203.0.113.45");
         assert_eq!(m.dns_mode, "normal");
         assert_eq!(m.chains, r#"["YouTube","Auto-HK","HK-01 Premium"]"#);
-        assert_eq!((m.node.as_str(), m.policy.as_str()), ("HK-01 Premium", "YouTube"));
+        assert_eq!(
+            (m.node.as_str(), m.policy.as_str()),
+            ("HK-01 Premium", "YouTube")
+        );
         assert_eq!(m.provider_chains, r#"["","","airport-a"]"#);
-        assert_eq!((m.rule.as_str(), m.rule_payload.as_str()), ("RuleSet", "geosite-youtube"));
+        assert_eq!(
+            (m.rule.as_str(), m.rule_payload.as_str()),
+            ("RuleSet", "geosite-youtube")
+        );
         let m2 = s.connections[1].meta(0);
         assert_eq!(m2.destination_geoip, r#"["us"]"#);
-        assert_eq!((m2.node.as_str(), m2.policy.as_str(), m2.chains.as_str()), ("DIRECT", "DIRECT", r#"["DIRECT"]"#));
+        assert_eq!(
+            (m2.node.as_str(), m2.policy.as_str(), m2.chains.as_str()),
+            ("DIRECT", "DIRECT", r#"["DIRECT"]"#)
+        );
         assert_eq!((m2.rule.as_str(), m2.rule_payload.as_str()), ("Match", ""));
     }
 
@@ -383,7 +466,10 @@ mod tests {
         assert_eq!(m.rule, "rule_set=geosite-youtube => route(youtube)");
         assert_eq!(m.conn_type, "mixed/mixed-in");
         assert_eq!((m.node.as_str(), m.policy.as_str()), ("hk-01", "youtube"));
-        assert_eq!((m.uid, m.inbound_name.as_str(), m.destination_geoip.as_str()), (0, "", "null"));
+        assert_eq!(
+            (m.uid, m.inbound_name.as_str(), m.destination_geoip.as_str()),
+            (0, "", "null")
+        );
         for name in ["sing-box.json", "clash-2021.json"] {
             let data = frame(name);
             let s = parse(&data).unwrap();
@@ -397,9 +483,21 @@ mod tests {
         let data = frame("clash-2021.json");
         let s = parse(&data).unwrap();
         let m = s.connections[0].meta(0);
-        assert_eq!(crate::timefmt::format_rfc3339(m.start_ms, true), "2021-06-30T02:11:12.345Z");
-        assert_eq!((m.host.as_str(), m.node.as_str(), m.policy.as_str()), ("www.example.org", "JP-02", "Proxy"));
-        assert_eq!(s.connections[0].bytes, Bytes { upload: 2048, download: 65536 });
+        assert_eq!(
+            crate::timefmt::format_rfc3339(m.start_ms, true),
+            "2021-06-30T02:11:12.345Z"
+        );
+        assert_eq!(
+            (m.host.as_str(), m.node.as_str(), m.policy.as_str()),
+            ("www.example.org", "JP-02", "Proxy")
+        );
+        assert_eq!(
+            s.connections[0].bytes,
+            Bytes {
+                upload: 2048,
+                download: 65536
+            }
+        );
     }
 
     #[test]
@@ -417,16 +515,38 @@ mod tests {
         let ids: Vec<&str> = s.connections.iter().map(|e| e.id.as_ref()).collect();
         assert_eq!(ids, ["a", "7", "a&b"]);
         assert_eq!(s.skipped, 6);
-        assert_eq!(s.connections[0].bytes, Bytes { upload: 12, download: 0 });
-        assert_eq!(s.connections[1].bytes, Bytes { upload: 1500, download: 0 });
+        assert_eq!(
+            s.connections[0].bytes,
+            Bytes {
+                upload: 12,
+                download: 0
+            }
+        );
+        assert_eq!(
+            s.connections[1].bytes,
+            Bytes {
+                upload: 1500,
+                download: 0
+            }
+        );
         let m = s.connections[1].meta(99);
-        assert_eq!((m.source_port.as_str(), m.uid, m.host.as_str(), m.start_ms), ("5353", 42, "", 99));
+        assert_eq!(
+            (m.source_port.as_str(), m.uid, m.host.as_str(), m.start_ms),
+            ("5353", 42, "", 99)
+        );
         assert_eq!(s.connections[0].meta(5).start_ms, 5);
     }
 
     #[test]
     fn unusable_frames_are_errors() {
-        for f in [&b""[..], b"{", b"[]", b"{\"connections\":{}}", b"\xff\xfe", b"{\"connections\":[{\"id\":\"a\"}"] {
+        for f in [
+            &b""[..],
+            b"{",
+            b"[]",
+            b"{\"connections\":{}}",
+            b"\xff\xfe",
+            b"{\"connections\":[{\"id\":\"a\"}",
+        ] {
             assert!(parse(f).is_err(), "{:?}", String::from_utf8_lossy(f));
         }
     }
