@@ -481,3 +481,73 @@ mod tests {
         assert_eq!(human_duration(61_000), "1m01s");
     }
 }
+
+#[cfg(test)]
+mod perf {
+    use super::*;
+
+    /// `cargo test --release --lib perf_probe -- --ignored --nocapture`: a quick look, not a figure (see `make bench`).
+    #[test]
+    #[ignore]
+    fn perf_probe() {
+        let one = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/mihomo-frames/mihomo.wire.txt"
+        ))
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&one).unwrap();
+        let conn = v["connections"][0].to_string();
+        let mk = |k: u64| {
+            let list: Vec<String> = (0..10_000)
+                .map(|i| {
+                    conn.replace(
+                        "3f0c6c2e-8b1d-4f5e-9a57-6b2d0e4c7a91",
+                        &format!("id-{i:08}"),
+                    )
+                    .replace(
+                        "\"download\":4718392",
+                        &format!("\"download\":{}", 4718392 + k * i),
+                    )
+                })
+                .collect();
+            format!(
+                r#"{{"downloadTotal":1,"uploadTotal":1,"connections":[{}],"memory":0}}"#,
+                list.join(",")
+            )
+        };
+        let f0 = mk(0);
+        let mut t = Tracker::new(vec![]);
+        let s = std::time::Instant::now();
+        let snap = crate::snapshot::parse(f0.as_bytes()).unwrap();
+        let d = t.apply(&snap, 1000);
+        eprintln!(
+            "first: {} bytes, {} opened, {:?}",
+            f0.len(),
+            d.opened.len(),
+            s.elapsed()
+        );
+        // CPU time of this thread (ns), immune to other processes on a busy machine
+        let cpu = || -> u64 {
+            let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+            s.split_whitespace().next().unwrap().parse().unwrap()
+        };
+        let frames: Vec<String> = (1..11).map(mk).collect();
+        let (mut parse_ns, mut total_ns) = (0, 0);
+        for (k, f) in frames.iter().enumerate() {
+            let c0 = cpu();
+            let snap = crate::snapshot::parse(f.as_bytes()).unwrap();
+            let c1 = cpu();
+            let d = t.apply(&snap, 2000 + k as i64 * 1000);
+            drop(d);
+            drop(snap);
+            let c2 = cpu();
+            parse_ns += c1 - c0;
+            total_ns += c2 - c0;
+        }
+        eprintln!(
+            "steady (cpu): parse {:.1} ms, parse+diff {:.1} ms per frame",
+            parse_ns as f64 / 1e7,
+            total_ns as f64 / 1e7
+        );
+    }
+}

@@ -137,7 +137,10 @@ pub fn parse(frame: &[u8]) -> Result<Snapshot<'_>> {
             frame.len()
         )));
     }
-    let raw: RawFrame = serde_json::from_slice(frame)
+    // Checking UTF-8 once up front lets serde_json skip its per-string checks (its `StrRead` path).
+    let utf8 = std::str::from_utf8(frame)
+        .map_err(|e| Error::Frame(format!("not UTF-8: {e} (frame of {} bytes)", frame.len())))?;
+    let raw: RawFrame = serde_json::from_str(utf8)
         .map_err(|e| Error::Frame(format!("{e} (frame of {} bytes)", frame.len())))?;
     let mut snap = Snapshot {
         download_total: raw.download_total.and_then(number),

@@ -99,6 +99,8 @@ impl FakeMihomo {
                     .unwrap();
                 let mut uri = String::new();
                 let secret = secret.clone();
+                // tungstenite's callback type fixes the large error type
+                #[allow(clippy::result_large_err)]
                 let accepted = tungstenite::accept_hdr(stream, |req: &Request, resp: Response| {
                     uri = req.uri().to_string();
                     match &secret {

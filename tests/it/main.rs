@@ -1,5 +1,6 @@
 //! The one integration-test binary: the real program against fakes on loopback.
 
+mod binary;
 mod fake_mihomo;
 mod standalone;
 mod support;

@@ -1,0 +1,198 @@
+//! The real binary as a user runs it: exit codes, error messages, signals.
+
+use crate::fake_mihomo::{frame, FakeMihomo};
+use crate::support::*;
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mihomo-connections-tracker");
+
+/// A child process whose stderr lines arrive on a channel; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (20 s at most) for a stderr line containing `needle`; returns it.
+    pub fn wait_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no stderr line with {needle:?}; saw {:#?}", self.seen),
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -s {sig}");
+    }
+
+    /// Waits (20 s at most) for the exit code.
+    pub fn wait_exit(&mut self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit; stderr {:#?}",
+                self.seen
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_flag() {
+    for (args, needle) in [
+        (
+            &["master", "--database", "x.db", "--frobnicate"][..],
+            "--frobnicate",
+        ),
+        (
+            &["master", "--database", "x.db", "--listen-port", "http"][..],
+            "--listen-port",
+        ),
+        (&["agent", "--local-database", "x.db"][..], "--mihomo-host"),
+        (&["nonsense"][..], "nonsense"),
+    ] {
+        let (code, text) = run(args);
+        assert_eq!(code, 2, "{args:?}: {text}");
+        assert!(text.contains(needle), "{args:?}: {text}");
+    }
+    let (code, text) = run(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("master") && text.contains("agent"));
+    let (code, text) = run(&["--version"]);
+    assert_eq!(
+        (code, text.trim()),
+        (
+            0,
+            concat!("mihomo-connections-tracker ", env!("CARGO_PKG_VERSION"))
+        )
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused_and_left_alone() {
+    let dir = TempDir::new("corrupt");
+    let db = dir.path("notes.db");
+    let content = b"SQLite format 2? no: my notes, keep them\n".repeat(100);
+    std::fs::write(&db, &content).unwrap();
+    let (code, text) = run(&[
+        "master",
+        "--database",
+        db.to_str().unwrap(),
+        "--listen-port",
+        "0",
+    ]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("not a SQLite database"), "{text}");
+    assert_eq!(std::fs::read(&db).unwrap(), content);
+}
+
+#[test]
+fn sigterm_commits_what_is_pending() {
+    let dir = TempDir::new("sigterm");
+    let db = dir.path("t.db");
+    let fake = FakeMihomo::start(None);
+    let port = fake.addr.port().to_string();
+    // commits only every 10 minutes: what is stored at exit was written by the shutdown itself
+    let mut p = Proc::spawn(&[
+        "master",
+        "--database",
+        db.to_str().unwrap(),
+        "--listen-port",
+        "0",
+        "--mihomo-host",
+        "127.0.0.1",
+        "--mihomo-port",
+        &port,
+        "--commit-interval-ms",
+        "600000",
+        "--log-level",
+        "debug",
+    ]);
+    fake.wait_connected();
+    fake.push(frame(
+        10,
+        &[("a", 1, 10, "a.example"), ("b", 2, 20, "b.example")],
+    ));
+    fake.push(frame(20, &[("a", 5, 50, "a.example")]));
+    p.wait_line("closed b");
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(), 0, "{:#?}", p.seen);
+    let rows = stored(&db);
+    assert_eq!(
+        summary(&rows),
+        [("a".into(), 5, 50, true), ("b".into(), 2, 20, false)]
+    );
+    assert_traffic_matches_totals(&rows);
+}
