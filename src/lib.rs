@@ -1,6 +1,44 @@
 //! # mihomo-connections-tracker
 //!
-//! (architecture map: to be completed)
+//! Records every connection a mihomo (Clash Meta) proxy handles into SQLite and answers questions about
+//! them over HTTP. Built for home routers: blocking code on a handful of OS threads, no async runtime, a
+//! static binary of under 2 MB, a few MB of memory.
+//!
+//! ## Threads and channels
+//!
+//! ```text
+//!  mihomo ──ws /connections──▶ [collector] ──WriteCmd::Diff──┐   (sync_channel, 64 slots: back-pressure)
+//!                                                            ▼
+//!  agents ──POST /api/v1/sync──▶ [http-N] ──WriteCmd::Run──▶ [writer] ──▶ SQLite file (WAL)
+//!  users ───GET /api/v1/...───▶ [http-N] ◀──── read-only connections ───────┘   ▲
+//!  [sync] (agent) ── reads rows by change counter, POSTs to the master ─────────┤
+//!         └──────── WriteCmd::Run (advance the cursor after the master's ack) ──┘
+//!  [retention] ──── WriteCmd::Run (delete old closed rows) on a schedule
+//!  main: waits for SIGINT/SIGTERM, sets the stop flag, joins everything
+//! ```
+//!
+//! - `collector` ([`collector`], [`snapshot`], [`diff`]): one thread reads mihomo's full snapshots, diffs them
+//!   against the open set and sends [`model::ConnectionDiff`]s (opened, byte deltas, closed).
+//! - `writer` ([`store::writer`]): the only thread that writes the database. It coalesces diffs and commits
+//!   them in one transaction every `--commit-interval-ms` (2 s); other writes arrive as closures.
+//! - `http-N` ([`api`]): a pool of tiny_http workers, each with its own read-only connection; handlers are
+//!   plain functions from a parsed request to a reply. `POST /sync` is parsed and validated in the worker and
+//!   applied by the writer in one transaction ([`ingest`]).
+//! - `sync` ([`sync`], agent only): pushes rows whose change counter passed the acknowledged cursor.
+//! - `retention` ([`retention`]): deletes old closed (and, on an agent, synced) rows on a schedule.
+//!
+//! ## Invariants
+//!
+//! - Only the writer thread writes the database; everyone else reads through their own connection.
+//! - Every channel is bounded; every blocking call has a timeout (WebSocket reads, HTTP client calls,
+//!   SQLite's `busy_timeout`), so each loop notices the one stop flag within a fraction of a second.
+//! - Times are stored and compared as UTC milliseconds ([`timefmt`]); mihomo's local offsets are normalised.
+//! - Bytes are kept twice: the latest totals on the connection row, and the deltas per minute in which they
+//!   flowed (`traffic`); the deltas of a connection always add up to its totals.
+//! - A connection is never counted twice: a tracker restart resumes from stored bytes, a reconnect or core
+//!   restart closes what vanished at the time it was last seen, a reappearing id reopens its row.
+//! - On SIGINT/SIGTERM the writer commits everything it received before the process exits 0.
+//! - SQL only binds values; column names come from fixed whitelists.
 
 #![forbid(unsafe_code)]
 
