@@ -19,6 +19,8 @@ pub enum Command {
     Master(MasterConfig),
     Agent(AgentConfig),
     Simulate(SimulateArgs),
+    /// Print a service definition for the given master/agent command line.
+    Service(crate::service::ServiceKind, Vec<String>),
     /// Print this text and exit 0.
     Help(&'static str),
     Version,
@@ -75,6 +77,7 @@ USAGE:
     mihomo-connections-tracker agent  --mihomo-host H [--mihomo-port 9090] [--mihomo-token T] --local-database PATH
                                       [--master-url URL] [--master-token T] [--agent-id ID]
     mihomo-connections-tracker simulate [--listen-port 9090] [--connections 300]
+    mihomo-connections-tracker service openwrt|systemd master|agent FLAGS...   (prints an init script / unit)
     mihomo-connections-tracker --version | help [master|agent|simulate]
 
 Every flag can also be set by the environment: --mihomo-token by MCT_MIHOMO_TOKEN, and so on.
@@ -92,6 +95,7 @@ FLAGS:
     --listen-port P          port to listen on (0: any free port, printed at start)    [default: 8080]
     --api-token T            require `Authorization: Bearer T` (also --api-token-file PATH)
     --mihomo-host H          standalone mode: also collect from this mihomo controller
+    --mihomo-config PATH     read external-controller and secret from mihomo's config.yaml
     --mihomo-port P          its external-controller port                                [default: 9090]
     --mihomo-token T         its secret (also --mihomo-token-file PATH)
     --interval-ms MS         push interval asked of mihomo                               [default: 1000]
@@ -108,7 +112,8 @@ mihomo-connections-tracker agent: records a mihomo's connections into a local da
 master; keeps everything locally while the master is away.
 
 FLAGS:
-    --mihomo-host H            mihomo external-controller host                              [required]
+    --mihomo-host H            mihomo external-controller host       [required, or --mihomo-config]
+    --mihomo-config PATH       read external-controller and secret from mihomo's config.yaml
     --mihomo-port P            its port                                                   [default: 9090]
     --mihomo-token T           its secret (also --mihomo-token-file PATH)
     --interval-ms MS           push interval asked of mihomo                              [default: 1000]
@@ -269,11 +274,25 @@ fn positive(f: &mut Flags, flag: &'static str, default: u64) -> Result<u64> {
     Ok(v)
 }
 
-fn mihomo(f: &mut Flags, host: String) -> Result<CollectorConfig> {
+/// Reads `--mihomo-config` (mihomo's config.yaml) for defaults of host, port and secret.
+fn mihomo_defaults(f: &mut Flags) -> Result<crate::mihomo_config::ControllerInfo> {
+    match f.string("--mihomo-config")? {
+        Some(path) => crate::mihomo_config::read(&path),
+        None => Ok(Default::default()),
+    }
+}
+
+fn mihomo(
+    f: &mut Flags,
+    host: String,
+    defaults: crate::mihomo_config::ControllerInfo,
+) -> Result<CollectorConfig> {
     let cfg = CollectorConfig {
         host,
-        port: port(f, "--mihomo-port", 9090, false)?,
-        token: f.secret("--mihomo-token", "--mihomo-token-file")?,
+        port: port(f, "--mihomo-port", defaults.port.unwrap_or(9090), false)?,
+        token: f
+            .secret("--mihomo-token", "--mihomo-token-file")?
+            .or(defaults.secret),
         interval_ms: positive(f, "--interval-ms", 1000)?,
     };
     crate::collector::validate(&cfg)?;
@@ -320,9 +339,10 @@ pub fn parse(args: Vec<OsString>) -> Result<Command> {
                 .unwrap_or_else(|| "127.0.0.1".into());
             let listen = listen_addr(&host, port(&mut f, "--listen-port", 8080, true)?)?;
             let api_token = f.secret("--api-token", "--api-token-file")?;
-            let mihomo_host = f.string("--mihomo-host")?;
+            let defaults = mihomo_defaults(&mut f)?;
+            let mihomo_host = f.string("--mihomo-host")?.or(defaults.host.clone());
             let mihomo = match mihomo_host {
-                Some(h) => Some(mihomo(&mut f, h)?),
+                Some(h) => Some(mihomo(&mut f, h, defaults)?),
                 None => {
                     for flag in ["--mihomo-port", "--mihomo-token", "--mihomo-token-file"] {
                         if f.string(flag)?.is_some() {
@@ -353,8 +373,12 @@ pub fn parse(args: Vec<OsString>) -> Result<Command> {
             Ok(Command::Master(cfg))
         }
         Some("agent") => {
-            let host = f.required("--mihomo-host")?;
-            let mihomo = mihomo(&mut f, host)?;
+            let defaults = mihomo_defaults(&mut f)?;
+            let host = match defaults.host.clone() {
+                Some(h) => f.string("--mihomo-host")?.unwrap_or(h),
+                None => f.required("--mihomo-host")?,
+            };
+            let mihomo = mihomo(&mut f, host, defaults)?;
             let master_url = f.string("--master-url")?;
             if let Some(u) = &master_url {
                 if !u.starts_with("http://") {
@@ -417,12 +441,33 @@ pub fn parse(args: Vec<OsString>) -> Result<Command> {
             f.finish()?;
             Ok(Command::Simulate(cfg))
         }
+        Some("service") => {
+            let kind = f
+                .args
+                .subcommand()
+                .map_err(|e| Error::Usage(e.to_string()))?;
+            let kind = kind
+                .as_deref()
+                .and_then(crate::service::ServiceKind::parse)
+                .ok_or_else(|| {
+                    Error::Usage(
+                        "service: expected openwrt or systemd, then the master/agent command line"
+                            .into(),
+                    )
+                })?;
+            let rest: Vec<String> = f
+                .args
+                .finish()
+                .into_iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            Ok(Command::Service(kind, rest))
+        }
         Some(other) => Err(Error::Usage(format!(
-            "unknown subcommand '{other}': expected master, agent or simulate"
+            "unknown subcommand '{other}': expected master, agent, simulate or service"
         ))),
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,6 +557,57 @@ mod tests {
         };
         assert_eq!(m.api_token.as_deref(), Some("s3cret"));
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn mihomo_config_gives_defaults_and_flags_win() {
+        let path = std::env::temp_dir().join(format!("mct-config-{}.yaml", std::process::id()));
+        std::fs::write(
+            &path,
+            "external-controller: 0.0.0.0:9091\nsecret: 'from file'\n",
+        )
+        .unwrap();
+        let Command::Agent(a) = p(&format!(
+            "agent --mihomo-config {} --local-database a.db",
+            path.display()
+        ))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                a.mihomo.host.as_str(),
+                a.mihomo.port,
+                a.mihomo.token.as_deref()
+            ),
+            ("127.0.0.1", 9091, Some("from file"))
+        );
+        let Command::Agent(a) = p(&format!(
+            "agent --mihomo-config {} --mihomo-port 9999 --mihomo-token x --local-database a.db",
+            path.display()
+        ))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (a.mihomo.port, a.mihomo.token.as_deref()),
+            (9999, Some("x"))
+        );
+        let Command::Master(m) = p(&format!(
+            "master --database m.db --mihomo-config {}",
+            path.display()
+        ))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(m.mihomo.unwrap().port, 9091);
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            p("agent --mihomo-config /nonexistent.yaml --local-database a.db")
+                .unwrap_err()
+                .to_string()
+                .contains("/nonexistent.yaml")
+        );
     }
 
     #[test]

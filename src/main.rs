@@ -30,6 +30,16 @@ fn run() -> Result<(), Error> {
             app::start_agent(&cfg)?
         }
         Command::Simulate(_) => return Err(Error::Usage("simulate is not built in yet".into())),
+        Command::Service(kind, args) => {
+            let exe = std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "/usr/bin/mihomo-connections-tracker".into());
+            print!(
+                "{}",
+                mihomo_connections_tracker::service::render(kind, &exe, &args)?
+            );
+            return Ok(());
+        }
     };
     let sig = wait_for_signal()?;
     mihomo_connections_tracker::info!("received signal {sig}; stopping");
