@@ -213,6 +213,7 @@ fn session(
     );
     let dead_after = cfg.dead_after();
     let mut last_frame = Instant::now();
+    let mut clock_warned = false;
     loop {
         if stop.load(Ordering::Relaxed) {
             let _ = ws.close(None);
@@ -242,6 +243,22 @@ fn session(
         };
         last_frame = Instant::now();
         let at = crate::timefmt::now_ms();
+        if !crate::timefmt::clock_is_sane(at) {
+            // Hold everything until NTP sets the clock: counters are cumulative, so the first push after
+            // that carries all the bytes, and nothing is written with a 1970 date.
+            if !clock_warned {
+                crate::warn!(
+                    "collector: the system clock is not set ({}); waiting for it before recording",
+                    crate::timefmt::format_rfc3339(at, false)
+                );
+                clock_warned = true;
+            }
+            continue;
+        }
+        if clock_warned {
+            crate::info!("collector: the system clock is set; recording");
+            clock_warned = false;
+        }
         match crate::snapshot::parse(&data) {
             Ok(snap) => {
                 if snap.skipped > 0 {

@@ -312,6 +312,7 @@ impl Entry<'_> {
         let start_ms = r
             .start
             .and_then(|s| crate::timefmt::parse_rfc3339(&text(s)))
+            .filter(|&ms| crate::timefmt::clock_is_sane(ms))
             .unwrap_or(seen_ms);
         // mihomo: exit node first, the policy group the rule picked last. Stored the other way round, as the
         // earlier tool did.

@@ -13,6 +13,15 @@ pub const HOUR_MS: i64 = 3_600_000;
 /// Milliseconds in a day.
 pub const DAY_MS: i64 = 86_400_000;
 
+/// 2024-01-01T00:00:00Z. A clock earlier than this is not set yet (routers boot at 1970 until NTP runs):
+/// nothing is recorded with such a time.
+pub const SANE_MS: i64 = 1_704_067_200_000;
+
+/// True when the wall clock looks set.
+pub fn clock_is_sane(ms: i64) -> bool {
+    ms >= SANE_MS
+}
+
 /// Wall-clock now, UTC milliseconds.
 pub fn now_ms() -> i64 {
     match SystemTime::now().duration_since(UNIX_EPOCH) {
