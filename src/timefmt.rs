@@ -13,9 +13,9 @@ pub const HOUR_MS: i64 = 3_600_000;
 /// Milliseconds in a day.
 pub const DAY_MS: i64 = 86_400_000;
 
-/// 2024-01-01T00:00:00Z. A clock earlier than this is not set yet (routers boot at 1970 until NTP runs):
+/// 2020-01-01T00:00:00Z. A clock earlier than this is not set yet (routers boot at 1970 until NTP runs):
 /// nothing is recorded with such a time.
-pub const SANE_MS: i64 = 1_704_067_200_000;
+pub const SANE_MS: i64 = 1_577_836_800_000;
 
 /// True when the wall clock looks set.
 pub fn clock_is_sane(ms: i64) -> bool {
@@ -403,6 +403,12 @@ mod tests {
         );
         assert_eq!(parse_user_time("yesterday"), None);
         assert_eq!(parse_user_time("1' OR '1'='1"), None);
+    }
+
+    #[test]
+    fn sane_epoch_is_2020() {
+        assert_eq!(format_rfc3339(SANE_MS, false), "2020-01-01T00:00:00Z");
+        assert!(!clock_is_sane(0) && clock_is_sane(now_ms()));
     }
 
     #[test]
