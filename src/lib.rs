@@ -45,6 +45,7 @@
 pub mod app;
 pub mod cli;
 pub mod collector;
+pub mod devices;
 pub mod diff;
 pub mod error;
 pub mod log;
