@@ -4,7 +4,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod error;
+pub mod ingest;
 pub mod log;
 pub mod model;
 pub mod store;
