@@ -43,7 +43,11 @@ impl AgentInfo {
             ("total_traffic", json!(self.download + self.upload)),
             (
                 "status",
-                json!(if self.is_active(now_ms) { "active" } else { "inactive" }),
+                json!(if self.is_active(now_ms) {
+                    "active"
+                } else {
+                    "inactive"
+                }),
             ),
             ("last_sync", time(self.last_sync_ms)),
             ("first_seen", time(self.first_seen_ms)),
@@ -120,8 +124,12 @@ pub fn list(db: &Connection, rollups: bool, now_ms: i64) -> ApiResult<Answer> {
 
 /// `GET /agents/{id}/status`.
 pub fn status(db: &Connection, rollups: bool, id: &str, now_ms: i64) -> ApiResult<Answer> {
-    let a = info(db, rollups, id)?
-        .ok_or_else(|| ApiError::status(404, format!("no agent with id '{}'", super::params::clip(id))))?;
+    let a = info(db, rollups, id)?.ok_or_else(|| {
+        ApiError::status(
+            404,
+            format!("no agent with id '{}'", super::params::clip(id)),
+        )
+    })?;
     let mut obj = serde_json::Map::new();
     for (k, v) in a.fields(now_ms) {
         obj.insert(k.into(), v);

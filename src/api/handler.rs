@@ -160,12 +160,19 @@ fn route(ctx: &Ctx<'_>, req: &ApiRequest<'_>, path: &str) -> Result<Reply, ApiEr
         }
         "/api/v1/stats" => get(|c, p, _| super::stats::handle(c.db, c.rollups, p), None),
         "/api/v1/connections" => get(|c, p, _| super::connections::handle(c.db, p), None),
-        "/api/v1/agents" => get(|c, _, _| super::agents::list(c.db, c.rollups, c.now_ms), None),
+        "/api/v1/agents" => get(
+            |c, _, _| super::agents::list(c.db, c.rollups, c.now_ms),
+            None,
+        ),
         "/api/v1/filter-options" => get(|c, p, _| super::options::handle(c.db, p), None),
         _ => match agent_status {
             Some(raw) => {
-                let id = super::params::percent_decode(raw)
-                    .ok_or_else(|| ApiError::status(400, "agent id in the path is not valid percent-encoded UTF-8"))?;
+                let id = super::params::percent_decode(raw).ok_or_else(|| {
+                    ApiError::status(
+                        400,
+                        "agent id in the path is not valid percent-encoded UTF-8",
+                    )
+                })?;
                 get(
                     |c, _, id| super::agents::status(c.db, c.rollups, id.unwrap_or(""), c.now_ms),
                     Some(&id),
@@ -189,8 +196,10 @@ fn render(answer: Answer) -> Reply {
         } => {
             let (content_type, body) = match format {
                 Format::Json => {
-                    let extra: Vec<(&str, serde_json::Value)> =
-                        total_count.map(|n| ("total_count", json!(n))).into_iter().collect();
+                    let extra: Vec<(&str, serde_json::Value)> = total_count
+                        .map(|n| ("total_count", json!(n)))
+                        .into_iter()
+                        .collect();
                     (JSON, table::success(&table.to_json(), &extra))
                 }
                 Format::Csv => ("text/csv; charset=utf-8", table.to_csv()),

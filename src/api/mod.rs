@@ -77,7 +77,9 @@ pub fn start(cfg: ApiConfig, writer: Option<SyncSender<WriteCmd>>) -> Result<Api
     }
     let rollups = rollup::has_rollups(&conns[0]);
     if !rollups {
-        crate::warn!("api: database has no rollup tables; unfiltered aggregates will scan (slower)");
+        crate::warn!(
+            "api: database has no rollup tables; unfiltered aggregates will scan (slower)"
+        );
     }
     let server = tiny_http::Server::http(cfg.listen)
         .map_err(|e| Error::Http(format!("cannot listen on {}: {e}", cfg.listen)))?;
@@ -232,3 +234,6 @@ fn serve(
         crate::debug!("api: cannot send reply: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -23,7 +23,10 @@ pub fn handle(db: &Connection, p: &Params) -> ApiResult<Answer> {
             ("policy", ("policy", "c.policy", false)),
             ("node", ("node", "c.node", false)),
             ("inbound", ("inbound", "c.inbound_name", false)),
-            ("destination_port", ("destination_port", "c.destination_port", false)),
+            (
+                "destination_port",
+                ("destination_port", "c.destination_port", false),
+            ),
         ],
         ("", "", false),
     )?;

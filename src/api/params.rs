@@ -36,7 +36,10 @@ impl ApiError {
     /// A database failure: the detail goes to the log, the client gets a generic message (never SQL text).
     pub fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
         crate::error!("api: {what}: {e}");
-        ApiError::status(500, "internal error while reading the database; see the server log")
+        ApiError::status(
+            500,
+            "internal error while reading the database; see the server log",
+        )
     }
 }
 
@@ -339,13 +342,17 @@ impl Filters {
         if let Some(v) = &self.destination {
             let sql = match m {
                 Match::Exact => "(c.destination_ip = ? OR c.host = ?)",
-                Match::Substring => "(instr(c.destination_ip, ?) > 0 OR instr(lower(c.host), lower(?)) > 0)",
+                Match::Substring => {
+                    "(instr(c.destination_ip, ?) > 0 OR instr(lower(c.host), lower(?)) > 0)"
+                }
             };
             out.push((sql, vec![Text(v.clone()), Text(v.clone())]));
         }
         if let Some(v) = &self.host {
             let sql = match m {
-                Match::Exact => "(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END) = ?",
+                Match::Exact => {
+                    "(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END) = ?"
+                }
                 Match::Substring => "instr(lower(c.host), lower(?)) > 0",
             };
             out.push((sql, vec![Text(v.clone())]));
@@ -418,7 +425,11 @@ mod tests {
         let p = Params::parse("limit=abc&from=yesterday&sort_by=x'--").unwrap();
         let e = p.uint("limit", 1, 1, 10).unwrap_err();
         assert_eq!(e.status, 400);
-        assert!(e.message.contains("'limit'") && e.message.contains("1 to 10"), "{}", e.message);
+        assert!(
+            e.message.contains("'limit'") && e.message.contains("1 to 10"),
+            "{}",
+            e.message
+        );
         let e = p.time("from").unwrap_err();
         assert!(e.message.contains("'from'") && e.message.contains("RFC 3339"));
         let e = p.choice("sort_by", &[("count", 0)], 0).unwrap_err();

@@ -279,7 +279,10 @@ pub fn dim(word: &str) -> Option<Dim> {
 /// `group_by=a` or `group_by=a,b`.
 pub fn parse_dims(p: &Params) -> ApiResult<Vec<Dim>> {
     let raw = p.get("group_by").ok_or_else(|| {
-        ApiError::bad("group_by", format!("required with type=group; one or two of {GROUP_KEYS}, comma-separated"))
+        ApiError::bad(
+            "group_by",
+            format!("required with type=group; one or two of {GROUP_KEYS}, comma-separated"),
+        )
     })?;
     let mut dims = Vec::new();
     for word in raw.split(',').map(str::trim) {
@@ -412,9 +415,16 @@ fn group(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<A
         shown.add(t);
         let mut row: Vec<Value> = Vec::with_capacity(k + 4);
         for i in 0..k {
-            row.push(Value::String(r.get::<_, Option<String>>(i)?.unwrap_or_default()));
+            row.push(Value::String(
+                r.get::<_, Option<String>>(i)?.unwrap_or_default(),
+            ));
         }
-        row.extend([json!(t.count), json!(t.download), json!(t.upload), json!(t.total())]);
+        row.extend([
+            json!(t.count),
+            json!(t.download),
+            json!(t.upload),
+            json!(t.total()),
+        ]);
         table.rows.push(row);
     }
     drop(rows);
@@ -436,7 +446,12 @@ fn group(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<A
             download: all.download - shown.download,
         };
         let mut row: Vec<Value> = vec![Value::Null; dims.len()];
-        row.extend([json!(rest.count), json!(rest.download), json!(rest.upload), json!(rest.total())]);
+        row.extend([
+            json!(rest.count),
+            json!(rest.download),
+            json!(rest.upload),
+            json!(rest.total()),
+        ]);
         table.rows.push(row);
     }
     Ok(match format {
@@ -467,11 +482,10 @@ fn extent(db: &Connection) -> ApiResult<Option<(i64, i64)>> {
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let (c, d): (Option<i64>, Option<i64>) = db.query_row(
-        "SELECT min(minute), max(minute) FROM traffic",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let (c, d): (Option<i64>, Option<i64>) =
+        db.query_row("SELECT min(minute), max(minute) FROM traffic", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     let lo = [a, c.map(|m| m * MINUTE_MS)].into_iter().flatten().min();
     let hi = [b, d.map(|m| m * MINUTE_MS)].into_iter().flatten().max();
     Ok(lo.zip(hi).map(|(lo, hi)| (lo, hi + 1)))

@@ -123,7 +123,10 @@ mod tests {
         let mut t = Table::new(["z", "a"]);
         t.rows.push(vec![json!("x,\"y\""), json!(3)]);
         t.rows.push(vec![Value::Null, json!(true)]);
-        assert_eq!(t.to_json(), r#"[{"z":"x,\"y\"","a":3},{"z":null,"a":true}]"#);
+        assert_eq!(
+            t.to_json(),
+            r#"[{"z":"x,\"y\"","a":3},{"z":null,"a":true}]"#
+        );
         assert_eq!(t.to_csv(), "z,a\r\n\"x,\"\"y\"\"\",3\r\n,true\r\n");
         assert_eq!(t.to_ndjson().lines().count(), 2);
         assert_eq!(
