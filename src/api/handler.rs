@@ -159,7 +159,10 @@ fn route(ctx: &Ctx<'_>, req: &ApiRequest<'_>, path: &str) -> Result<Reply, ApiEr
             }
         }
         "/api/v1/stats" => get(|c, p, _| super::stats::handle(c.db, c.rollups, p), None),
-        "/api/v1/connections" => get(|c, p, _| super::connections::handle(c.db, p), None),
+        "/api/v1/connections" => get(
+            |c, p, _| super::connections::handle(c.db, c.rollups, p),
+            None,
+        ),
         "/api/v1/agents" => get(
             |c, _, _| super::agents::list(c.db, c.rollups, c.now_ms),
             None,

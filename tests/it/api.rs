@@ -114,14 +114,22 @@ fn serves_over_http_with_auth_limits_and_clean_stop() {
     );
     assert_eq!(s, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["data"][0]["value"], 3_000, "two minutes, half each: {body}");
+    assert_eq!(
+        v["data"][0]["value"], 3_000,
+        "two minutes, half each: {body}"
+    );
     assert_eq!(v["data"][1]["time"], "2025-04-28 10:01:00");
     let (s, body) = get(&a, &format!("{base}/connections?format=csv"), Some("tok"));
     assert_eq!(s, 200);
     assert!(body.starts_with("id,agent_id,"), "{body}");
     assert_eq!(get(&a, &format!("{base}/nothing"), Some("tok")).0, 404);
     assert_eq!(
-        get(&a, &format!("{base}/stats?type=group&group_by=1;--"), Some("tok")).0,
+        get(
+            &a,
+            &format!("{base}/stats?type=group&group_by=1;--"),
+            Some("tok")
+        )
+        .0,
         400
     );
 
