@@ -21,10 +21,11 @@ use params::ApiError;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// How the API server runs.
 #[derive(Clone, Debug)]
@@ -70,6 +71,16 @@ impl ApiServer {
 /// Binds `cfg.listen`, opens one read-only connection per worker and starts the workers.
 /// `writer` is the database writer, needed by `POST /sync` (`503` without it).
 pub fn start(cfg: ApiConfig, writer: Option<SyncSender<WriteCmd>>) -> Result<ApiServer> {
+    start_with_body_timeout(cfg, writer, BODY_TIMEOUT)
+}
+
+/// [`start`] with another limit on how long a client may take to send a request body (tests use a short
+/// one).
+pub fn start_with_body_timeout(
+    cfg: ApiConfig,
+    writer: Option<SyncSender<WriteCmd>>,
+    body_timeout: Duration,
+) -> Result<ApiServer> {
     let workers = cfg.workers.max(1);
     let mut conns = Vec::with_capacity(workers);
     for _ in 0..workers {
@@ -93,6 +104,8 @@ pub fn start(cfg: ApiConfig, writer: Option<SyncSender<WriteCmd>>) -> Result<Api
         token: cfg.token,
         max_body: cfg.max_body_bytes,
         rollups,
+        body_readers: Arc::new(AtomicUsize::new(0)),
+        body_timeout,
     });
     let mut handles = Vec::with_capacity(workers);
     for (i, db) in conns.into_iter().enumerate() {
@@ -129,7 +142,15 @@ struct Shared {
     token: Option<String>,
     max_body: usize,
     rollups: bool,
+    /// Body reads in progress (see [`read_body_bounded`]).
+    body_readers: Arc<AtomicUsize>,
+    body_timeout: Duration,
 }
+
+/// How long a client may take to send its body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most body reads at once; beyond, `503`. Bounds the threads a stalled client can hold.
+pub const MAX_BODY_READERS: usize = 16;
 
 fn worker(
     server: &tiny_http::Server,
@@ -160,25 +181,75 @@ fn header<'a>(rq: &'a tiny_http::Request, name: &'static str) -> Option<&'a str>
         .map(|h| h.value.as_str())
 }
 
-/// Reads at most `max + 1` bytes of the body: `Err(413)` when it is longer than `max`.
+fn body_too_big(max: usize) -> ApiError {
+    ApiError::status(413, format!("request body larger than {max} bytes"))
+}
+
+/// Reads at most `max + 1` bytes of the body (a chunked body has no length to check first): `413` when it
+/// is longer than `max`.
 fn read_body(rq: &mut tiny_http::Request, max: usize) -> std::result::Result<Vec<u8>, ApiError> {
-    let too_big = || ApiError::status(413, format!("request body larger than {max} bytes"));
-    if rq.body_length().is_some_and(|n| n > max) {
-        return Err(too_big());
-    }
     let mut body = Vec::new();
     rq.as_reader()
         .take(max as u64 + 1)
         .read_to_end(&mut body)
         .map_err(|e| ApiError::status(400, format!("cannot read request body: {e}")))?;
     if body.len() > max {
-        return Err(too_big());
+        return Err(body_too_big(max));
     }
     Ok(body)
 }
 
-fn serve(
+/// Reads the body on a helper thread and waits at most the body timeout ([`BODY_TIMEOUT`]): tiny_http 0.12 sets no socket
+/// timeouts, so a client that stalls mid-body would otherwise hold this worker forever. On timeout the helper
+/// keeps the request (it is dropped, and the connection closed, when the client finally goes away) and the
+/// worker moves on; `None` means there is nothing left to answer.
+fn read_body_bounded(
     mut rq: tiny_http::Request,
+    shared: &Shared,
+) -> Option<(tiny_http::Request, std::result::Result<Vec<u8>, ApiError>)> {
+    // Refused by Content-Length before reading anything.
+    if rq.body_length().is_some_and(|n| n > shared.max_body) {
+        return Some((rq, Err(body_too_big(shared.max_body))));
+    }
+    if shared.body_readers.fetch_add(1, Ordering::SeqCst) >= MAX_BODY_READERS {
+        shared.body_readers.fetch_sub(1, Ordering::SeqCst);
+        return Some((
+            rq,
+            Err(ApiError::status(
+                503,
+                "too many uploads in progress; retry later",
+            )),
+        ));
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let readers = Arc::clone(&shared.body_readers);
+    let max = shared.max_body;
+    let spawned = std::thread::Builder::new()
+        .name("api-body".into())
+        .spawn(move || {
+            let body = read_body(&mut rq, max);
+            readers.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send((rq, body));
+        });
+    if let Err(e) = spawned {
+        shared.body_readers.fetch_sub(1, Ordering::SeqCst);
+        crate::error!("api: cannot start a body reader: {e}");
+        return None;
+    }
+    match rx.recv_timeout(shared.body_timeout) {
+        Ok(done) => Some(done),
+        Err(_) => {
+            crate::warn!(
+                "api: a client sent no complete body within {} ms; dropped",
+                shared.body_timeout.as_millis()
+            );
+            None
+        }
+    }
+}
+
+fn serve(
+    rq: tiny_http::Request,
     shared: &Shared,
     db: &rusqlite::Connection,
     writer: Option<&SyncSender<WriteCmd>>,
@@ -187,10 +258,13 @@ fn serve(
     let method = rq.method().as_str().to_ascii_uppercase();
     let url = rq.url().to_string();
     // Only POST carries a body we use; others are not read (tiny_http discards them).
-    let body = if method == "POST" {
-        read_body(&mut rq, shared.max_body)
+    let (rq, body) = if method == "POST" {
+        match read_body_bounded(rq, shared) {
+            Some(done) => done,
+            None => return,
+        }
     } else {
-        Ok(Vec::new())
+        (rq, Ok(Vec::new()))
     };
     let reply = match body {
         Err(e) => Reply::error(&e),

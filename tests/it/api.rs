@@ -207,3 +207,37 @@ fn refuses_a_database_that_is_not_ours() {
     .expect("must refuse");
     assert!(err.to_string().contains("not a SQLite database"), "{err}");
 }
+
+#[test]
+fn a_stalled_upload_does_not_hold_the_only_worker() {
+    let path = db("stall");
+    let (tx, _rx) = std::sync::mpsc::sync_channel::<WriteCmd>(1);
+    let server = api::start_with_body_timeout(
+        ApiConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: None,
+            db_path: path,
+            workers: 1,
+            max_body_bytes: 100_000,
+        },
+        Some(tx),
+        Duration::from_millis(200),
+    )
+    .unwrap();
+    let addr = server.addr();
+    // Promise 5000 bytes (more than tiny_http reads ahead by itself), send 10, then stall.
+    let mut stalled = TcpStream::connect(addr).unwrap();
+    stalled
+        .write_all(
+            b"POST /api/v1/sync HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n0123456789",
+        )
+        .unwrap();
+    // The one worker must get free again and answer others.
+    let a = agent();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (s, body) = get(&a, &format!("http://{addr}/api/v1/stats"), None);
+    assert!(std::time::Instant::now() < deadline);
+    assert_eq!(s, 200, "{body}");
+    drop(stalled);
+    server.stop();
+}
