@@ -198,13 +198,13 @@ pub enum Order {
 }
 
 impl Order {
-    /// `sort_order`: `asc`, anything else descending (as the earlier tool did), but only known words.
+    /// `sort_order`: `asc`, anything else descending, as the earlier tool's clients expect. The value never
+    /// reaches SQL: only the two keywords of [`Order::sql`] do.
     pub fn parse(p: &Params) -> ApiResult<Order> {
-        p.choice(
-            "sort_order",
-            &[("asc", Order::Asc), ("desc", Order::Desc)],
-            Order::Desc,
-        )
+        Ok(match p.get("sort_order") {
+            Some(v) if v.eq_ignore_ascii_case("asc") => Order::Asc,
+            _ => Order::Desc,
+        })
     }
 
     /// The SQL keyword.

@@ -619,6 +619,19 @@ fn top_n_plus_other_equals_summary() {
                 }
             }
         }
+        // geoip: a connection with two countries is in two groups, so the rows add up to the sum of all groups
+        let all = api.data("/api/v1/stats?type=group&group_by=geoip");
+        let top = api.data("/api/v1/stats?type=group&group_by=geoip&limit=2&other=true");
+        let sum = |v: &Value| {
+            v.as_array().unwrap().iter().fold((0, 0, 0, 0), |a, r| {
+                let t = totals(r);
+                (a.0 + t.0, a.1 + t.1, a.2 + t.2, a.3 + t.3)
+            })
+        };
+        assert_eq!(top.as_array().unwrap().len(), 3);
+        assert_eq!(top[2]["destination_geoip"], Value::Null);
+        assert_eq!(sum(&top), sum(&all));
+        assert_eq!(sum(&all).0, 5, "4 connections, one of them in cn and hk");
         // without other=true, limit just cuts
         let v = api.data("/api/v1/stats?type=group&group_by=host&limit=2");
         assert_eq!(v.as_array().unwrap().len(), 2);
@@ -935,7 +948,6 @@ fn injection_strings_are_rejected_or_bound() {
         "/api/v1/stats?type=",
         "/api/v1/stats?type=group&group_by=",
         "/api/v1/stats?type=group&group_by=host&sort_by=",
-        "/api/v1/stats?type=group&group_by=host&sort_order=",
         "/api/v1/stats?type=group&group_by=host&limit=",
         "/api/v1/stats?type=timeseries&interval=",
         "/api/v1/stats?type=timeseries&metric=",
@@ -961,6 +973,11 @@ fn injection_strings_are_rejected_or_bound() {
                 "{msg}"
             );
         }
+        // sort_order is `asc` or else descending (the earlier tool's contract); never SQL
+        let d = api.data(&format!(
+            "/api/v1/stats?type=group&group_by=network&sort_order={e}"
+        ));
+        assert_eq!(d[0]["network"], "tcp", "descending");
         // free-text filters are bound values: they just match nothing
         for f in [
             "agent_id",
@@ -1161,5 +1178,74 @@ fn rollups_stay_consistent_with_raw_tables() {
     assert_eq!(
         totals(&api.data("/api/v1/stats")),
         (3, 3_900, 1_860_200, 1_864_100)
+    );
+}
+
+/// The earlier tool's documented requests answer with the documented keys.
+#[test]
+fn documented_shapes() {
+    let api = Api::new(&fixture("shapes", true));
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let s = api.data("/api/v1/stats?type=summary&from=2025-04-28T00:00:00Z&to=2025-04-29T00:00:00Z&agent_id=a1&network=tcp");
+    assert_eq!(keys(&s), ["count", "download", "total", "upload"]);
+    for (by, field) in [
+        ("network", "network"),
+        ("process", "process"),
+        ("destination", "destination_ip"),
+        ("host", "host"),
+        ("rule", "rule"),
+        ("chains", "node"),
+        ("geoip", "destination_geoip"),
+    ] {
+        let g = api.data(&format!(
+            "/api/v1/stats?type=group&group_by={by}&limit=5&sort_by=count&sort_order=desc"
+        ));
+        let mut want = vec![
+            field.to_string(),
+            "count".into(),
+            "download".into(),
+            "total".into(),
+            "upload".into(),
+        ];
+        want.sort();
+        assert_eq!(keys(&g[0]), want, "{by}");
+    }
+    let t = api.data("/api/v1/stats?type=timeseries&interval=day&metric=connections&from=2025-04-27&to=2025-04-29");
+    assert_eq!(keys(&t[0]), ["time", "ts", "value"]);
+    let a = api.data("/api/v1/agents");
+    for k in [
+        "id",
+        "last_active",
+        "connections_count",
+        "total_download",
+        "total_upload",
+        "total_traffic",
+        "status",
+    ] {
+        assert!(a[0].get(k).is_some(), "{k}");
+    }
+    let st = api.data("/api/v1/agents/a1/status");
+    for k in [
+        "id",
+        "last_active",
+        "connections_count",
+        "total_download",
+        "total_upload",
+        "total_traffic",
+        "status",
+        "is_active",
+        "networks",
+        "rules",
+    ] {
+        assert!(st.get(k).is_some(), "{k}");
+    }
+    let o = api.data("/api/v1/filter-options?filter_type=rule&query=dom&limit=5");
+    assert_eq!(
+        o,
+        json!([{"field": "rule", "label": "DomainSuffix", "value": "DomainSuffix"}])
     );
 }
