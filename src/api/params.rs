@@ -353,7 +353,7 @@ impl Filters {
                 Match::Exact => {
                     "(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END) = ?"
                 }
-                Match::Substring => "instr(lower(c.host), lower(?)) > 0",
+                Match::Substring => "instr(lower(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END), lower(?)) > 0",
             };
             out.push((sql, vec![Text(v.clone())]));
         }

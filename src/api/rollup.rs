@@ -7,8 +7,14 @@
 //!
 //! - `rollup_conn_hour (agent_id, hour)`: connections by the hour of their `start_ms`, with their current
 //!   totals. Answers unfiltered counts, summary without `from`/`to`, and `/agents` totals.
-//! - `rollup_traffic_hour (hour)`: the `traffic` deltas by the hour in which they flowed. Answers unfiltered
-//!   byte time series and ranged summaries (edge minutes come from `traffic`).
+//! - `rollup_traffic_hour (hour, agent_id)`: the `traffic` deltas by the hour in which they flowed. Answers
+//!   unfiltered (or agent-only) byte time series and ranged summaries (edge minutes come from `traffic`).
+//!   Its triggers look up the connection's agent, so a connection's traffic is deleted just before the
+//!   connection itself (a cascade would run after the parent row is gone).
+//!
+//! Indexes: `connections_agent_updated` (an agent's `last_active` from an index edge),
+//! `connections_agent_start` (`/connections?agent_id=` newest first), `connections_host_key` (group by
+//! host and host options in index order).
 
 use rusqlite::Connection;
 
@@ -27,10 +33,12 @@ CREATE TABLE rollup_conn_hour (
     PRIMARY KEY (agent_id, hour)
 ) WITHOUT ROWID;
 CREATE TABLE rollup_traffic_hour (
-    hour     INTEGER PRIMARY KEY,
+    hour     INTEGER NOT NULL,
+    agent_id TEXT    NOT NULL,
     upload   INTEGER NOT NULL DEFAULT 0,
-    download INTEGER NOT NULL DEFAULT 0
-);
+    download INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (hour, agent_id)
+) WITHOUT ROWID;
 CREATE TRIGGER rollup_conn_ins AFTER INSERT ON connections BEGIN
     INSERT INTO rollup_conn_hour (agent_id, hour, conns, upload, download)
     VALUES (NEW.agent_id, NEW.start_ms / 3600000, 1, NEW.upload, NEW.download)
@@ -53,21 +61,29 @@ CREATE TRIGGER rollup_conn_del AFTER DELETE ON connections BEGIN
         download = download - OLD.download
     WHERE agent_id = OLD.agent_id AND hour = OLD.start_ms / 3600000;
 END;
-CREATE TRIGGER rollup_traffic_ins AFTER INSERT ON traffic BEGIN
-    INSERT INTO rollup_traffic_hour (hour, upload, download) VALUES (NEW.minute / 60, NEW.upload, NEW.download)
-    ON CONFLICT (hour) DO UPDATE SET upload = upload + excluded.upload, download = download + excluded.download;
+CREATE TRIGGER rollup_conn_del_traffic BEFORE DELETE ON connections BEGIN
+    DELETE FROM traffic WHERE conn = OLD.pk;
 END;
-CREATE TRIGGER rollup_traffic_upd AFTER UPDATE OF upload, download, minute ON traffic BEGIN
+CREATE TRIGGER rollup_traffic_ins AFTER INSERT ON traffic BEGIN
+    INSERT INTO rollup_traffic_hour (hour, agent_id, upload, download)
+    VALUES (NEW.minute / 60, (SELECT agent_id FROM connections WHERE pk = NEW.conn), NEW.upload, NEW.download)
+    ON CONFLICT (hour, agent_id) DO UPDATE SET upload = upload + excluded.upload,
+        download = download + excluded.download;
+END;
+CREATE TRIGGER rollup_traffic_upd AFTER UPDATE OF upload, download, minute, conn ON traffic BEGIN
     UPDATE rollup_traffic_hour SET upload = upload - OLD.upload, download = download - OLD.download
-    WHERE hour = OLD.minute / 60;
-    INSERT INTO rollup_traffic_hour (hour, upload, download) VALUES (NEW.minute / 60, NEW.upload, NEW.download)
-    ON CONFLICT (hour) DO UPDATE SET upload = upload + excluded.upload, download = download + excluded.download;
+    WHERE hour = OLD.minute / 60 AND agent_id = (SELECT agent_id FROM connections WHERE pk = OLD.conn);
+    INSERT INTO rollup_traffic_hour (hour, agent_id, upload, download)
+    VALUES (NEW.minute / 60, (SELECT agent_id FROM connections WHERE pk = NEW.conn), NEW.upload, NEW.download)
+    ON CONFLICT (hour, agent_id) DO UPDATE SET upload = upload + excluded.upload,
+        download = download + excluded.download;
 END;
 CREATE TRIGGER rollup_traffic_del AFTER DELETE ON traffic BEGIN
     UPDATE rollup_traffic_hour SET upload = upload - OLD.upload, download = download - OLD.download
-    WHERE hour = OLD.minute / 60;
+    WHERE hour = OLD.minute / 60 AND agent_id = (SELECT agent_id FROM connections WHERE pk = OLD.conn);
 END;
 CREATE INDEX connections_agent_updated ON connections (agent_id, last_updated_ms);
+CREATE INDEX connections_agent_start ON connections (agent_id, start_ms);
 CREATE INDEX connections_host_key ON connections
     ((CASE WHEN host <> '' THEN host ELSE destination_ip END), upload, download);
 "#;
@@ -76,11 +92,11 @@ CREATE INDEX connections_host_key ON connections
 pub fn has_rollups(conn: &Connection) -> bool {
     conn.query_row(
         "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND name IN
-            ('rollup_conn_ins', 'rollup_conn_upd', 'rollup_conn_del',
+            ('rollup_conn_ins', 'rollup_conn_upd', 'rollup_conn_del', 'rollup_conn_del_traffic',
              'rollup_traffic_ins', 'rollup_traffic_upd', 'rollup_traffic_del')",
         [],
         |r| r.get::<_, i64>(0),
     )
-    .map(|n| n == 6)
+    .map(|n| n == 7)
     .unwrap_or(false)
 }

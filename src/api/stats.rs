@@ -131,11 +131,15 @@ fn accumulate(
     if lo >= hi {
         return Ok(out);
     }
-    if rollups && !f.has_row_filters() && unit_ms >= HOUR_MS {
+    let agent_only = Filters {
+        agent_id: None,
+        ..f.clone()
+    };
+    if rollups && !agent_only.has_row_filters() && unit_ms >= HOUR_MS {
         let (h1, h2) = (ceil_div(lo, HOUR_MS), hi.div_euclid(HOUR_MS));
         if h1 < h2 {
             raw(db, f, lo, h1 * HOUR_MS, unit_ms, &mut out)?;
-            from_rollups(db, h1, h2, unit_ms, &mut out)?;
+            from_rollups(db, f.agent_id.as_deref(), h1, h2, unit_ms, &mut out)?;
             raw(db, f, h2 * HOUR_MS, hi, unit_ms, &mut out)?;
             return Ok(out);
         }
@@ -182,8 +186,10 @@ fn raw(
             Sql::Integer(ceil_div(hi, MINUTE_MS)),
         ],
     );
+    // CROSS JOIN keeps traffic outermost: walk the minute range by index, then look up each connection by
+    // key; SQLite would otherwise start from an agent's (large) set of connections.
     let from = if filtered {
-        "traffic t JOIN connections c ON c.pk = t.conn"
+        "traffic t CROSS JOIN connections c ON c.pk = t.conn"
     } else {
         "traffic t"
     };
@@ -207,25 +213,33 @@ fn raw(
 
 fn from_rollups(
     db: &Connection,
+    agent: Option<&str>,
     h1: i64,
     h2: i64,
     unit_ms: i64,
     out: &mut BTreeMap<i64, Totals>,
 ) -> ApiResult<()> {
     let per = unit_ms / HOUR_MS;
-    let mut stmt = db.prepare(
-        "SELECT hour / ?1, sum(conns) FROM rollup_conn_hour WHERE hour >= ?2 AND hour < ?3 GROUP BY 1",
-    )?;
-    let mut rows = stmt.query([per, h1, h2])?;
+    let agent_cond = if agent.is_some() {
+        "agent_id = ?4"
+    } else {
+        "?4 IS NULL"
+    };
+    let vals = rusqlite::params![per, h1, h2, agent];
+    let mut stmt = db.prepare(&format!(
+        "SELECT hour / ?1, sum(conns) FROM rollup_conn_hour WHERE hour >= ?2 AND hour < ?3 AND {agent_cond}
+         GROUP BY 1"
+    ))?;
+    let mut rows = stmt.query(vals)?;
     while let Some(r) = rows.next()? {
         let b: i64 = r.get(0)?;
         out.entry(b * unit_ms).or_default().count += r.get::<_, i64>(1)?;
     }
-    let mut stmt = db.prepare(
+    let mut stmt = db.prepare(&format!(
         "SELECT hour / ?1, sum(upload), sum(download) FROM rollup_traffic_hour
-         WHERE hour >= ?2 AND hour < ?3 GROUP BY 1",
-    )?;
-    let mut rows = stmt.query([per, h1, h2])?;
+         WHERE hour >= ?2 AND hour < ?3 AND {agent_cond} GROUP BY 1"
+    ))?;
+    let mut rows = stmt.query(vals)?;
     while let Some(r) = rows.next()? {
         let b: i64 = r.get(0)?;
         let e = out.entry(b * unit_ms).or_default();
@@ -362,7 +376,7 @@ fn group_sql(f: &Filters, dims: &[Dim]) -> (String, Vec<Sql>) {
             SELECT {keys}, 1 AS n, 0 AS up, 0 AS down FROM connections c{geo}
             WHERE {w} AND c.start_ms >= ? AND c.start_ms < ?
             UNION ALL
-            SELECT {keys}, 0, t.upload, t.download FROM traffic t JOIN connections c ON c.pk = t.conn{geo}
+            SELECT {keys}, 0, t.upload, t.download FROM traffic t CROSS JOIN connections c ON c.pk = t.conn{geo}
             WHERE {w} AND t.minute >= ? AND t.minute < ?
          ) GROUP BY {by}",
         w = w.sql()

@@ -752,6 +752,9 @@ fn connections_rows_paging_and_exports() {
         assert_eq!(v["data"].as_array().unwrap().len(), 1);
         let v = api.data("/api/v1/connections?host=video&geoip=cn");
         assert_eq!(v.as_array().unwrap().len(), 1);
+        // host without a host name is the destination IP, as in group_by=host and filter-options
+        let v = api.data("/api/v1/connections?host=8.8.");
+        assert_eq!(v.as_array().unwrap().len(), 1);
         let v = api.data("/api/v1/connections?from=2025-04-28T10:00:00Z&to=2025-04-28T10:30:00Z");
         assert_eq!(
             v.as_array().unwrap().len(),
@@ -872,6 +875,7 @@ fn filter_options_sorted_and_limited() {
     assert_eq!(
         v,
         json!([
+            {"field": "host", "label": "8.8.8.8", "value": "8.8.8.8"},
             {"field": "host", "label": "example.com", "value": "example.com"},
             {"field": "host", "label": "video.example.org", "value": "video.example.org"},
         ])
@@ -1112,19 +1116,20 @@ fn rollups_stay_consistent_with_raw_tables() {
             )
             .unwrap();
         assert_eq!(raw, roll);
-        let raw: Vec<(i64, i64, i64)> = db
+        let raw: Vec<(i64, String, i64, i64)> = db
             .prepare(
-                "SELECT minute / 60, sum(upload), sum(download) FROM traffic GROUP BY 1 ORDER BY 1",
+                "SELECT t.minute / 60, c.agent_id, sum(t.upload), sum(t.download)
+                 FROM traffic t JOIN connections c ON c.pk = t.conn GROUP BY 1, 2 ORDER BY 1, 2",
             )
             .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .unwrap()
             .map(Result::unwrap)
             .collect();
-        let roll: Vec<(i64, i64, i64)> = db
-            .prepare("SELECT hour, upload, download FROM rollup_traffic_hour WHERE upload <> 0 OR download <> 0 ORDER BY 1")
+        let roll: Vec<(i64, String, i64, i64)> = db
+            .prepare("SELECT hour, agent_id, upload, download FROM rollup_traffic_hour WHERE upload <> 0 OR download <> 0 ORDER BY 1, 2")
             .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .unwrap()
             .map(Result::unwrap)
             .collect();
