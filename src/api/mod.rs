@@ -3,6 +3,10 @@
 //! functions ([`handler::handle`]) from a parsed request to a [`handler::Reply`]; this module only moves
 //! bytes: it reads a body of at most `max_body_bytes` (413 beyond), and writes the reply.
 //!
+//! Queries live one module per endpoint ([`stats`], [`connections`], [`agents`], [`options`]); parameters
+//! are parsed once into typed values ([`params`]) before any SQL exists, and SQL only binds values. Unfiltered
+//! aggregates read hourly rollups kept by triggers ([`rollup`]) when the database has them.
+//!
 //! Stop: [`ApiServer::stop`] sets the stop flag and calls `unblock()` once per worker, then joins them.
 
 pub mod agents;

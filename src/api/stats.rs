@@ -525,8 +525,11 @@ fn series(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<
         Metric::Total,
     )?;
     let fill = p.choice("fill", &[("none", false), ("zero", true)], false)?;
-    let Some((data_lo, data_hi)) = extent(db)? else {
-        return Ok(Answer::Data("[]".into()));
+    // Without data the zero-filled range still needs both ends.
+    let (data_lo, data_hi) = match (extent(db)?, f.from_ms, f.to_ms) {
+        (Some(e), _, _) => e,
+        (None, Some(from), Some(to)) if fill => (from, to),
+        (None, _, _) => return Ok(Answer::Data("[]".into())),
     };
     let (lo, hi) = f.range();
     // Zero-filled buckets span the asked range; otherwise only where data can be.

@@ -1070,6 +1070,41 @@ fn auth_routing_and_methods() {
 }
 
 #[test]
+fn empty_database_answers_zeroes() {
+    let dir = std::env::temp_dir().join(format!("mct-api-{}-empty", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("t.db");
+    open(&path, Access::Write)
+        .unwrap()
+        .execute_batch(EXTRA_SCHEMA_SQL)
+        .unwrap();
+    let api = Api::new(&path);
+    assert_eq!(totals(&api.data("/api/v1/stats")), (0, 0, 0, 0));
+    assert_eq!(
+        totals(&api.data("/api/v1/stats?from=2025-01-01")),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(
+        api.data("/api/v1/stats?type=group&group_by=host&other=true&limit=1"),
+        json!([])
+    );
+    assert_eq!(api.data("/api/v1/stats?type=timeseries"), json!([]));
+    let z = api
+        .data("/api/v1/stats?type=timeseries&interval=day&fill=zero&from=2025-01-01&to=2025-01-03");
+    assert_eq!(
+        z,
+        json!([{"time": "2025-01-01", "ts": 1_735_689_600, "value": 0}, {"time": "2025-01-02", "ts": 1_735_776_000, "value": 0}])
+    );
+    assert_eq!(api.data("/api/v1/agents"), json!([]));
+    assert_eq!(api.data("/api/v1/connections"), json!([]));
+    assert_eq!(
+        api.data("/api/v1/filter-options?filter_type=geoip"),
+        json!([])
+    );
+}
+
+#[test]
 fn constant_time_eq_is_eq() {
     use super::handler::constant_time_eq;
     assert!(constant_time_eq(b"abc", b"abc"));
