@@ -117,7 +117,7 @@ impl Params {
     pub fn time(&self, name: &str) -> ApiResult<Option<i64>> {
         match self.get(name) {
             None => Ok(None),
-            Some(v) => timefmt::parse_user_time(v).map(Some).ok_or_else(|| {
+            Some(v) => parse_time_lenient(v).map(Some).ok_or_else(|| {
                 ApiError::bad(
                     name,
                     format!(
@@ -177,6 +177,19 @@ impl Params {
             false,
         )
     }
+}
+
+/// [`timefmt::parse_user_time`], also forgiving an unencoded `+` of a UTC offset (`...T12:00:00+02:00`
+/// typed into a URL arrives as `...T12:00:00 02:00`, because `+` means space in a query string).
+pub fn parse_time_lenient(v: &str) -> Option<i64> {
+    timefmt::parse_user_time(v).or_else(|| {
+        let (head, tail) = v.rsplit_once(' ')?;
+        let offset_like =
+            matches!(tail.len(), 4 | 5) && tail.bytes().all(|b| b.is_ascii_digit() || b == b':');
+        (offset_like && head.contains(':'))
+            .then(|| timefmt::parse_user_time(&format!("{head}+{tail}")))
+            .flatten()
+    })
 }
 
 /// A bad value quoted back, shortened so an error message stays small.
@@ -438,6 +451,21 @@ mod tests {
         assert!(p.uint("limit", 1, 1, 10).is_err());
         let p = Params::parse("limit=10001").unwrap();
         assert!(p.uint("limit", 1, 1, MAX_ROWS).is_err());
+    }
+
+    #[test]
+    fn unencoded_plus_offset_is_forgiven() {
+        let want = timefmt::parse_rfc3339("2025-04-28T10:00:00Z");
+        assert_eq!(parse_time_lenient("2025-04-28T12:00:00 02:00"), want);
+        assert_eq!(parse_time_lenient("2025-04-28 12:00:00 02:00"), want);
+        let p = Params::parse("from=2025-04-28T12:00:00+02:00").unwrap();
+        assert_eq!(p.time("from").unwrap(), want);
+        assert_eq!(
+            parse_time_lenient("2025-04-28 10:00"),
+            want,
+            "date and time, not an offset"
+        );
+        assert_eq!(parse_time_lenient("2025-04-28 1000"), None);
     }
 
     #[test]
