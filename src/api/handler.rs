@@ -167,7 +167,7 @@ fn route(ctx: &Ctx<'_>, req: &ApiRequest<'_>, path: &str) -> Result<Reply, ApiEr
             |c, _, _| super::agents::list(c.db, c.rollups, c.now_ms),
             None,
         ),
-        "/api/v1/filter-options" => get(|c, p, _| super::options::handle(c.db, p), None),
+        "/api/v1/filter-options" => get(|c, p, _| super::options::handle(c.db, c.rollups, p), None),
         _ => match agent_status {
             Some(raw) => {
                 let id = super::params::percent_decode(raw).ok_or_else(|| {

@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use serde_json::json;
 
 /// `GET /filter-options?filter_type=F&query=Q&limit=N`.
-pub fn handle(db: &Connection, p: &Params) -> ApiResult<Answer> {
+pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
     // (name, SQL expression of the value, needs the geoip join)
     let (field, expr, geo) = p.choice(
         "filter_type",
@@ -18,7 +18,6 @@ pub fn handle(db: &Connection, p: &Params) -> ApiResult<Answer> {
             ("process", ("process", "c.process", false)),
             ("destination", ("destination", "c.destination_ip", false)),
             // The host, or the destination IP without one: the key of group_by=host and of the `host` filter.
-            // Same text as the index connections_host_key, which then answers in index order.
             (
                 "host",
                 (
@@ -61,9 +60,14 @@ pub fn handle(db: &Connection, p: &Params) -> ApiResult<Answer> {
         None => "",
     };
     vals.push(Sql::Integer(limit));
-    let sql = format!(
-        "SELECT DISTINCT {expr} AS v FROM {from} WHERE v IS NOT NULL AND v <> ''{query} ORDER BY v LIMIT ?"
-    );
+    let sql = if rollups && field == "host" {
+        // Distinct host keys in key order, from the per-host rollup.
+        format!("SELECT host AS v FROM rollup_host WHERE conns > 0 AND v <> ''{query} ORDER BY v LIMIT ?")
+    } else {
+        format!(
+            "SELECT DISTINCT {expr} AS v FROM {from} WHERE v IS NOT NULL AND v <> ''{query} ORDER BY v LIMIT ?"
+        )
+    };
     let mut stmt = db.prepare(&sql)?;
     let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
     let mut table = Table::new(["field", "label", "value"]);

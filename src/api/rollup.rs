@@ -12,9 +12,12 @@
 //!   Its triggers look up the connection's agent, so a connection's traffic is deleted just before the
 //!   connection itself (a cascade would run after the parent row is gone).
 //!
+//! - `rollup_host (host)`: connections by host key (the host, or the destination IP without one), with
+//!   their totals. Answers unfiltered `group_by=host` (the dashboard's top hosts) and host filter options.
+//!   Rows whose connections are all gone keep `conns = 0` and are skipped.
+//!
 //! Indexes: `connections_agent_updated` (an agent's `last_active` from an index edge),
-//! `connections_agent_start` (`/connections?agent_id=` newest first), `connections_host_key` (group by
-//! host and host options in index order).
+//! `connections_agent_start` (`/connections?agent_id=` newest first).
 
 use rusqlite::Connection;
 
@@ -39,27 +42,46 @@ CREATE TABLE rollup_traffic_hour (
     download INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (hour, agent_id)
 ) WITHOUT ROWID;
+CREATE TABLE rollup_host (
+    host     TEXT    PRIMARY KEY,
+    conns    INTEGER NOT NULL DEFAULT 0,
+    upload   INTEGER NOT NULL DEFAULT 0,
+    download INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 CREATE TRIGGER rollup_conn_ins AFTER INSERT ON connections BEGIN
     INSERT INTO rollup_conn_hour (agent_id, hour, conns, upload, download)
     VALUES (NEW.agent_id, NEW.start_ms / 3600000, 1, NEW.upload, NEW.download)
     ON CONFLICT (agent_id, hour) DO UPDATE SET conns = conns + 1,
         upload = upload + excluded.upload, download = download + excluded.download;
+    INSERT INTO rollup_host (host, conns, upload, download)
+    VALUES (CASE WHEN NEW.host <> '' THEN NEW.host ELSE NEW.destination_ip END, 1, NEW.upload, NEW.download)
+    ON CONFLICT (host) DO UPDATE SET conns = conns + 1,
+        upload = upload + excluded.upload, download = download + excluded.download;
 END;
-CREATE TRIGGER rollup_conn_upd AFTER UPDATE OF upload, download, start_ms, agent_id ON connections
+CREATE TRIGGER rollup_conn_upd AFTER UPDATE OF upload, download, start_ms, agent_id, host, destination_ip
+ON connections
 WHEN OLD.upload <> NEW.upload OR OLD.download <> NEW.download OR OLD.start_ms <> NEW.start_ms
-    OR OLD.agent_id <> NEW.agent_id BEGIN
+    OR OLD.agent_id <> NEW.agent_id OR OLD.host <> NEW.host OR OLD.destination_ip <> NEW.destination_ip BEGIN
     UPDATE rollup_conn_hour SET conns = conns - 1, upload = upload - OLD.upload,
         download = download - OLD.download
     WHERE agent_id = OLD.agent_id AND hour = OLD.start_ms / 3600000;
     INSERT INTO rollup_conn_hour (agent_id, hour, conns, upload, download)
     VALUES (NEW.agent_id, NEW.start_ms / 3600000, 1, NEW.upload, NEW.download)
     ON CONFLICT (agent_id, hour) DO UPDATE SET conns = conns + 1,
+        upload = upload + excluded.upload, download = download + excluded.download;
+    UPDATE rollup_host SET conns = conns - 1, upload = upload - OLD.upload, download = download - OLD.download
+    WHERE host = (CASE WHEN OLD.host <> '' THEN OLD.host ELSE OLD.destination_ip END);
+    INSERT INTO rollup_host (host, conns, upload, download)
+    VALUES (CASE WHEN NEW.host <> '' THEN NEW.host ELSE NEW.destination_ip END, 1, NEW.upload, NEW.download)
+    ON CONFLICT (host) DO UPDATE SET conns = conns + 1,
         upload = upload + excluded.upload, download = download + excluded.download;
 END;
 CREATE TRIGGER rollup_conn_del AFTER DELETE ON connections BEGIN
     UPDATE rollup_conn_hour SET conns = conns - 1, upload = upload - OLD.upload,
         download = download - OLD.download
     WHERE agent_id = OLD.agent_id AND hour = OLD.start_ms / 3600000;
+    UPDATE rollup_host SET conns = conns - 1, upload = upload - OLD.upload, download = download - OLD.download
+    WHERE host = (CASE WHEN OLD.host <> '' THEN OLD.host ELSE OLD.destination_ip END);
 END;
 CREATE TRIGGER rollup_conn_del_traffic BEFORE DELETE ON connections BEGIN
     DELETE FROM traffic WHERE conn = OLD.pk;
@@ -84,8 +106,6 @@ CREATE TRIGGER rollup_traffic_del AFTER DELETE ON traffic BEGIN
 END;
 CREATE INDEX connections_agent_updated ON connections (agent_id, last_updated_ms);
 CREATE INDEX connections_agent_start ON connections (agent_id, start_ms);
-CREATE INDEX connections_host_key ON connections
-    ((CASE WHEN host <> '' THEN host ELSE destination_ip END), upload, download);
 "#;
 
 /// True when the database has the rollup tables of [`EXTRA_SCHEMA_SQL`].

@@ -1169,6 +1169,26 @@ fn rollups_stay_consistent_with_raw_tables() {
             .map(Result::unwrap)
             .collect();
         assert_eq!(raw, roll);
+        let raw: Vec<(String, i64, i64, i64)> = db
+            .prepare(
+                "SELECT CASE WHEN host <> '' THEN host ELSE destination_ip END, count(*), sum(upload), sum(download)
+                 FROM connections GROUP BY 1 ORDER BY 1",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let roll: Vec<(String, i64, i64, i64)> = db
+            .prepare(
+                "SELECT host, conns, upload, download FROM rollup_host WHERE conns > 0 ORDER BY 1",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(raw, roll);
     };
     check(&db);
     // updates (a second writer pass adds bytes to c3), then retention-style deletes with cascade
