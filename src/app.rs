@@ -136,6 +136,30 @@ pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
     let agent_id = cfg.agent_id.clone().unwrap_or_else(|| "local".into());
     let (mut running, tracker) =
         Running::start_writer(&cfg.database, &agent_id, cfg.commit_interval)?;
+    let api = crate::api::start(
+        crate::api::ApiConfig {
+            listen: cfg.listen,
+            token: cfg.api_token.clone(),
+            db_path: cfg.database.clone(),
+            workers: cfg.workers,
+            max_body_bytes: cfg.max_body_bytes,
+        },
+        Some(running.writer()?),
+    );
+    let api = match api {
+        Ok(api) => api,
+        Err(e) => {
+            let _ = running.shutdown();
+            return Err(e);
+        }
+    };
+    let addr = api.addr();
+    crate::info!("api: listening on http://{addr}/api/v1");
+    if !addr.ip().is_loopback() && cfg.api_token.is_none() {
+        crate::warn!("api: listening on {addr}, reachable from the network, without --api-token: anyone there can read your history");
+    }
+    running.api_addr = Some(addr);
+    running.stoppers.push(Box::new(move || api.stop()));
     if let Some(m) = &cfg.mihomo {
         running.start_collector(m.clone(), tracker)?;
     }

@@ -42,12 +42,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod app;
 pub mod cli;
 pub mod collector;
 pub mod devices;
 pub mod diff;
 pub mod error;
+pub mod ingest;
 pub mod log;
 pub mod mihomo_config;
 pub mod model;

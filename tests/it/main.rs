@@ -1,5 +1,6 @@
-//! The one integration-test binary: the real program against fakes on loopback.
+//! The one integration-test binary: the real program against fakes on loopback, one module per area.
 
+mod api;
 mod binary;
 mod fake_mihomo;
 mod standalone;

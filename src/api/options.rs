@@ -1,0 +1,79 @@
+//! `GET /api/v1/filter-options`: distinct values of one field, for filter pickers in a UI.
+
+use super::params::{ApiResult, Params, MAX_ROWS};
+use super::table::{Answer, Table};
+use rusqlite::types::Value as Sql;
+use rusqlite::Connection;
+use serde_json::json;
+
+/// `GET /filter-options?filter_type=F&query=Q&limit=N`.
+pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
+    // (name, SQL expression of the value, needs the geoip join)
+    let (field, expr, geo) = p.choice(
+        "filter_type",
+        &[
+            ("agent_id", ("agent_id", "c.agent_id", false)),
+            ("network", ("network", "c.network", false)),
+            ("rule", ("rule", "c.rule", false)),
+            ("process", ("process", "c.process", false)),
+            ("destination", ("destination", "c.destination_ip", false)),
+            // The host, or the destination IP without one: the key of group_by=host and of the `host` filter.
+            (
+                "host",
+                (
+                    "host",
+                    "(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END)",
+                    false,
+                ),
+            ),
+            ("geoip", ("geoip", "CAST(g.value AS TEXT)", true)),
+            ("source_ip", ("source_ip", "c.source_ip", false)),
+            ("policy", ("policy", "c.policy", false)),
+            ("node", ("node", "c.node", false)),
+            ("inbound", ("inbound", "c.inbound_name", false)),
+            (
+                "destination_port",
+                ("destination_port", "c.destination_port", false),
+            ),
+        ],
+        ("", "", false),
+    )?;
+    if field.is_empty() {
+        return Err(super::params::ApiError::bad(
+            "filter_type",
+            "required; one of agent_id|network|rule|process|destination|host|geoip|source_ip|policy|node|inbound|destination_port",
+        ));
+    }
+    let limit = p.uint("limit", 100, 1, MAX_ROWS)? as i64;
+    let from = if geo {
+        "connections c, json_each(CASE WHEN json_valid(c.destination_geoip) AND \
+         json_type(c.destination_geoip) = 'array' THEN c.destination_geoip ELSE '[]' END) g"
+    } else {
+        "connections c"
+    };
+    let mut vals = Vec::new();
+    let query = match p.get("query") {
+        Some(q) => {
+            vals.push(Sql::Text(q.to_string()));
+            " AND instr(lower(v), lower(?)) > 0"
+        }
+        None => "",
+    };
+    vals.push(Sql::Integer(limit));
+    let sql = if rollups && field == "host" {
+        // Distinct host keys in key order, from the per-host rollup.
+        format!("SELECT host AS v FROM rollup_host WHERE conns > 0 AND v <> ''{query} ORDER BY v LIMIT ?")
+    } else {
+        format!(
+            "SELECT DISTINCT {expr} AS v FROM {from} WHERE v IS NOT NULL AND v <> ''{query} ORDER BY v LIMIT ?"
+        )
+    };
+    let mut stmt = db.prepare(&sql)?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
+    let mut table = Table::new(["field", "label", "value"]);
+    while let Some(r) = rows.next()? {
+        let v: String = r.get(0)?;
+        table.rows.push(vec![json!(field), json!(v), json!(v)]);
+    }
+    Ok(Answer::Data(table.to_json()))
+}

@@ -1,0 +1,596 @@
+//! `GET /api/v1/stats`: summary, group and time-series aggregates.
+//!
+//! What `from`/`to` mean (`[from, to)`, UTC): a connection is counted when its `start` is in range, and bytes
+//! are the per-minute `traffic` buckets whose minute starts in range, so bytes land where they flowed and
+//! a time series summed over a range equals the summary over that range. Without `from` and `to`, count and
+//! bytes are those of every matching connection (its latest totals). Every path below computes the same
+//! numbers; the rollup paths ([`super::rollup`]) only make unfiltered questions cheap.
+
+use super::params::{ApiError, ApiResult, Filters, Format, Match, Order, Params, Where, MAX_ROWS};
+use super::rollup::HOUR_MS;
+use super::table::{Answer, Table};
+use crate::timefmt::{self, Interval, DAY_MS, MINUTE_MS};
+use rusqlite::types::Value as Sql;
+use rusqlite::Connection;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+/// The most points one time series may have.
+pub const MAX_POINTS: i64 = 20_000;
+
+/// Count and bytes of a set of connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub count: i64,
+    pub upload: i64,
+    pub download: i64,
+}
+
+impl Totals {
+    fn add(&mut self, o: Totals) {
+        self.count += o.count;
+        self.upload += o.upload;
+        self.download += o.download;
+    }
+
+    /// download + upload.
+    pub fn total(&self) -> i64 {
+        self.upload + self.download
+    }
+
+    fn json(&self) -> Value {
+        json!({"count": self.count, "download": self.download, "upload": self.upload, "total": self.total()})
+    }
+}
+
+/// `GET /stats`.
+pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Summary,
+        Group,
+        Series,
+    }
+    let kind = p.choice(
+        "type",
+        &[
+            ("summary", Kind::Summary),
+            ("group", Kind::Group),
+            ("timeseries", Kind::Series),
+        ],
+        Kind::Summary,
+    )?;
+    let f = Filters::parse(p)?;
+    match kind {
+        Kind::Summary => Ok(Answer::Data(summary(db, rollups, &f)?.json().to_string())),
+        Kind::Group => group(db, rollups, &f, p),
+        Kind::Series => series(db, rollups, &f, p),
+    }
+}
+
+fn ceil_div(a: i64, b: i64) -> i64 {
+    -((-a).div_euclid(b))
+}
+
+/// The summary under the rules in the module doc.
+pub fn summary(db: &Connection, rollups: bool, f: &Filters) -> ApiResult<Totals> {
+    if f.has_range() {
+        let (lo, hi) = f.range();
+        let mut t = Totals::default();
+        for v in accumulate(db, rollups, f, lo, hi, DAY_MS)?.values() {
+            t.add(*v);
+        }
+        return Ok(t);
+    }
+    let only_agent = Filters {
+        agent_id: None,
+        ..f.clone()
+    };
+    if rollups && !only_agent.has_row_filters() {
+        let mut w = Where::default();
+        if let Some(a) = &f.agent_id {
+            w.push("agent_id = ?", vec![Sql::Text(a.clone())]);
+        }
+        let sql = format!(
+            "SELECT coalesce(sum(conns), 0), coalesce(sum(upload), 0), coalesce(sum(download), 0)
+             FROM rollup_conn_hour WHERE {}",
+            w.sql()
+        );
+        return totals_row(db, &sql, w.values);
+    }
+    let w = Where::from_filters(f, Match::Exact);
+    let sql = format!(
+        "SELECT count(*), coalesce(sum(c.upload), 0), coalesce(sum(c.download), 0)
+         FROM connections c WHERE {}",
+        w.sql()
+    );
+    totals_row(db, &sql, w.values)
+}
+
+fn totals_row(db: &Connection, sql: &str, values: Vec<Sql>) -> ApiResult<Totals> {
+    Ok(db.query_row(sql, rusqlite::params_from_iter(values), |r| {
+        Ok(Totals {
+            count: r.get(0)?,
+            upload: r.get(1)?,
+            download: r.get(2)?,
+        })
+    })?)
+}
+
+/// Counts (by start) and bytes (by minute flowed) in `[lo, hi)`, in buckets of `unit_ms` (a minute, an hour
+/// or a day), keyed by bucket start.
+fn accumulate(
+    db: &Connection,
+    rollups: bool,
+    f: &Filters,
+    lo: i64,
+    hi: i64,
+    unit_ms: i64,
+) -> ApiResult<BTreeMap<i64, Totals>> {
+    let mut out = BTreeMap::new();
+    if lo >= hi {
+        return Ok(out);
+    }
+    let agent_only = Filters {
+        agent_id: None,
+        ..f.clone()
+    };
+    if rollups && !agent_only.has_row_filters() && unit_ms >= HOUR_MS {
+        let (h1, h2) = (ceil_div(lo, HOUR_MS), hi.div_euclid(HOUR_MS));
+        if h1 < h2 {
+            raw(db, f, lo, h1 * HOUR_MS, unit_ms, &mut out)?;
+            from_rollups(db, f.agent_id.as_deref(), h1, h2, unit_ms, &mut out)?;
+            raw(db, f, h2 * HOUR_MS, hi, unit_ms, &mut out)?;
+            return Ok(out);
+        }
+    }
+    raw(db, f, lo, hi, unit_ms, &mut out)?;
+    Ok(out)
+}
+
+fn raw(
+    db: &Connection,
+    f: &Filters,
+    lo: i64,
+    hi: i64,
+    unit_ms: i64,
+    out: &mut BTreeMap<i64, Totals>,
+) -> ApiResult<()> {
+    if lo >= hi {
+        return Ok(());
+    }
+    let mut w = Where::from_filters(f, Match::Exact);
+    let filtered = !w.is_empty();
+    w.push(
+        "c.start_ms >= ? AND c.start_ms < ?",
+        vec![Sql::Integer(lo), Sql::Integer(hi)],
+    );
+    let sql = format!(
+        "SELECT c.start_ms / ?, count(*) FROM connections c WHERE {} GROUP BY 1",
+        w.sql()
+    );
+    let mut vals = vec![Sql::Integer(unit_ms)];
+    vals.extend(w.values);
+    let mut stmt = db.prepare(&sql)?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
+    while let Some(r) = rows.next()? {
+        let b: i64 = r.get(0)?;
+        out.entry(b * unit_ms).or_default().count += r.get::<_, i64>(1)?;
+    }
+
+    let mut w = Where::from_filters(f, Match::Exact);
+    w.push(
+        "t.minute >= ? AND t.minute < ?",
+        vec![
+            Sql::Integer(ceil_div(lo, MINUTE_MS)),
+            Sql::Integer(ceil_div(hi, MINUTE_MS)),
+        ],
+    );
+    // CROSS JOIN keeps traffic outermost: walk the minute range by index, then look up each connection by
+    // key; SQLite would otherwise start from an agent's (large) set of connections.
+    let from = if filtered {
+        "traffic t CROSS JOIN connections c ON c.pk = t.conn"
+    } else {
+        "traffic t"
+    };
+    let sql = format!(
+        "SELECT t.minute / ?, sum(t.upload), sum(t.download) FROM {from} WHERE {} GROUP BY 1",
+        w.sql()
+    );
+    let per = unit_ms / MINUTE_MS;
+    let mut vals = vec![Sql::Integer(per)];
+    vals.extend(w.values);
+    let mut stmt = db.prepare(&sql)?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
+    while let Some(r) = rows.next()? {
+        let b: i64 = r.get(0)?;
+        let e = out.entry(b * unit_ms).or_default();
+        e.upload += r.get::<_, i64>(1)?;
+        e.download += r.get::<_, i64>(2)?;
+    }
+    Ok(())
+}
+
+fn from_rollups(
+    db: &Connection,
+    agent: Option<&str>,
+    h1: i64,
+    h2: i64,
+    unit_ms: i64,
+    out: &mut BTreeMap<i64, Totals>,
+) -> ApiResult<()> {
+    let per = unit_ms / HOUR_MS;
+    let agent_cond = if agent.is_some() {
+        "agent_id = ?4"
+    } else {
+        "?4 IS NULL"
+    };
+    let vals = rusqlite::params![per, h1, h2, agent];
+    let mut stmt = db.prepare(&format!(
+        "SELECT hour / ?1, sum(conns) FROM rollup_conn_hour WHERE hour >= ?2 AND hour < ?3 AND {agent_cond}
+         GROUP BY 1"
+    ))?;
+    let mut rows = stmt.query(vals)?;
+    while let Some(r) = rows.next()? {
+        let b: i64 = r.get(0)?;
+        out.entry(b * unit_ms).or_default().count += r.get::<_, i64>(1)?;
+    }
+    let mut stmt = db.prepare(&format!(
+        "SELECT hour / ?1, sum(upload), sum(download) FROM rollup_traffic_hour
+         WHERE hour >= ?2 AND hour < ?3 AND {agent_cond} GROUP BY 1"
+    ))?;
+    let mut rows = stmt.query(vals)?;
+    while let Some(r) = rows.next()? {
+        let b: i64 = r.get(0)?;
+        let e = out.entry(b * unit_ms).or_default();
+        e.upload += r.get::<_, i64>(1)?;
+        e.download += r.get::<_, i64>(2)?;
+    }
+    Ok(())
+}
+
+/// A `group_by` dimension: its key field and SQL expression (fixed strings; user input never reaches SQL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dim {
+    pub field: &'static str,
+    expr: &'static str,
+}
+
+/// Accepted `group_by` values, for messages and docs.
+pub const GROUP_KEYS: &str = "network|process|destination|host|rule|chains|node|policy|geoip|source_ip|inbound|agent_id|destination_port";
+
+const GEO_EXPR: &str = "coalesce(CAST(g.value AS TEXT), '')";
+const GEO_JOIN: &str = " LEFT JOIN json_each(CASE WHEN json_valid(c.destination_geoip) AND \
+    json_type(c.destination_geoip) = 'array' THEN c.destination_geoip ELSE '[]' END) g ON 1";
+
+/// Parses one `group_by` word.
+pub fn dim(word: &str) -> Option<Dim> {
+    let (field, expr) = match word {
+        "network" => ("network", "c.network"),
+        "process" => ("process", "c.process"),
+        "destination" => ("destination_ip", "c.destination_ip"),
+        "host" => (
+            "host",
+            "(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END)",
+        ),
+        "rule" => (
+            "rule",
+            "(CASE WHEN c.rule_payload <> '' THEN c.rule || ' (' || c.rule_payload || ')' ELSE c.rule END)",
+        ),
+        "chains" | "node" => ("node", "c.node"),
+        "policy" => ("policy", "c.policy"),
+        "geoip" => ("destination_geoip", GEO_EXPR),
+        "source_ip" => ("source_ip", "c.source_ip"),
+        "inbound" => ("inbound", "c.inbound_name"),
+        "agent_id" => ("agent_id", "c.agent_id"),
+        "destination_port" => ("destination_port", "c.destination_port"),
+        _ => return None,
+    };
+    Some(Dim { field, expr })
+}
+
+/// `group_by=a` or `group_by=a,b`.
+pub fn parse_dims(p: &Params) -> ApiResult<Vec<Dim>> {
+    let raw = p.get("group_by").ok_or_else(|| {
+        ApiError::bad(
+            "group_by",
+            format!("required with type=group; one or two of {GROUP_KEYS}, comma-separated"),
+        )
+    })?;
+    let mut dims = Vec::new();
+    for word in raw.split(',').map(str::trim) {
+        let d = dim(word).ok_or_else(|| {
+            ApiError::bad(
+                "group_by",
+                format!("'{}' is not one of {GROUP_KEYS}", super::params::clip(word)),
+            )
+        })?;
+        if dims.iter().any(|x: &Dim| x.field == d.field) {
+            return Err(ApiError::bad("group_by", "the same key twice"));
+        }
+        dims.push(d);
+    }
+    if dims.len() > 2 {
+        return Err(ApiError::bad("group_by", "at most two keys"));
+    }
+    Ok(dims)
+}
+
+/// The sort metric of groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    Count,
+    Download,
+    Upload,
+    Total,
+}
+
+impl Metric {
+    fn sql(self) -> &'static str {
+        match self {
+            Metric::Count => "n",
+            Metric::Download => "down",
+            Metric::Upload => "up",
+            Metric::Total => "(up + down)",
+        }
+    }
+}
+
+const SORT_CHOICES: &[(&str, Metric)] = &[
+    ("count", Metric::Count),
+    ("download", Metric::Download),
+    ("upload", Metric::Upload),
+    ("total", Metric::Total),
+];
+
+/// The SQL of a grouping (without ORDER/LIMIT) and its bound values.
+fn group_sql(f: &Filters, dims: &[Dim]) -> (String, Vec<Sql>) {
+    let keys: Vec<String> = dims
+        .iter()
+        .enumerate()
+        .map(|(i, d)| format!("{} AS k{i}", d.expr))
+        .collect();
+    let keys = keys.join(", ");
+    let outer: Vec<String> = (0..dims.len()).map(|i| format!("k{i}")).collect();
+    let outer = outer.join(", ");
+    let by: Vec<String> = (1..=dims.len()).map(|i| i.to_string()).collect();
+    let by = by.join(", ");
+    let geo = if dims.iter().any(|d| d.expr == GEO_EXPR) {
+        GEO_JOIN
+    } else {
+        ""
+    };
+    let w = Where::from_filters(f, Match::Exact);
+    if !f.has_range() {
+        let sql = format!(
+            "SELECT {keys}, count(*) AS n, coalesce(sum(c.upload), 0) AS up, coalesce(sum(c.download), 0) AS down
+             FROM connections c{geo} WHERE {} GROUP BY {by}",
+            w.sql()
+        );
+        return (sql, w.values);
+    }
+    let (lo, hi) = f.range();
+    let sql = format!(
+        "SELECT {outer}, sum(n) AS n, sum(up) AS up, sum(down) AS down FROM (
+            SELECT {keys}, 1 AS n, 0 AS up, 0 AS down FROM connections c{geo}
+            WHERE {w} AND c.start_ms >= ? AND c.start_ms < ?
+            UNION ALL
+            SELECT {keys}, 0, t.upload, t.download FROM traffic t CROSS JOIN connections c ON c.pk = t.conn{geo}
+            WHERE {w} AND t.minute >= ? AND t.minute < ?
+         ) GROUP BY {by}",
+        w = w.sql()
+    );
+    let mut vals = w.values.clone();
+    vals.extend([Sql::Integer(lo), Sql::Integer(hi)]);
+    vals.extend(w.values);
+    vals.extend([
+        Sql::Integer(ceil_div(lo, MINUTE_MS)),
+        Sql::Integer(ceil_div(hi, MINUTE_MS)),
+    ]);
+    (sql, vals)
+}
+
+fn group(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<Answer> {
+    let dims = parse_dims(p)?;
+    let sort = p.choice("sort_by", SORT_CHOICES, Metric::Total)?;
+    let order = Order::parse(p)?;
+    let limit = p.uint("limit", MAX_ROWS, 1, MAX_ROWS)? as i64;
+    let other = p.flag("other")?;
+    let format = Format::parse(p)?;
+
+    let by_host_only = dims.len() == 1 && dims[0].field == "host";
+    let (base, mut vals) = if rollups && by_host_only && !f.has_range() && !f.has_row_filters() {
+        // Same rows as group_sql, from the per-host rollup instead of a million connections.
+        (
+            "SELECT host AS k0, conns AS n, upload AS up, download AS down FROM rollup_host WHERE conns > 0"
+                .to_string(),
+            Vec::new(),
+        )
+    } else {
+        group_sql(f, &dims)
+    };
+    let by: Vec<String> = (1..=dims.len()).map(|i| i.to_string()).collect();
+    let sql = format!(
+        "{base} ORDER BY {} {}, {} LIMIT ?",
+        sort.sql(),
+        order.sql(),
+        by.join(", ")
+    );
+    vals.push(Sql::Integer(limit + 1));
+    let mut columns: Vec<&str> = dims.iter().map(|d| d.field).collect();
+    columns.extend(["count", "download", "upload", "total"]);
+    let mut table = Table::new(columns);
+    let mut shown = Totals::default();
+    let mut stmt = db.prepare(&sql)?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
+    let mut truncated = false;
+    while let Some(r) = rows.next()? {
+        if table.rows.len() as i64 == limit {
+            truncated = true;
+            break;
+        }
+        let k = dims.len();
+        let t = Totals {
+            count: r.get(k)?,
+            upload: r.get(k + 1)?,
+            download: r.get(k + 2)?,
+        };
+        shown.add(t);
+        let mut row: Vec<Value> = Vec::with_capacity(k + 4);
+        for i in 0..k {
+            row.push(Value::String(
+                r.get::<_, Option<String>>(i)?.unwrap_or_default(),
+            ));
+        }
+        row.extend([
+            json!(t.count),
+            json!(t.download),
+            json!(t.upload),
+            json!(t.total()),
+        ]);
+        table.rows.push(row);
+    }
+    drop(rows);
+    if other && truncated {
+        let all = if dims.iter().any(|d| d.expr == GEO_EXPR) {
+            // A connection with several countries is in several groups: sum the groups, not the connections.
+            let (base, vals) = group_sql(f, &dims);
+            totals_row(
+                db,
+                &format!("SELECT coalesce(sum(n), 0), coalesce(sum(up), 0), coalesce(sum(down), 0) FROM ({base})"),
+                vals,
+            )?
+        } else {
+            summary(db, rollups, f)?
+        };
+        let rest = Totals {
+            count: all.count - shown.count,
+            upload: all.upload - shown.upload,
+            download: all.download - shown.download,
+        };
+        let mut row: Vec<Value> = vec![Value::Null; dims.len()];
+        row.extend([
+            json!(rest.count),
+            json!(rest.download),
+            json!(rest.upload),
+            json!(rest.total()),
+        ]);
+        table.rows.push(row);
+    }
+    Ok(match format {
+        Format::Json => Answer::Data(table.to_json()),
+        _ => Answer::Rows {
+            table,
+            format,
+            total_count: None,
+        },
+    })
+}
+
+/// The approximate length of a bucket, to bound the number of points before querying.
+fn approx_ms(i: Interval) -> i64 {
+    match i {
+        Interval::Minute => MINUTE_MS,
+        Interval::Hour => HOUR_MS,
+        Interval::Day => DAY_MS,
+        Interval::Week => 7 * DAY_MS,
+        Interval::Month => 28 * DAY_MS,
+    }
+}
+
+/// The first and last moments with data (any agent), or None for an empty database.
+fn extent(db: &Connection) -> ApiResult<Option<(i64, i64)>> {
+    // One min() or max() per statement: SQLite answers each from an index edge; both in one scan the table.
+    let one = |sql: &str| -> ApiResult<Option<i64>> { Ok(db.query_row(sql, [], |r| r.get(0))?) };
+    let a = one("SELECT min(start_ms) FROM connections")?;
+    let b = one("SELECT max(start_ms) FROM connections")?;
+    let c = one("SELECT min(minute) FROM traffic")?;
+    let d = one("SELECT max(minute) FROM traffic")?;
+    let lo = [a, c.map(|m| m * MINUTE_MS)].into_iter().flatten().min();
+    let hi = [b, d.map(|m| m * MINUTE_MS)].into_iter().flatten().max();
+    Ok(lo.zip(hi).map(|(lo, hi)| (lo, hi + 1)))
+}
+
+fn series(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<Answer> {
+    let interval = p.choice(
+        "interval",
+        &[
+            ("minute", Interval::Minute),
+            ("hour", Interval::Hour),
+            ("day", Interval::Day),
+            ("week", Interval::Week),
+            ("month", Interval::Month),
+        ],
+        Interval::Hour,
+    )?;
+    let metric = p.choice(
+        "metric",
+        &[
+            ("connections", Metric::Count),
+            ("download", Metric::Download),
+            ("upload", Metric::Upload),
+            ("total", Metric::Total),
+        ],
+        Metric::Total,
+    )?;
+    let fill = p.choice("fill", &[("none", false), ("zero", true)], false)?;
+    // Without data the zero-filled range still needs both ends.
+    let (data_lo, data_hi) = match (extent(db)?, f.from_ms, f.to_ms) {
+        (Some(e), _, _) => e,
+        (None, Some(from), Some(to)) if fill => (from, to),
+        (None, _, _) => return Ok(Answer::Data("[]".into())),
+    };
+    let (lo, hi) = f.range();
+    // Zero-filled buckets span the asked range; otherwise only where data can be.
+    let (lo, hi) = if fill {
+        (f.from_ms.unwrap_or(data_lo), f.to_ms.unwrap_or(data_hi))
+    } else {
+        (lo.max(data_lo), hi.min(data_hi))
+    };
+    if lo >= hi {
+        return Ok(Answer::Data("[]".into()));
+    }
+    let points = (hi - lo) / approx_ms(interval) + 1;
+    if points > MAX_POINTS {
+        return Err(ApiError::bad(
+            "interval",
+            format!(
+                "{points} buckets from 'from' to 'to' is more than {MAX_POINTS}; choose a coarser interval or a narrower range"
+            ),
+        ));
+    }
+    let unit = match interval {
+        Interval::Minute => MINUTE_MS,
+        Interval::Hour => HOUR_MS,
+        _ => DAY_MS,
+    };
+    let mut buckets: BTreeMap<i64, Totals> = BTreeMap::new();
+    for (start, t) in accumulate(db, rollups, f, lo, hi, unit)? {
+        buckets
+            .entry(timefmt::bucket_start(start, interval))
+            .or_default()
+            .add(t);
+    }
+    if fill {
+        let mut b = timefmt::bucket_start(lo, interval);
+        while b < hi {
+            buckets.entry(b).or_default();
+            b = timefmt::next_bucket(b, interval);
+        }
+    }
+    let mut table = Table::new(["time", "ts", "value"]);
+    for (start, t) in buckets {
+        let value = match metric {
+            Metric::Count => t.count,
+            Metric::Download => t.download,
+            Metric::Upload => t.upload,
+            Metric::Total => t.total(),
+        };
+        table.rows.push(vec![
+            json!(timefmt::bucket_label(start, interval)),
+            json!(start.div_euclid(1000)),
+            json!(value),
+        ]);
+    }
+    Ok(Answer::Data(table.to_json()))
+}
