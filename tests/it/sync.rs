@@ -870,3 +870,96 @@ fn retention_after_sync_keeps_open_and_unsynced_rows() {
     assert_eq!(ids, ["c1", "c3", "c5", "c7", "c9"]);
     assert_eq!(count(&agent_db.path, "SELECT count(*) FROM traffic t LEFT JOIN connections c ON c.pk = t.conn WHERE c.pk IS NULL"), 0);
 }
+
+/// Measures the figures of issue 3 (run with `--ignored --nocapture`, ideally `--release`): master ingest of
+/// batches of 1,000 from 4 concurrent agents, and an agent emptying a backlog of 100,000 rows.
+#[test]
+#[ignore]
+fn measure_ingest_and_catch_up() {
+    let dir = tmpdir("measure");
+    let agent_db = Db::start(dir.join("agent.db"), "r1");
+    for k in 0..5 {
+        make_conns(&agent_db, &format!("m{k}-"), 20_000, T0 + k * 3_600_000);
+    }
+    // Bodies as our agent sends them.
+    let conn = store::open(&agent_db.path, Access::Read).unwrap();
+    let mut bodies = Vec::new();
+    let mut cursor = (0, 0);
+    loop {
+        let b = sync::read_batch(
+            &conn,
+            cursor,
+            1000,
+            sync::MAX_BATCH_BUCKETS,
+            &sync::Delivered::new(),
+        )
+        .unwrap();
+        if b.records.is_empty() {
+            break;
+        }
+        cursor = b.end;
+        bodies.push(sync::encode_batch("r1", &b, T0));
+    }
+    let bytes: usize = bodies.iter().map(Vec::len).sum();
+    {
+        let started = Instant::now();
+        let parsed: Vec<_> = bodies
+            .iter()
+            .map(|b| mihomo_connections_tracker::ingest::parse_batch(b).unwrap())
+            .collect();
+        let parse = started.elapsed().as_secs_f64();
+        let mut c = store::open(&dir.join("direct.db"), Access::Write).unwrap();
+        let started = Instant::now();
+        for b in &parsed {
+            mihomo_connections_tracker::ingest::apply_batch(&mut c, b, T0).unwrap();
+        }
+        eprintln!(
+            "one thread: parse {parse:.2} s, store {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let master = Db::start(dir.join("master.db"), "master");
+    // Four agents: each takes every fourth batch under its own id, so rows do not collide.
+    let mut per_agent: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 4];
+    for (i, b) in bodies.iter().enumerate() {
+        let t = i % 4;
+        let own = String::from_utf8(b.clone())
+            .unwrap()
+            .replace("\"r1\"", &format!("\"a{t}\""));
+        per_agent[t].push(own.into_bytes());
+    }
+    let started = Instant::now();
+    let threads: Vec<_> = per_agent
+        .into_iter()
+        .map(|mine| {
+            let tx = master.tx();
+            std::thread::spawn(move || {
+                for b in mine {
+                    handle_sync(&b, &tx, T0).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "ingest: {} rows ({} MB JSON) in {secs:.2} s = {:.0} rows/s",
+        100_000,
+        bytes / 1_000_000,
+        100_000.0 / secs
+    );
+
+    std::fs::create_dir_all(dir.join("m2")).unwrap();
+    let master2 = FakeMaster::start(&dir.join("m2"), 0, None);
+    let started = Instant::now();
+    let agent = Agent::start(&agent_db, &master2.url(), "r1", None, 1000);
+    wait_until("the backlog to drain", || {
+        agent.status.rows_acked() >= 100_000
+    });
+    eprintln!(
+        "catch-up: 100,000 rows in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+}
