@@ -871,6 +871,34 @@ fn retention_after_sync_keeps_open_and_unsynced_rows() {
     assert_eq!(count(&agent_db.path, "SELECT count(*) FROM traffic t LEFT JOIN connections c ON c.pk = t.conn WHERE c.pk IS NULL"), 0);
 }
 
+#[test]
+fn retention_thread_runs_at_start_offline_and_stops_promptly() {
+    let dir = tmpdir("retention-thread");
+    let db = Db::start(dir.join("agent.db"), "r1");
+    make_conns(&db, "c", 10, T0);
+    // Offline agent (no master): closed and old goes, open stays, no cursor needed.
+    let policy = RetentionPolicy {
+        max_age: Some(Duration::from_secs(86_400)),
+        ..Default::default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let h = retention::spawn_retention(policy, Duration::from_secs(3600), db.tx(), stop.clone());
+    wait_until("retention to run at start", || {
+        count(&db.path, "SELECT count(*) FROM connections") == 5
+    });
+    assert_eq!(
+        count(
+            &db.path,
+            "SELECT count(*) FROM connections WHERE end_ms IS NULL"
+        ),
+        5
+    );
+    let started = Instant::now();
+    stop.store(true, Ordering::SeqCst);
+    h.join().unwrap();
+    assert!(started.elapsed() < Duration::from_millis(500));
+}
+
 /// Measures the figures of issue 3 (run with `--ignored --nocapture`, ideally `--release`): master ingest of
 /// batches of 1,000 from 4 concurrent agents, and an agent emptying a backlog of 100,000 rows.
 #[test]
