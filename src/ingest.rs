@@ -502,7 +502,7 @@ pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> R
                         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                     })
                     .optional()
-                    .map_err(Error::db(format!("look up connection {}", m.id)))?
+                    .map_err(|e| Error::Db(format!("look up connection {}", m.id), e))?
             } else {
                 None
             };
@@ -550,13 +550,13 @@ pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> R
                     ],
                     |r| r.get(0),
                 )
-                .map_err(Error::db(format!("store connection {}", m.id)))?;
+                .map_err(|e| Error::Db(format!("store connection {}", m.id), e))?;
             match &row.traffic {
                 Some(buckets) => {
                     for (minute, b) in buckets {
                         bucket_max
                             .execute(params![pk, minute, clamp(b.upload), clamp(b.download)])
-                            .map_err(Error::db(format!("store traffic of {}", m.id)))?;
+                            .map_err(|e| Error::Db(format!("store traffic of {}", m.id), e))?;
                     }
                 }
                 None => {
@@ -569,7 +569,7 @@ pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> R
                         for (minute, b) in spread(from, row.last_updated_ms, delta) {
                             bucket_add
                                 .execute(params![pk, minute, clamp(b.upload), clamp(b.download)])
-                                .map_err(Error::db(format!("store traffic of {}", m.id)))?;
+                                .map_err(|e| Error::Db(format!("store traffic of {}", m.id), e))?;
                         }
                     }
                 }
