@@ -9,7 +9,9 @@ use crate::cli::{AgentConfig, MasterConfig};
 use crate::collector::CollectorConfig;
 use crate::diff::Tracker;
 use crate::error::{Error, Result};
+use crate::retention::RetentionPolicy;
 use crate::store::{self, Access, WriteCmd, Writer, WriterConfig};
+use crate::sync::SyncConfig;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +22,9 @@ use std::time::Duration;
 
 /// Capacity of the channel into the writer: a few seconds of pushes; when full, producers wait.
 pub const WRITER_QUEUE: usize = 64;
+
+/// How often retention runs (and once at start).
+pub const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
 /// A running master or agent.
 pub struct Running {
@@ -46,10 +51,12 @@ fn spawn<F: FnOnce() + Send + 'static>(
 impl Running {
     fn start_writer(
         db: &Path,
-        agent_id: &str,
+        agent_flag: Option<&str>,
         commit_interval: Duration,
-    ) -> Result<(Running, Tracker)> {
+    ) -> Result<(Running, Tracker, String)> {
         let conn = store::open(db, Access::Write)?;
+        let agent_id = crate::agent_id::resolve_agent_id(&conn, agent_flag)?;
+        let agent_id = agent_id.as_str();
         let open = store::writer::load_open(&conn, agent_id)?;
         if !open.is_empty() {
             crate::info!(
@@ -78,7 +85,7 @@ impl Running {
             writer: Some(handle),
             api_addr: None,
         };
-        Ok((running, Tracker::new(open)))
+        Ok((running, Tracker::new(open), agent_id.to_string()))
     }
 
     fn start_collector(&mut self, cfg: CollectorConfig, tracker: Tracker) -> Result<()> {
@@ -88,6 +95,17 @@ impl Running {
         self.producers.push(spawn("collector", move || {
             crate::collector::run(cfg, tracker, tx, stop)
         })?);
+        Ok(())
+    }
+
+    fn start_retention(&mut self, policy: RetentionPolicy) -> Result<()> {
+        let handle = crate::retention::spawn_retention(
+            policy,
+            RETENTION_EVERY,
+            self.writer()?,
+            self.stop.clone(),
+        );
+        self.producers.push(("retention", handle));
         Ok(())
     }
 
@@ -133,9 +151,8 @@ impl Running {
 
 /// Starts a master: the API, and in standalone mode (`--mihomo-host`) a collector of its own.
 pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
-    let agent_id = cfg.agent_id.clone().unwrap_or_else(|| "local".into());
-    let (mut running, tracker) =
-        Running::start_writer(&cfg.database, &agent_id, cfg.commit_interval)?;
+    let (mut running, tracker, agent_id) =
+        Running::start_writer(&cfg.database, cfg.agent_id.as_deref(), cfg.commit_interval)?;
     let api = crate::api::start(
         crate::api::ApiConfig {
             listen: cfg.listen,
@@ -160,7 +177,18 @@ pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
     }
     running.api_addr = Some(addr);
     running.stoppers.push(Box::new(move || api.stop()));
+    if let Some(days) = cfg.retention_days {
+        let policy = RetentionPolicy {
+            max_age: Some(Duration::from_secs(days * 86_400)),
+            max_db_bytes: None,
+            require_synced: false,
+            // the earlier tool's agents never send an end time: their stale "open" rows go by age too
+            delete_stale_open: true,
+        };
+        running.start_retention(policy)?;
+    }
     if let Some(m) = &cfg.mihomo {
+        crate::info!("collector: recording as agent '{agent_id}'");
         running.start_collector(m.clone(), tracker)?;
     }
     Ok(running)
@@ -168,9 +196,40 @@ pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
 
 /// Starts an agent: collector and writer into the local database, and the sync thread when a master is set.
 pub fn start_agent(cfg: &AgentConfig) -> Result<Running> {
-    let agent_id = cfg.agent_id.clone().unwrap_or_else(|| "local".into());
-    let (mut running, tracker) =
-        Running::start_writer(&cfg.local_database, &agent_id, cfg.commit_interval)?;
+    let (mut running, tracker, agent_id) = Running::start_writer(
+        &cfg.local_database,
+        cfg.agent_id.as_deref(),
+        cfg.commit_interval,
+    )?;
+    crate::info!("agent: recording as '{agent_id}'");
     running.start_collector(cfg.mihomo.clone(), tracker)?;
+    match &cfg.master_url {
+        Some(url) => {
+            let sync_cfg = SyncConfig {
+                token: cfg.master_token.clone(),
+                interval: cfg.sync_interval,
+                ..SyncConfig::new(url.clone(), agent_id)
+            };
+            crate::info!("sync: to {url} every {} s", cfg.sync_interval.as_secs());
+            let handle = crate::sync::spawn(
+                sync_cfg,
+                cfg.local_database.clone(),
+                running.writer()?,
+                running.stop.clone(),
+            )?;
+            running.producers.push(("sync", handle));
+        }
+        None => crate::info!(
+            "sync: no --master-url; working offline, everything stays in {}",
+            cfg.local_database.display()
+        ),
+    }
+    let policy = RetentionPolicy {
+        max_age: Some(Duration::from_secs(cfg.data_retention_days * 86_400)),
+        max_db_bytes: cfg.max_db_bytes,
+        require_synced: cfg.master_url.is_some(),
+        delete_stale_open: false,
+    };
+    running.start_retention(policy)?;
     Ok(running)
 }

@@ -1,13 +1,718 @@
-//! Placeholder for `POST /api/v1/sync` (built on another branch; the integrator replaces this file).
+//! The master's side of `POST /api/v1/sync`: parsing, validating and storing one batch of an agent's
+//! connection records.
+//!
+//! The HTTP layer calls [`handle_sync`] from a worker thread. The whole body is parsed and validated there
+//! (nothing touches the database for a bad batch), then the batch travels to the writer thread as one
+//! [`WriteCmd::Run`] closure and is applied in ONE transaction: all or nothing.
+//!
+//! # Wire format
+//! Body: `{"agent_id": "...", "timestamp": "<RFC 3339>", "connections": [Record, ...]}`; `connections` may be
+//! `null` or `[]` (an empty batch is a heartbeat: it still counts as a sync in table `agents`).
+//!
+//! A Record is the earlier tool's 33 fields (see /work/shared/API-COMPAT.md): `id` (required, non-empty),
+//! `agent_id` (the row's agent; empty or missing means the batch's), `download`, `upload` (non-negative
+//! integers), `start`, `last_updated` (RFC 3339, any offset, stored as UTC ms; one may stand in for the other
+//! when missing), `uid`, `dscp` (integers) and strings for everything else; `chains` is a JSON array encoded
+//! as a string, policy group first and exit node last. Missing or `null` optional fields take defaults;
+//! unknown fields are ignored; a field of the wrong type is a `400` naming it (`connections[3].download`).
+//!
+//! Our own agents add:
+//! - `end`: RFC 3339 or `null` (still open). Missing means "not known" (the earlier tool's agents).
+//! - `rematch_name`, `provider_chains`, `node`, `policy` (strings; `node`/`policy` default to the ends of `chains`).
+//! - `traffic`: `[[minute_start_unix_seconds, upload, download], ...]`, the bytes that flowed in each minute
+//!   (the agent's `traffic` rows that changed since it last delivered this connection).
+//!
+//! # Merge rules (re-sending a batch changes nothing)
+//! Rows are upserted on `(agent_id, id)`: totals and `last_updated` keep the larger value, `end` keeps a
+//! non-null value (the later of two), metadata is kept from the first insert. A bucket's value only grows on
+//! the agent, so `traffic` buckets merge with `max()`. Records without `traffic` (the earlier tool) get buckets
+//! derived here: the increase of the totals over what is stored, spread over `[stored last_updated, new
+//! last_updated]` (from `start` for a new row) with [`crate::store::writer::spread`]; a replay increases
+//! nothing, so it adds nothing.
+//!
+//! Table `agents` records each batch's agent: `first_seen_ms`, `last_sync_ms` (every batch), `last_data_ms`
+//! (batches with rows) and `sync_count`.
 
+use crate::error::{Error, Result};
+use crate::model::{Bytes, ConnMeta};
+use crate::store::writer::spread;
 use crate::store::WriteCmd;
+use crate::timefmt::{parse_rfc3339, MINUTE_MS};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Deserialize;
+use serde_json::Value;
 use std::sync::mpsc::SyncSender;
+use std::time::Duration;
 
-/// Stores an agent's upload; `Ok` is the envelope's `data`, `Err` a status and message.
+/// How long a sync request waits for the writer before answering `503`.
+pub const WRITER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The body as it arrives; every field optional so that we, not serde, decide what is required.
+#[derive(Deserialize)]
+struct WireBatch {
+    agent_id: Option<String>,
+    timestamp: Option<String>,
+    connections: Option<Vec<WireRecord>>,
+}
+
+#[derive(Deserialize)]
+struct WireRecord {
+    id: Option<String>,
+    agent_id: Option<String>,
+    download: Option<u64>,
+    upload: Option<u64>,
+    last_updated: Option<String>,
+    start: Option<String>,
+    end: Option<String>,
+    network: Option<String>,
+    conn_type: Option<String>,
+    source_ip: Option<String>,
+    destination_ip: Option<String>,
+    source_geoip: Option<String>,
+    destination_geoip: Option<String>,
+    source_ip_asn: Option<String>,
+    destination_ip_asn: Option<String>,
+    source_port: Option<String>,
+    destination_port: Option<String>,
+    inbound_ip: Option<String>,
+    inbound_port: Option<String>,
+    inbound_name: Option<String>,
+    inbound_user: Option<String>,
+    host: Option<String>,
+    dns_mode: Option<String>,
+    uid: Option<i64>,
+    process: Option<String>,
+    process_path: Option<String>,
+    special_proxy: Option<String>,
+    special_rules: Option<String>,
+    remote_destination: Option<String>,
+    dscp: Option<i64>,
+    sniff_host: Option<String>,
+    chains: Option<String>,
+    rule: Option<String>,
+    rule_payload: Option<String>,
+    rematch_name: Option<String>,
+    provider_chains: Option<String>,
+    node: Option<String>,
+    policy: Option<String>,
+    traffic: Option<Vec<(i64, u64, u64)>>,
+}
+
+/// The type each known field must have; used only to name the bad field when typed parsing fails.
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    UInt,
+    Int,
+    Traffic,
+}
+
+const RECORD_FIELDS: &[(&str, Kind)] = &[
+    ("id", Kind::Str),
+    ("agent_id", Kind::Str),
+    ("download", Kind::UInt),
+    ("upload", Kind::UInt),
+    ("last_updated", Kind::Str),
+    ("start", Kind::Str),
+    ("end", Kind::Str),
+    ("network", Kind::Str),
+    ("conn_type", Kind::Str),
+    ("source_ip", Kind::Str),
+    ("destination_ip", Kind::Str),
+    ("source_geoip", Kind::Str),
+    ("destination_geoip", Kind::Str),
+    ("source_ip_asn", Kind::Str),
+    ("destination_ip_asn", Kind::Str),
+    ("source_port", Kind::Str),
+    ("destination_port", Kind::Str),
+    ("inbound_ip", Kind::Str),
+    ("inbound_port", Kind::Str),
+    ("inbound_name", Kind::Str),
+    ("inbound_user", Kind::Str),
+    ("host", Kind::Str),
+    ("dns_mode", Kind::Str),
+    ("uid", Kind::Int),
+    ("process", Kind::Str),
+    ("process_path", Kind::Str),
+    ("special_proxy", Kind::Str),
+    ("special_rules", Kind::Str),
+    ("remote_destination", Kind::Str),
+    ("dscp", Kind::Int),
+    ("sniff_host", Kind::Str),
+    ("chains", Kind::Str),
+    ("rule", Kind::Str),
+    ("rule_payload", Kind::Str),
+    ("rematch_name", Kind::Str),
+    ("provider_chains", Kind::Str),
+    ("node", Kind::Str),
+    ("policy", Kind::Str),
+    ("traffic", Kind::Traffic),
+];
+
+/// One validated record, ready to store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngestRow {
+    pub agent_id: String,
+    pub meta: ConnMeta,
+    pub end_ms: Option<i64>,
+    pub last_updated_ms: i64,
+    pub totals: Bytes,
+    /// `(minute index, bytes)`; `None` when the agent sent no buckets (they are derived on store).
+    pub traffic: Option<Vec<(i64, Bytes)>>,
+}
+
+/// A validated batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngestBatch {
+    pub agent_id: String,
+    pub rows: Vec<IngestRow>,
+}
+
+/// Answers `POST /api/v1/sync`: `Ok` is the envelope's `data` (`{"count": N, "message": "..."}`), `Err` is the
+/// HTTP status and a message naming the bad field. Blocks until the writer has committed the batch, at most
+/// [`WRITER_TIMEOUT`].
 pub fn handle_sync(
-    _body: &[u8],
-    _writer: &SyncSender<WriteCmd>,
-    _now_ms: i64,
-) -> Result<serde_json::Value, (u16, String)> {
-    Err((501, "sync not built yet".into()))
+    body: &[u8],
+    writer: &SyncSender<WriteCmd>,
+    now_ms: i64,
+) -> std::result::Result<Value, (u16, String)> {
+    let batch = parse_batch(body).map_err(|m| (400, m))?;
+    let count = batch.rows.len();
+    let agent = batch.agent_id.clone();
+    let stored = crate::sync::call_writer(
+        writer,
+        move |conn| apply_batch(conn, &batch, now_ms),
+        WRITER_TIMEOUT,
+    );
+    match stored {
+        Ok(Ok(n)) => {
+            crate::debug!("ingest: stored {n} connections from agent {agent}");
+            Ok(serde_json::json!({
+                "count": n,
+                "message": format!("synced {n} connections"),
+            }))
+        }
+        Ok(Err(e)) => {
+            crate::error!("ingest: batch of {count} from agent {agent} not stored: {e}");
+            Err((500, "could not store the batch; nothing was stored".into()))
+        }
+        Err(e) => {
+            crate::warn!("ingest: batch of {count} from agent {agent}: {e}");
+            Err((503, "database busy; retry later".into()))
+        }
+    }
+}
+
+/// Parses and validates a sync body completely. The error names the bad field, e.g.
+/// `connections[2].download: expected a non-negative integer`.
+pub fn parse_batch(body: &[u8]) -> std::result::Result<IngestBatch, String> {
+    let wire: WireBatch = match serde_json::from_slice(body) {
+        Ok(w) => w,
+        Err(e) if e.is_syntax() || e.is_eof() || e.is_io() => {
+            return Err(format!("body is not valid JSON: {e}"))
+        }
+        // Typed parsing says what is wrong but not where in words a user understands; walk the document to
+        // name the field.
+        Err(e) => return Err(explain_shape_error(body).unwrap_or_else(|| format!("body: {e}"))),
+    };
+    let agent_id = match wire.agent_id {
+        Some(a) if !a.trim().is_empty() => a,
+        Some(_) => return Err("agent_id: must not be empty".into()),
+        None => return Err("agent_id: missing".into()),
+    };
+    if let Some(ts) = &wire.timestamp {
+        if parse_rfc3339(ts).is_none() {
+            return Err(format!("timestamp: not an RFC 3339 time: {ts:?}"));
+        }
+    }
+    let records = match wire.connections {
+        Some(c) => c,
+        None if body_has_key(body, "connections") => Vec::new(),
+        None => return Err("connections: missing".into()),
+    };
+    let mut rows = Vec::with_capacity(records.len());
+    for (i, r) in records.into_iter().enumerate() {
+        rows.push(validate_record(i, r, &agent_id)?);
+    }
+    Ok(IngestBatch { agent_id, rows })
+}
+
+/// True when the top-level object has `key`, even as `null` (typed parsing cannot tell `null` from missing).
+fn body_has_key(body: &[u8], key: &str) -> bool {
+    serde_json::from_slice::<serde_json::Map<String, Value>>(body)
+        .map(|m| m.contains_key(key))
+        .unwrap_or(false)
+}
+
+fn time_field(
+    i: usize,
+    name: &str,
+    v: &Option<String>,
+) -> std::result::Result<Option<i64>, String> {
+    match v {
+        None => Ok(None),
+        Some(s) => parse_rfc3339(s)
+            .map(Some)
+            .ok_or_else(|| format!("connections[{i}].{name}: not an RFC 3339 time: {s:?}")),
+    }
+}
+
+/// `chains` as (policy group, exit node): its first and last elements.
+fn chain_ends(i: usize, chains: &str) -> std::result::Result<(String, String), String> {
+    let t = chains.trim();
+    if t.is_empty() || t == "null" {
+        return Ok((String::new(), String::new()));
+    }
+    let list: Vec<String> = serde_json::from_str(t).map_err(|_| {
+        format!(
+            "connections[{i}].chains: not a JSON array of strings encoded as a string: {chains:?}"
+        )
+    })?;
+    Ok((
+        list.first().cloned().unwrap_or_default(),
+        list.last().cloned().unwrap_or_default(),
+    ))
+}
+
+fn validate_record(
+    i: usize,
+    r: WireRecord,
+    batch_agent: &str,
+) -> std::result::Result<IngestRow, String> {
+    let id = match r.id {
+        Some(id) if !id.trim().is_empty() => id,
+        Some(_) => return Err(format!("connections[{i}].id: must not be empty")),
+        None => return Err(format!("connections[{i}].id: missing")),
+    };
+    let agent_id = match r.agent_id {
+        Some(a) if !a.trim().is_empty() => a,
+        _ => batch_agent.to_string(),
+    };
+    let start = time_field(i, "start", &r.start)?;
+    let last = time_field(i, "last_updated", &r.last_updated)?;
+    let end_ms = time_field(i, "end", &r.end)?;
+    let (start_ms, last_updated_ms) = match (start, last) {
+        (Some(s), Some(l)) => (s, l),
+        (Some(s), None) => (s, end_ms.unwrap_or(s).max(s)),
+        (None, Some(l)) => (l, l),
+        (None, None) => {
+            return Err(format!(
+                "connections[{i}].start: missing (and no last_updated to stand in)"
+            ))
+        }
+    };
+    let chains = r.chains.unwrap_or_else(|| "[]".into());
+    let (policy, node) = chain_ends(i, &chains)?;
+    let traffic = match r.traffic {
+        None => None,
+        Some(t) => {
+            let mut out = Vec::with_capacity(t.len());
+            for (j, (secs, up, down)) in t.into_iter().enumerate() {
+                if secs.rem_euclid(60) != 0 {
+                    return Err(format!(
+                        "connections[{i}].traffic[{j}]: {secs} is not the start of a minute (Unix seconds divisible by 60)"
+                    ));
+                }
+                out.push((
+                    secs.div_euclid(60),
+                    Bytes {
+                        upload: up,
+                        download: down,
+                    },
+                ));
+            }
+            Some(out)
+        }
+    };
+    let s = |v: Option<String>| v.unwrap_or_default();
+    let meta = ConnMeta {
+        id,
+        start_ms,
+        network: s(r.network),
+        conn_type: s(r.conn_type),
+        source_ip: s(r.source_ip),
+        source_port: s(r.source_port),
+        destination_ip: s(r.destination_ip),
+        destination_port: s(r.destination_port),
+        source_geoip: r.source_geoip.unwrap_or_else(|| "null".into()),
+        destination_geoip: r.destination_geoip.unwrap_or_else(|| "null".into()),
+        source_ip_asn: s(r.source_ip_asn),
+        destination_ip_asn: s(r.destination_ip_asn),
+        inbound_ip: s(r.inbound_ip),
+        inbound_port: s(r.inbound_port),
+        inbound_name: s(r.inbound_name),
+        inbound_user: s(r.inbound_user),
+        host: s(r.host),
+        dns_mode: s(r.dns_mode),
+        uid: r.uid.unwrap_or(0),
+        process: s(r.process),
+        process_path: s(r.process_path),
+        special_proxy: s(r.special_proxy),
+        special_rules: s(r.special_rules),
+        remote_destination: s(r.remote_destination),
+        dscp: r.dscp.unwrap_or(0),
+        sniff_host: s(r.sniff_host),
+        rematch_name: s(r.rematch_name),
+        chains,
+        provider_chains: r.provider_chains.unwrap_or_else(|| "[]".into()),
+        node: r.node.filter(|n| !n.is_empty()).unwrap_or(node),
+        policy: r.policy.filter(|p| !p.is_empty()).unwrap_or(policy),
+        rule: s(r.rule),
+        rule_payload: s(r.rule_payload),
+    };
+    Ok(IngestRow {
+        agent_id,
+        meta,
+        end_ms,
+        last_updated_ms,
+        totals: Bytes {
+            upload: r.upload.unwrap_or(0),
+            download: r.download.unwrap_or(0),
+        },
+        traffic,
+    })
+}
+
+/// Finds the first field whose JSON type is wrong, for the error message. `None` when the document looks
+/// right (the caller then falls back to serde's message).
+fn explain_shape_error(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let Value::Object(top) = v else {
+        return Some("body: expected a JSON object".into());
+    };
+    for key in ["agent_id", "timestamp"] {
+        match top.get(key) {
+            None | Some(Value::Null) | Some(Value::String(_)) => {}
+            Some(_) => return Some(format!("{key}: expected a string")),
+        }
+    }
+    let list = match top.get("connections") {
+        None | Some(Value::Null) => return None,
+        Some(Value::Array(a)) => a,
+        Some(_) => return Some("connections: expected an array".into()),
+    };
+    for (i, rec) in list.iter().enumerate() {
+        let Value::Object(rec) = rec else {
+            return Some(format!("connections[{i}]: expected an object"));
+        };
+        for (name, kind) in RECORD_FIELDS {
+            let Some(v) = rec.get(*name) else { continue };
+            if v.is_null() {
+                continue;
+            }
+            let ok = match kind {
+                Kind::Str => v.is_string(),
+                Kind::UInt => v.is_u64(),
+                Kind::Int => v.is_i64() || v.is_u64() && v.as_i64().is_some(),
+                Kind::Traffic => {
+                    if let Some(msg) = explain_traffic(i, v) {
+                        return Some(msg);
+                    }
+                    true
+                }
+            };
+            if !ok {
+                let want = match kind {
+                    Kind::Str => "a string",
+                    Kind::UInt => "a non-negative integer",
+                    Kind::Int => "an integer",
+                    Kind::Traffic => "[[minute_unix_seconds, upload, download], ...]",
+                };
+                return Some(format!("connections[{i}].{name}: expected {want}, got {v}"));
+            }
+        }
+    }
+    None
+}
+
+fn explain_traffic(i: usize, v: &Value) -> Option<String> {
+    let want = "expected [minute_unix_seconds, upload, download] (integers)";
+    let Value::Array(list) = v else {
+        return Some(format!(
+            "connections[{i}].traffic: expected an array of [minute_unix_seconds, upload, download]"
+        ));
+    };
+    for (j, e) in list.iter().enumerate() {
+        let ok = matches!(e, Value::Array(t) if t.len() == 3 && t[0].is_i64() && t[1].is_u64() && t[2].is_u64());
+        if !ok {
+            return Some(format!("connections[{i}].traffic[{j}]: {want}, got {e}"));
+        }
+    }
+    None
+}
+
+fn clamp(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+/// Stores a validated batch in one transaction; returns the number of records. Used by [`handle_sync`] on
+/// the writer thread, and directly by tests.
+pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> Result<usize> {
+    let tx = conn.transaction().map_err(Error::db("begin sync batch"))?;
+    {
+        let mut before = tx
+            .prepare(
+                "SELECT upload, download, last_updated_ms FROM connections WHERE agent_id = ?1 AND id = ?2",
+            )
+            .map_err(Error::db("prepare sync lookup"))?;
+        let mut upsert = tx
+            .prepare(
+                "INSERT INTO connections (agent_id, id, start_ms, end_ms, last_updated_ms, upload, download,
+                    network, conn_type, source_ip, source_port, destination_ip, destination_port,
+                    source_geoip, destination_geoip, source_ip_asn, destination_ip_asn, inbound_ip,
+                    inbound_port, inbound_name, inbound_user, host, dns_mode, uid, process, process_path,
+                    special_proxy, special_rules, remote_destination, dscp, sniff_host, rematch_name,
+                    chains, provider_chains, node, policy, rule, rule_payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                    ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35,
+                    ?36, ?37, ?38)
+                 ON CONFLICT (agent_id, id) DO UPDATE SET
+                    upload = max(upload, excluded.upload), download = max(download, excluded.download),
+                    last_updated_ms = max(last_updated_ms, excluded.last_updated_ms),
+                    end_ms = CASE WHEN excluded.end_ms IS NULL THEN end_ms
+                                  WHEN end_ms IS NULL THEN excluded.end_ms
+                                  ELSE max(end_ms, excluded.end_ms) END
+                 RETURNING pk",
+            )
+            .map_err(Error::db("prepare sync upsert"))?;
+        let mut bucket_max = tx
+            .prepare(
+                "INSERT INTO traffic (conn, minute, upload, download) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (conn, minute) DO UPDATE SET upload = max(upload, excluded.upload),
+                    download = max(download, excluded.download)",
+            )
+            .map_err(Error::db("prepare sync traffic"))?;
+        let mut bucket_add = tx
+            .prepare(
+                "INSERT INTO traffic (conn, minute, upload, download) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (conn, minute) DO UPDATE SET upload = upload + excluded.upload,
+                    download = download + excluded.download",
+            )
+            .map_err(Error::db("prepare sync derived traffic"))?;
+        let mut other_agents: Vec<&str> = Vec::new();
+        for row in &batch.rows {
+            let m = &row.meta;
+            if row.agent_id != batch.agent_id && !other_agents.contains(&row.agent_id.as_str()) {
+                other_agents.push(&row.agent_id);
+            }
+            // What was stored before, to derive buckets for records that carry none.
+            let prior: Option<(i64, i64, i64)> = if row.traffic.is_none() {
+                before
+                    .query_row(params![row.agent_id, m.id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()
+                    .map_err(|e| Error::Db(format!("look up connection {}", m.id), e))?
+            } else {
+                None
+            };
+            let pk: i64 = upsert
+                .query_row(
+                    params![
+                        row.agent_id,
+                        m.id,
+                        m.start_ms,
+                        row.end_ms,
+                        row.last_updated_ms,
+                        clamp(row.totals.upload),
+                        clamp(row.totals.download),
+                        m.network,
+                        m.conn_type,
+                        m.source_ip,
+                        m.source_port,
+                        m.destination_ip,
+                        m.destination_port,
+                        m.source_geoip,
+                        m.destination_geoip,
+                        m.source_ip_asn,
+                        m.destination_ip_asn,
+                        m.inbound_ip,
+                        m.inbound_port,
+                        m.inbound_name,
+                        m.inbound_user,
+                        m.host,
+                        m.dns_mode,
+                        m.uid,
+                        m.process,
+                        m.process_path,
+                        m.special_proxy,
+                        m.special_rules,
+                        m.remote_destination,
+                        m.dscp,
+                        m.sniff_host,
+                        m.rematch_name,
+                        m.chains,
+                        m.provider_chains,
+                        m.node,
+                        m.policy,
+                        m.rule,
+                        m.rule_payload
+                    ],
+                    |r| r.get(0),
+                )
+                .map_err(|e| Error::Db(format!("store connection {}", m.id), e))?;
+            match &row.traffic {
+                Some(buckets) => {
+                    for (minute, b) in buckets {
+                        bucket_max
+                            .execute(params![pk, minute, clamp(b.upload), clamp(b.download)])
+                            .map_err(|e| Error::Db(format!("store traffic of {}", m.id), e))?;
+                    }
+                }
+                None => {
+                    let (up0, down0, from) = prior.unwrap_or((0, 0, m.start_ms));
+                    let delta = Bytes {
+                        upload: (clamp(row.totals.upload) - up0).max(0) as u64,
+                        download: (clamp(row.totals.download) - down0).max(0) as u64,
+                    };
+                    if delta != Bytes::default() {
+                        for (minute, b) in spread(from, row.last_updated_ms, delta) {
+                            bucket_add
+                                .execute(params![pk, minute, clamp(b.upload), clamp(b.download)])
+                                .map_err(|e| Error::Db(format!("store traffic of {}", m.id), e))?;
+                        }
+                    }
+                }
+            }
+        }
+        let has_data = !batch.rows.is_empty();
+        tx.execute(
+            "INSERT INTO agents (agent_id, first_seen_ms, last_sync_ms, last_data_ms, sync_count)
+             VALUES (?1, ?2, ?2, CASE WHEN ?3 THEN ?2 END, 1)
+             ON CONFLICT (agent_id) DO UPDATE SET last_sync_ms = ?2,
+                last_data_ms = CASE WHEN ?3 THEN ?2 ELSE last_data_ms END, sync_count = sync_count + 1",
+            params![batch.agent_id, now_ms, has_data],
+        )
+        .map_err(Error::db("record agent sync"))?;
+        // Rows an agent forwards under another id (kept from before an --agent-id change): that agent
+        // exists and has data, but did not sync itself.
+        for other in other_agents {
+            tx.execute(
+                "INSERT INTO agents (agent_id, first_seen_ms, last_data_ms) VALUES (?1, ?2, ?2)
+                 ON CONFLICT (agent_id) DO UPDATE SET last_data_ms = ?2",
+                params![other, now_ms],
+            )
+            .map_err(Error::db("record agent data"))?;
+        }
+    }
+    tx.commit().map_err(Error::db("commit sync batch"))?;
+    Ok(batch.rows.len())
+}
+
+/// The minute index of a millisecond time (the `traffic.minute` column).
+pub fn minute_of(ms: i64) -> i64 {
+    ms.div_euclid(MINUTE_MS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_body() -> serde_json::Value {
+        serde_json::json!({
+            "agent_id": "r1",
+            "timestamp": "2026-11-29T08:00:00+08:00",
+            "connections": [{
+                "id": "c1", "upload": 10, "download": 20,
+                "start": "2026-11-29T07:00:00+08:00", "last_updated": "2026-11-29T07:30:00+08:00",
+                "chains": "[\"Proxy\",\"HK-01\"]", "uid": 0, "dscp": 0
+            }]
+        })
+    }
+
+    fn err_of(v: &serde_json::Value) -> String {
+        parse_batch(&serde_json::to_vec(v).unwrap()).unwrap_err()
+    }
+
+    #[test]
+    fn parses_times_to_utc_and_chain_ends() {
+        let b = parse_batch(&serde_json::to_vec(&ok_body()).unwrap()).unwrap();
+        let r = &b.rows[0];
+        assert_eq!(r.agent_id, "r1");
+        assert_eq!(
+            r.meta.start_ms,
+            parse_rfc3339("2026-11-28T23:00:00Z").unwrap()
+        );
+        assert_eq!(r.last_updated_ms - r.meta.start_ms, 30 * 60_000);
+        assert_eq!(r.meta.policy, "Proxy");
+        assert_eq!(r.meta.node, "HK-01");
+        assert_eq!(r.meta.source_geoip, "null");
+        assert_eq!(r.end_ms, None);
+        assert!(r.traffic.is_none());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+            (
+                "download",
+                serde_json::json!("12"),
+                "connections[0].download",
+            ),
+            ("download", serde_json::json!(-1), "connections[0].download"),
+            ("uid", serde_json::json!("x"), "connections[0].uid"),
+            ("host", serde_json::json!(5), "connections[0].host"),
+            (
+                "start",
+                serde_json::json!("yesterday"),
+                "connections[0].start",
+            ),
+            ("end", serde_json::json!("soon"), "connections[0].end"),
+            ("id", serde_json::json!(""), "connections[0].id"),
+            ("id", serde_json::json!(7), "connections[0].id"),
+            (
+                "chains",
+                serde_json::json!("not json"),
+                "connections[0].chains",
+            ),
+            (
+                "traffic",
+                serde_json::json!([[61, 1, 2]]),
+                "connections[0].traffic[0]",
+            ),
+            (
+                "traffic",
+                serde_json::json!([[60, 1]]),
+                "connections[0].traffic[0]",
+            ),
+            ("traffic", serde_json::json!(3), "connections[0].traffic"),
+        ];
+        for (field, value, want) in cases {
+            let mut body = ok_body();
+            body["connections"][0][field] = value.clone();
+            let msg = err_of(&body);
+            assert!(msg.starts_with(want), "{field}={value}: {msg}");
+        }
+        let mut body = ok_body();
+        body["connections"][0].as_object_mut().unwrap().remove("id");
+        assert_eq!(err_of(&body), "connections[0].id: missing");
+        let mut body = ok_body();
+        body.as_object_mut().unwrap().remove("agent_id");
+        assert_eq!(err_of(&body), "agent_id: missing");
+        let mut body = ok_body();
+        body["agent_id"] = serde_json::json!(3);
+        assert!(err_of(&body).starts_with("agent_id"));
+        let mut body = ok_body();
+        body.as_object_mut().unwrap().remove("connections");
+        assert_eq!(err_of(&body), "connections: missing");
+        let mut body = ok_body();
+        body["connections"] = serde_json::json!({"a": 1});
+        assert!(err_of(&body).starts_with("connections: expected an array"));
+        let mut body = ok_body();
+        body["timestamp"] = serde_json::json!("noon");
+        assert!(err_of(&body).starts_with("timestamp"));
+        assert!(parse_batch(b"{\"agent_id\":")
+            .unwrap_err()
+            .contains("not valid JSON"));
+        assert!(parse_batch(b"[1,2]").unwrap_err().starts_with("body"));
+    }
+
+    #[test]
+    fn null_connections_is_an_empty_heartbeat() {
+        let b = parse_batch(
+            br#"{"agent_id":"a","timestamp":"2026-01-01T00:00:00Z","connections":null}"#,
+        )
+        .unwrap();
+        assert!(b.rows.is_empty());
+    }
 }

@@ -42,6 +42,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent_id;
 pub mod api;
 pub mod app;
 pub mod cli;
@@ -53,9 +54,11 @@ pub mod ingest;
 pub mod log;
 pub mod mihomo_config;
 pub mod model;
+pub mod retention;
 pub mod service;
 pub mod snapshot;
 pub mod store;
+pub mod sync;
 pub mod timefmt;
 
 pub use error::{Error, Result};

@@ -5,3 +5,4 @@ mod binary;
 mod fake_mihomo;
 mod standalone;
 mod support;
+mod sync;
