@@ -173,16 +173,46 @@ fn write_agent(path: &std::path::Path, agent: &str, conns: Vec<Conn>) {
     let h = std::thread::spawn(move || w.run(rx));
     for c in conns {
         let id = c.meta.id.clone();
+        // As the collector sees a live connection: a delta every minute (pushes are every second in real
+        // life), the cumulative totals growing in proportion to the time elapsed.
+        let span = (c.flow_to - c.flow_from).max(1);
+        let mut flows = Vec::new();
+        let mut from = c.flow_from;
+        let mut done = Bytes::default();
+        loop {
+            let to = (from + 60_000).min(c.flow_to);
+            let part = |total: u64| {
+                (total as i128 * (to - c.flow_from).max(0) as i128 / span as i128) as u64
+            };
+            let totals = if to >= c.flow_to {
+                c.bytes
+            } else {
+                Bytes {
+                    upload: part(c.bytes.upload),
+                    download: part(c.bytes.download),
+                }
+            };
+            let delta = Bytes {
+                upload: totals.upload - done.upload,
+                download: totals.download - done.download,
+            };
+            flows.push(Flow {
+                id: id.clone(),
+                totals,
+                delta,
+                from_ms: from,
+                to_ms: to,
+            });
+            done = totals;
+            from = to;
+            if to >= c.flow_to {
+                break;
+            }
+        }
         let mut diff = ConnectionDiff {
             at_ms: c.flow_to,
             opened: vec![(c.meta, Bytes::default())],
-            flows: vec![Flow {
-                id: id.clone(),
-                totals: c.bytes,
-                delta: c.bytes,
-                from_ms: c.flow_from,
-                to_ms: c.flow_to,
-            }],
+            flows,
             ..ConnectionDiff::default()
         };
         if c.closed {

@@ -201,8 +201,12 @@ impl Drop for FakeMihomo {
     }
 }
 
-/// A mihomo-shaped frame. Each connection: (id, upload, download, host).
+/// A mihomo-shaped frame. Each connection: (id, upload, download, host); all started a second ago.
 pub fn frame(totals: u64, conns: &[(&str, u64, u64, &str)]) -> String {
+    let start = mihomo_connections_tracker::timefmt::format_rfc3339(
+        mihomo_connections_tracker::timefmt::now_ms() - 1000,
+        true,
+    );
     if conns.is_empty() {
         return format!(
             r#"{{"downloadTotal":{totals},"uploadTotal":{totals},"connections":null,"memory":0}}"#
@@ -212,7 +216,7 @@ pub fn frame(totals: u64, conns: &[(&str, u64, u64, &str)]) -> String {
         .iter()
         .map(|(id, up, down, host)| {
             format!(
-                r#"{{"id":"{id}","metadata":{{"network":"tcp","type":"HTTPS","sourceIP":"192.168.1.20","destinationIP":"203.0.113.7","sourceGeoIP":null,"destinationGeoIP":["us"],"sourceIPASN":"","destinationIPASN":"","sourcePort":"50000","destinationPort":"443","inboundIP":"127.0.0.1","inboundPort":"7890","inboundName":"DEFAULT-MIXED","inboundUser":"","rematchName":"","host":"{host}","dnsMode":"normal","uid":0,"process":"curl","processPath":"/usr/bin/curl","specialProxy":"","specialRules":"","remoteDestination":"","dscp":0,"sniffHost":""}},"upload":{up},"download":{down},"start":"2026-07-14T21:03:17.4829152+08:00","chains":["HK-01","Proxy"],"providerChains":["",""],"rule":"DomainSuffix","rulePayload":"example.com"}}"#
+                r#"{{"id":"{id}","metadata":{{"network":"tcp","type":"HTTPS","sourceIP":"192.168.1.20","destinationIP":"203.0.113.7","sourceGeoIP":null,"destinationGeoIP":["us"],"sourceIPASN":"","destinationIPASN":"","sourcePort":"50000","destinationPort":"443","inboundIP":"127.0.0.1","inboundPort":"7890","inboundName":"DEFAULT-MIXED","inboundUser":"","rematchName":"","host":"{host}","dnsMode":"normal","uid":0,"process":"curl","processPath":"/usr/bin/curl","specialProxy":"","specialRules":"","remoteDestination":"","dscp":0,"sniffHost":""}},"upload":{up},"download":{down},"start":"{start}","chains":["HK-01","Proxy"],"providerChains":["",""],"rule":"DomainSuffix","rulePayload":"example.com"}}"#
             )
         })
         .collect();

@@ -1,5 +1,6 @@
 //! The one integration-test binary: the real program against fakes on loopback, one module per area.
 
+mod agent_master;
 mod api;
 mod binary;
 mod fake_mihomo;

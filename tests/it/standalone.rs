@@ -254,3 +254,47 @@ fn secret_is_sent_encoded_and_a_wrong_one_is_refused() {
     running.shutdown().unwrap();
     assert!(t.elapsed() < std::time::Duration::from_secs(5));
 }
+
+#[test]
+fn large_snapshots_arrive_whole() {
+    let dir = TempDir::new("large");
+    let db = dir.path("t.db");
+    let fake = FakeMihomo::start(None);
+    let running = app::start_master(&master_config(&db, Some((fake.addr, None)))).unwrap();
+    fake.wait_connected();
+    let ids: Vec<String> = (0..3000).map(|i| format!("c{i:04}")).collect();
+    let list: Vec<(&str, u64, u64, &str)> = ids
+        .iter()
+        .map(|id| (id.as_str(), 1, 10, "h.example"))
+        .collect();
+    fake.push(frame(1, &list));
+    let rows = wait_stored(&db, "3000 connections", |r| r.len() == 3000);
+    assert_traffic_matches_totals(&rows);
+    running.shutdown().unwrap();
+}
+
+#[test]
+fn agent_in_process_records() {
+    let dir = TempDir::new("agent-inproc");
+    let db = dir.path("a.db");
+    let fake = FakeMihomo::start(None);
+    let m = master_config(&db, Some((fake.addr, None)));
+    let cfg = mihomo_connections_tracker::cli::AgentConfig {
+        mihomo: m.mihomo.clone().unwrap(),
+        master_url: Some("http://127.0.0.1:9".into()),
+        master_token: None,
+        local_database: db.clone(),
+        agent_id: Some("a1".into()),
+        sync_interval: std::time::Duration::from_secs(1),
+        data_retention_days: 7,
+        max_db_bytes: None,
+        commit_interval: std::time::Duration::from_millis(50),
+        log_level: mihomo_connections_tracker::log::Level::Debug,
+    };
+    mihomo_connections_tracker::log::set_level(mihomo_connections_tracker::log::Level::Debug);
+    let running = app::start_agent(&cfg).unwrap();
+    fake.wait_connected();
+    fake.push(frame(1, &[("a", 1, 10, "a.example")]));
+    wait_stored(&db, "a", |r| r.len() == 1);
+    running.shutdown().unwrap();
+}

@@ -109,10 +109,24 @@ pub fn stored(db: &Path) -> Vec<Stored> {
 
 /// Waits until the stored rows satisfy `pred`; returns them.
 pub fn wait_stored(db: &Path, what: &str, pred: impl Fn(&[Stored]) -> bool) -> Vec<Stored> {
-    wait_for(what, || {
-        let rows = stored(db);
-        pred(&rows).then_some(rows)
-    })
+    let mut last = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = if db.exists() { stored(db) } else { Vec::new() };
+        if pred(&rows) {
+            return rows;
+        }
+        last = rows;
+        if Instant::now() > deadline {
+            let open = last.iter().filter(|r| r.end_ms.is_none()).count();
+            panic!(
+                "timed out waiting for {what}: {} rows, {open} open; first rows {:?}",
+                last.len(),
+                &last[..last.len().min(3)]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Shorthand: (id, upload, download, open?) of every row.
