@@ -109,20 +109,18 @@ pub fn stored(db: &Path) -> Vec<Stored> {
 
 /// Waits until the stored rows satisfy `pred`; returns them.
 pub fn wait_stored(db: &Path, what: &str, pred: impl Fn(&[Stored]) -> bool) -> Vec<Stored> {
-    let mut last = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let rows = if db.exists() { stored(db) } else { Vec::new() };
         if pred(&rows) {
             return rows;
         }
-        last = rows;
         if Instant::now() > deadline {
-            let open = last.iter().filter(|r| r.end_ms.is_none()).count();
+            let open = rows.iter().filter(|r| r.end_ms.is_none()).count();
             panic!(
                 "timed out waiting for {what}: {} rows, {open} open; first rows {:?}",
-                last.len(),
-                &last[..last.len().min(3)]
+                rows.len(),
+                &rows[..rows.len().min(3)]
             );
         }
         std::thread::sleep(Duration::from_millis(20));
