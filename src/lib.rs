@@ -7,6 +7,7 @@
 pub mod error;
 pub mod log;
 pub mod model;
+pub mod simulate;
 pub mod store;
 pub mod timefmt;
 
