@@ -1,0 +1,152 @@
+//! Wiring: which threads each subcommand starts, in which order, and how they stop.
+//!
+//! Start order: open (and migrate) the database, load the open connections to resume, start the writer,
+//! then the producers (HTTP workers, collector, sync, retention). Stop order is the reverse: set the stop
+//! flag, join the producers (each drops its sender), drop our own sender, and the writer, seeing every
+//! sender gone, commits what it holds and returns. Nothing received is lost on SIGINT/SIGTERM.
+
+use crate::cli::{AgentConfig, MasterConfig};
+use crate::collector::CollectorConfig;
+use crate::diff::Tracker;
+use crate::error::{Error, Result};
+use crate::store::{self, Access, WriteCmd, Writer, WriterConfig};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Capacity of the channel into the writer: a few seconds of pushes; when full, producers wait.
+pub const WRITER_QUEUE: usize = 64;
+
+/// A running master or agent.
+pub struct Running {
+    stop: Arc<AtomicBool>,
+    producers: Vec<(&'static str, JoinHandle<()>)>,
+    stoppers: Vec<Box<dyn FnOnce() + Send>>,
+    writer_tx: Option<SyncSender<WriteCmd>>,
+    writer: Option<JoinHandle<Result<()>>>,
+    api_addr: Option<SocketAddr>,
+}
+
+fn spawn<F: FnOnce() + Send + 'static>(
+    name: &'static str,
+    f: F,
+) -> Result<(&'static str, JoinHandle<()>)> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(256 << 10)
+        .spawn(f)
+        .map(|h| (name, h))
+        .map_err(Error::io(format!("spawn thread {name}")))
+}
+
+impl Running {
+    fn start_writer(
+        db: &Path,
+        agent_id: &str,
+        commit_interval: Duration,
+    ) -> Result<(Running, Tracker)> {
+        let conn = store::open(db, Access::Write)?;
+        let open = store::writer::load_open(&conn, agent_id)?;
+        if !open.is_empty() {
+            crate::info!(
+                "store: resuming {} connections that were open at the last stop",
+                open.len()
+            );
+        }
+        let writer = Writer::new(
+            conn,
+            WriterConfig {
+                agent_id: agent_id.to_string(),
+                flush_every: commit_interval,
+                ..WriterConfig::default()
+            },
+        )?;
+        let (tx, rx) = sync_channel(WRITER_QUEUE);
+        let handle = std::thread::Builder::new()
+            .name("writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(Error::io("spawn thread writer"))?;
+        let running = Running {
+            stop: Arc::new(AtomicBool::new(false)),
+            producers: Vec::new(),
+            stoppers: Vec::new(),
+            writer_tx: Some(tx),
+            writer: Some(handle),
+            api_addr: None,
+        };
+        Ok((running, Tracker::new(open)))
+    }
+
+    fn start_collector(&mut self, cfg: CollectorConfig, tracker: Tracker) -> Result<()> {
+        let tx = self.writer()?;
+        let stop = self.stop.clone();
+        crate::info!("collector: tracking mihomo at {}", cfg.authority());
+        self.producers.push(spawn("collector", move || {
+            crate::collector::run(cfg, tracker, tx, stop)
+        })?);
+        Ok(())
+    }
+
+    /// A sender into the writer (for tests and for threads started later).
+    pub fn writer(&self) -> Result<SyncSender<WriteCmd>> {
+        self.writer_tx.clone().ok_or(Error::Stopped("writer"))
+    }
+
+    /// Commits everything the writer holds, and waits for it (tests use this to wait on an event).
+    pub fn flush(&self) -> Result<()> {
+        let (tx, rx) = sync_channel(1);
+        self.writer()?
+            .send(WriteCmd::Flush(tx))
+            .map_err(|_| Error::Stopped("writer"))?;
+        rx.recv_timeout(Duration::from_secs(30))
+            .map_err(|_| Error::Stopped("writer"))
+    }
+
+    /// Where the HTTP API listens (with the real port when port 0 was asked).
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
+    }
+
+    /// Stops every thread and waits for them; the writer commits what it holds before this returns.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        for stopper in self.stoppers.drain(..) {
+            stopper();
+        }
+        for (name, h) in self.producers.drain(..) {
+            if h.join().is_err() {
+                crate::error!("{name} thread panicked");
+            }
+        }
+        self.writer_tx = None;
+        match self.writer.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::Stopped("writer")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Starts a master: the API, and in standalone mode (`--mihomo-host`) a collector of its own.
+pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
+    let agent_id = cfg.agent_id.clone().unwrap_or_else(|| "local".into());
+    let (mut running, tracker) =
+        Running::start_writer(&cfg.database, &agent_id, cfg.commit_interval)?;
+    if let Some(m) = &cfg.mihomo {
+        running.start_collector(m.clone(), tracker)?;
+    }
+    Ok(running)
+}
+
+/// Starts an agent: collector and writer into the local database, and the sync thread when a master is set.
+pub fn start_agent(cfg: &AgentConfig) -> Result<Running> {
+    let agent_id = cfg.agent_id.clone().unwrap_or_else(|| "local".into());
+    let (mut running, tracker) =
+        Running::start_writer(&cfg.local_database, &agent_id, cfg.commit_interval)?;
+    running.start_collector(cfg.mihomo.clone(), tracker)?;
+    Ok(running)
+}

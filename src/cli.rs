@@ -1,0 +1,530 @@
+//! The command line: raw arguments (pico-args) into validated configurations.
+//!
+//! Same flags as the earlier tool (`master`, `agent`), so existing service files keep working, plus ours.
+//! Every flag can also come from the environment: `--mihomo-token` from `MCT_MIHOMO_TOKEN` and so on (the
+//! command line wins). Tokens can be read from a file (`--api-token-file`, ...) so they never show in `ps`.
+//! An unknown or malformed flag is an error naming it (exit code 2).
+
+use crate::collector::CollectorConfig;
+use crate::error::{Error, Result};
+use crate::log::Level;
+use std::ffi::OsString;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What to run.
+#[derive(Debug)]
+pub enum Command {
+    Master(MasterConfig),
+    Agent(AgentConfig),
+    Simulate(SimulateArgs),
+    /// Print this text and exit 0.
+    Help(&'static str),
+    Version,
+}
+
+/// `master`: stores what agents send, answers the API; with `--mihomo-host` also collects itself.
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    pub database: PathBuf,
+    pub listen: SocketAddr,
+    pub api_token: Option<String>,
+    pub mihomo: Option<CollectorConfig>,
+    /// Agent id of the local collector (standalone mode).
+    pub agent_id: Option<String>,
+    pub retention_days: Option<u64>,
+    pub workers: usize,
+    pub max_body_bytes: usize,
+    pub commit_interval: Duration,
+    pub log_level: Level,
+}
+
+/// `agent`: collects next to mihomo into a local database and syncs it to a master.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub mihomo: CollectorConfig,
+    pub master_url: Option<String>,
+    pub master_token: Option<String>,
+    pub local_database: PathBuf,
+    pub agent_id: Option<String>,
+    pub sync_interval: Duration,
+    pub data_retention_days: u64,
+    pub max_db_bytes: Option<u64>,
+    pub commit_interval: Duration,
+    pub log_level: Level,
+}
+
+/// `simulate`: a fake mihomo controller for demos and benchmarks.
+#[derive(Debug, Clone)]
+pub struct SimulateArgs {
+    pub listen: SocketAddr,
+    pub connections: usize,
+    pub churn_percent: f64,
+    pub secret: Option<String>,
+    pub seed: u64,
+    pub log_level: Level,
+}
+
+pub const MAIN_HELP: &str = "\
+mihomo-connections-tracker: records every connection mihomo handles, in SQLite, and answers questions about them
+
+USAGE:
+    mihomo-connections-tracker master --database PATH [--listen-host 127.0.0.1] [--listen-port 8080]
+                                      [--api-token T] [--mihomo-host H [--mihomo-port 9090] [--mihomo-token T]]
+    mihomo-connections-tracker agent  --mihomo-host H [--mihomo-port 9090] [--mihomo-token T] --local-database PATH
+                                      [--master-url URL] [--master-token T] [--agent-id ID]
+    mihomo-connections-tracker simulate [--listen-port 9090] [--connections 300]
+    mihomo-connections-tracker --version | help [master|agent|simulate]
+
+Every flag can also be set by the environment: --mihomo-token by MCT_MIHOMO_TOKEN, and so on.
+Tokens can be read from files: --api-token-file, --mihomo-token-file, --master-token-file.
+Run `mihomo-connections-tracker help master` for every flag of a subcommand.
+";
+
+pub const MASTER_HELP: &str = "\
+mihomo-connections-tracker master: stores connections from agents (and, with --mihomo-host, from a local mihomo)
+and answers the HTTP API under /api/v1.
+
+FLAGS:
+    --database PATH          SQLite file (created 0600 if missing)                        [required]
+    --listen-host H          address to listen on                                 [default: 127.0.0.1]
+    --listen-port P          port to listen on (0: any free port, printed at start)    [default: 8080]
+    --api-token T            require `Authorization: Bearer T` (also --api-token-file PATH)
+    --mihomo-host H          standalone mode: also collect from this mihomo controller
+    --mihomo-port P          its external-controller port                                [default: 9090]
+    --mihomo-token T         its secret (also --mihomo-token-file PATH)
+    --interval-ms MS         push interval asked of mihomo                               [default: 1000]
+    --agent-id ID            agent id of the local collector                  [default: the host name]
+    --retention-days N       delete closed connections older than N days         [default: keep all]
+    --workers N              HTTP worker threads                                            [default: 4]
+    --max-body-bytes N       largest accepted request body                           [default: 33554432]
+    --commit-interval-ms MS  batch writes for this long (fewer flash writes)                [default: 2000]
+    --log-level L            error|warn|info|debug|trace; debug logs each connection  [default: info]
+";
+
+pub const AGENT_HELP: &str = "\
+mihomo-connections-tracker agent: records a mihomo's connections into a local database and syncs them to a
+master; keeps everything locally while the master is away.
+
+FLAGS:
+    --mihomo-host H            mihomo external-controller host                              [required]
+    --mihomo-port P            its port                                                   [default: 9090]
+    --mihomo-token T           its secret (also --mihomo-token-file PATH)
+    --interval-ms MS           push interval asked of mihomo                              [default: 1000]
+    --local-database PATH      SQLite file (created 0600 if missing)                        [required]
+    --master-url URL           e.g. http://192.168.1.2:8080; without it the agent works offline
+    --master-token T           the master's --api-token (also --master-token-file PATH)
+    --agent-id ID              stable id of this agent                [default: the host name, remembered]
+    --sync-interval S          seconds between syncs (sooner while a backlog waits)         [default: 60]
+    --data-retention-days N    delete closed (and synced) connections older than N days      [default: 7]
+    --max-db-mb N              keep the database file under N MiB by dropping the oldest closed rows
+    --commit-interval-ms MS    batch writes for this long (fewer flash writes)               [default: 2000]
+    --log-level L              error|warn|info|debug|trace; debug logs each connection   [default: info]
+";
+
+pub const SIMULATE_HELP: &str = "\
+mihomo-connections-tracker simulate: a fake mihomo controller (WebSocket /connections) with made-up traffic,
+for trying the tracker without a mihomo of your own.
+
+FLAGS:
+    --listen-host H       [default: 127.0.0.1]
+    --listen-port P       [default: 9090]
+    --connections N       live connections                                               [default: 300]
+    --churn-percent P     share of connections replaced every second                        [default: 1]
+    --secret S            require this secret, like mihomo's `secret:`
+    --seed N              random seed                                                         [default: 1]
+    --log-level L                                                                          [default: info]
+";
+
+/// Reads flags from the command line, then the environment.
+struct Flags {
+    args: pico_args::Arguments,
+}
+
+fn env_name(flag: &str) -> String {
+    format!(
+        "MCT_{}",
+        flag.trim_start_matches('-')
+            .replace('-', "_")
+            .to_ascii_uppercase()
+    )
+}
+
+impl Flags {
+    fn string(&mut self, flag: &'static str) -> Result<Option<String>> {
+        let v: Option<String> = self
+            .args
+            .opt_value_from_str(flag)
+            .map_err(|e| Error::Usage(format!("{flag}: {e}")))?;
+        Ok(v.or_else(|| std::env::var(env_name(flag)).ok().filter(|s| !s.is_empty())))
+    }
+
+    fn required(&mut self, flag: &'static str) -> Result<String> {
+        self.string(flag)?
+            .ok_or_else(|| Error::Usage(format!("{flag} is required (or set {})", env_name(flag))))
+    }
+
+    fn parsed<T: std::str::FromStr>(
+        &mut self,
+        flag: &'static str,
+        what: &str,
+    ) -> Result<Option<T>> {
+        match self.string(flag)? {
+            None => Ok(None),
+            Some(s) => s
+                .trim()
+                .parse::<T>()
+                .map(Some)
+                .map_err(|_| Error::Usage(format!("{flag}: expected {what}, got '{s}'"))),
+        }
+    }
+
+    /// A secret from `--x`, `MCT_X`, or the first line of the file named by `--x-file`.
+    fn secret(&mut self, flag: &'static str, file_flag: &'static str) -> Result<Option<String>> {
+        let direct = self.string(flag)?;
+        let file = self.string(file_flag)?;
+        match (direct, file) {
+            (Some(_), Some(_)) => Err(Error::Usage(format!(
+                "give {flag} or {file_flag}, not both"
+            ))),
+            (Some(t), None) => Ok(Some(t)),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| Error::Config(format!("{file_flag} {path}: {e}")))?;
+                let t = text.lines().next().unwrap_or("").trim().to_string();
+                if t.is_empty() {
+                    return Err(Error::Config(format!(
+                        "{file_flag} {path}: the file is empty"
+                    )));
+                }
+                Ok(Some(t))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn log_level(&mut self) -> Result<Level> {
+        match self.string("--log-level")? {
+            None => Ok(Level::Info),
+            Some(s) => Level::parse(&s).ok_or_else(|| {
+                Error::Usage(format!(
+                    "--log-level: expected error|warn|info|debug|trace, got '{s}'"
+                ))
+            }),
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        let rest = self.args.finish();
+        match rest.first() {
+            None => Ok(()),
+            Some(a) => {
+                let a = a.to_string_lossy();
+                if a.starts_with('-') {
+                    Err(Error::Usage(format!("unknown flag '{a}' (see --help)")))
+                } else {
+                    Err(Error::Usage(format!(
+                        "unexpected argument '{a}' (see --help)"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+fn port(f: &mut Flags, flag: &'static str, default: u16, allow_zero: bool) -> Result<u16> {
+    let p = f
+        .parsed::<u16>(flag, "a port number 1-65535")?
+        .unwrap_or(default);
+    if p == 0 && !allow_zero {
+        return Err(Error::Usage(format!(
+            "{flag}: expected a port number 1-65535, got '0'"
+        )));
+    }
+    Ok(p)
+}
+
+fn listen_addr(host: &str, port: u16) -> Result<SocketAddr> {
+    (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "--listen-host: cannot use '{host}' as an address to listen on"
+            ))
+        })
+}
+
+fn positive(f: &mut Flags, flag: &'static str, default: u64) -> Result<u64> {
+    let v = f
+        .parsed::<u64>(flag, "a positive whole number")?
+        .unwrap_or(default);
+    if v == 0 {
+        return Err(Error::Usage(format!(
+            "{flag}: expected a positive whole number, got '0'"
+        )));
+    }
+    Ok(v)
+}
+
+fn mihomo(f: &mut Flags, host: String) -> Result<CollectorConfig> {
+    let cfg = CollectorConfig {
+        host,
+        port: port(f, "--mihomo-port", 9090, false)?,
+        token: f.secret("--mihomo-token", "--mihomo-token-file")?,
+        interval_ms: positive(f, "--interval-ms", 1000)?,
+    };
+    crate::collector::validate(&cfg)?;
+    Ok(cfg)
+}
+
+/// Parses a full argument list (without the program name).
+pub fn parse(args: Vec<OsString>) -> Result<Command> {
+    let mut f = Flags {
+        args: pico_args::Arguments::from_vec(args),
+    };
+    if f.args.contains("--version") || f.args.contains("-V") {
+        return Ok(Command::Version);
+    }
+    let help = f.args.contains("--help") || f.args.contains("-h");
+    let sub = f
+        .args
+        .subcommand()
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    match sub.as_deref() {
+        None if help => Ok(Command::Help(MAIN_HELP)),
+        None => Err(Error::Usage(
+            "a subcommand is required: master, agent or simulate (see --help)".into(),
+        )),
+        Some("help") => {
+            let topic = f
+                .args
+                .subcommand()
+                .map_err(|e| Error::Usage(e.to_string()))?;
+            Ok(Command::Help(match topic.as_deref() {
+                Some("master") => MASTER_HELP,
+                Some("agent") => AGENT_HELP,
+                Some("simulate") => SIMULATE_HELP,
+                _ => MAIN_HELP,
+            }))
+        }
+        Some("master") if help => Ok(Command::Help(MASTER_HELP)),
+        Some("agent") if help => Ok(Command::Help(AGENT_HELP)),
+        Some("simulate") if help => Ok(Command::Help(SIMULATE_HELP)),
+        Some("master") => {
+            let database = PathBuf::from(f.required("--database")?);
+            let host = f
+                .string("--listen-host")?
+                .unwrap_or_else(|| "127.0.0.1".into());
+            let listen = listen_addr(&host, port(&mut f, "--listen-port", 8080, true)?)?;
+            let api_token = f.secret("--api-token", "--api-token-file")?;
+            let mihomo_host = f.string("--mihomo-host")?;
+            let mihomo = match mihomo_host {
+                Some(h) => Some(mihomo(&mut f, h)?),
+                None => {
+                    for flag in ["--mihomo-port", "--mihomo-token", "--mihomo-token-file"] {
+                        if f.string(flag)?.is_some() {
+                            return Err(Error::Usage(format!("{flag} needs --mihomo-host")));
+                        }
+                    }
+                    let _ = f.string("--interval-ms")?;
+                    None
+                }
+            };
+            let cfg = MasterConfig {
+                database,
+                listen,
+                api_token,
+                mihomo,
+                agent_id: f.string("--agent-id")?,
+                retention_days: f.parsed::<u64>("--retention-days", "a whole number of days")?,
+                workers: positive(&mut f, "--workers", 4)?.min(64) as usize,
+                max_body_bytes: positive(&mut f, "--max-body-bytes", 32 << 20)? as usize,
+                commit_interval: Duration::from_millis(positive(
+                    &mut f,
+                    "--commit-interval-ms",
+                    2000,
+                )?),
+                log_level: f.log_level()?,
+            };
+            f.finish()?;
+            Ok(Command::Master(cfg))
+        }
+        Some("agent") => {
+            let host = f.required("--mihomo-host")?;
+            let mihomo = mihomo(&mut f, host)?;
+            let master_url = f.string("--master-url")?;
+            if let Some(u) = &master_url {
+                if !u.starts_with("http://") {
+                    return Err(Error::Usage(format!(
+                        "--master-url: expected http://HOST:PORT, got '{u}'"
+                    )));
+                }
+            }
+            let cfg = AgentConfig {
+                mihomo,
+                master_url,
+                master_token: f.secret("--master-token", "--master-token-file")?,
+                local_database: PathBuf::from(f.required("--local-database")?),
+                agent_id: f.string("--agent-id")?,
+                sync_interval: Duration::from_secs(positive(&mut f, "--sync-interval", 60)?),
+                data_retention_days: positive(&mut f, "--data-retention-days", 7)?,
+                max_db_bytes: f
+                    .parsed::<u64>("--max-db-mb", "a whole number of MiB")?
+                    .map(|mb| mb << 20),
+                commit_interval: Duration::from_millis(positive(
+                    &mut f,
+                    "--commit-interval-ms",
+                    2000,
+                )?),
+                log_level: f.log_level()?,
+            };
+            if let Some(id) = &cfg.agent_id {
+                if id.trim().is_empty() || id.len() > 128 {
+                    return Err(Error::Usage(format!(
+                        "--agent-id: expected 1-128 characters, got '{id}'"
+                    )));
+                }
+            }
+            f.finish()?;
+            Ok(Command::Agent(cfg))
+        }
+        Some("simulate") => {
+            let host = f
+                .string("--listen-host")?
+                .unwrap_or_else(|| "127.0.0.1".into());
+            let listen = listen_addr(&host, port(&mut f, "--listen-port", 9090, true)?)?;
+            let churn = f
+                .parsed::<f64>("--churn-percent", "a percentage 0-100")?
+                .unwrap_or(1.0);
+            if !(0.0..=100.0).contains(&churn) {
+                return Err(Error::Usage(format!(
+                    "--churn-percent: expected a percentage 0-100, got '{churn}'"
+                )));
+            }
+            let cfg = SimulateArgs {
+                listen,
+                connections: f
+                    .parsed::<usize>("--connections", "a whole number")?
+                    .unwrap_or(300),
+                churn_percent: churn,
+                secret: f.secret("--secret", "--secret-file")?,
+                seed: f.parsed::<u64>("--seed", "a whole number")?.unwrap_or(1),
+                log_level: f.log_level()?,
+            };
+            f.finish()?;
+            Ok(Command::Simulate(cfg))
+        }
+        Some(other) => Err(Error::Usage(format!(
+            "unknown subcommand '{other}': expected master, agent or simulate"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &str) -> Result<Command> {
+        parse(args.split_whitespace().map(OsString::from).collect())
+    }
+
+    #[test]
+    fn master_standalone_flags_of_the_earlier_tool() {
+        let Command::Master(m) = p("master --database /tmp/x.db --listen-host 0.0.0.0 --listen-port 8081 --api-token s --mihomo-host 10.0.0.1 --mihomo-port 9091 --mihomo-token t").unwrap() else { panic!() };
+        assert_eq!(m.listen.to_string(), "0.0.0.0:8081");
+        assert_eq!(m.api_token.as_deref(), Some("s"));
+        let c = m.mihomo.unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.token.as_deref(), c.interval_ms),
+            ("10.0.0.1", 9091, Some("t"), 1000)
+        );
+    }
+
+    #[test]
+    fn safe_defaults() {
+        let Command::Master(m) = p("master --database x.db").unwrap() else {
+            panic!()
+        };
+        assert_eq!(m.listen.to_string(), "127.0.0.1:8080");
+        assert!(m.mihomo.is_none() && m.api_token.is_none());
+        let Command::Agent(a) = p("agent --mihomo-host 127.0.0.1 --local-database a.db").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                a.sync_interval.as_secs(),
+                a.data_retention_days,
+                a.mihomo.port
+            ),
+            (60, 7, 9090)
+        );
+        assert!(a.master_url.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let cases = [
+            ("master --database x.db --bogus 1", "--bogus"),
+            ("master --database x.db --listen-port abc", "--listen-port"),
+            (
+                "master --database x.db --listen-port 70000",
+                "--listen-port",
+            ),
+            ("master", "--database"),
+            ("master --database x.db --mihomo-port 9090", "--mihomo-host"),
+            ("agent --local-database a.db", "--mihomo-host"),
+            (
+                "agent --mihomo-host h --local-database a.db --interval-ms 0",
+                "--interval-ms",
+            ),
+            (
+                "agent --mihomo-host h --local-database a.db --master-url ftp://x",
+                "--master-url",
+            ),
+            (
+                "agent --mihomo-host h --local-database a.db --log-level loud",
+                "--log-level",
+            ),
+            ("frobnicate", "frobnicate"),
+            ("master --database", "--database"),
+        ];
+        for (args, flag) in cases {
+            let e = p(args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args}");
+            assert!(e.to_string().contains(flag), "{args}: {e}");
+        }
+    }
+
+    #[test]
+    fn token_from_file() {
+        let path = std::env::temp_dir().join(format!("mct-token-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let Command::Master(m) = p(&format!(
+            "master --database x.db --api-token-file {}",
+            path.display()
+        ))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(m.api_token.as_deref(), Some("s3cret"));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert!(matches!(p("--help").unwrap(), Command::Help(MAIN_HELP)));
+        assert!(matches!(
+            p("master --help").unwrap(),
+            Command::Help(MASTER_HELP)
+        ));
+        assert!(matches!(
+            p("help agent").unwrap(),
+            Command::Help(AGENT_HELP)
+        ));
+        assert!(matches!(p("--version").unwrap(), Command::Version));
+    }
+}

@@ -1,0 +1,483 @@
+//! Turning a stream of full snapshots into changes: opened, traffic (byte deltas), closed.
+//!
+//! mihomo has no open or close events: a connection is closed when its id is missing from a push. The
+//! [`Tracker`] keeps the open set (id → counters, last seen) and compares each snapshot with it.
+//!
+//! Rules, all about never counting a byte twice and never leaving a connection open forever:
+//! - Deltas are `now - last known` per id; counters that go down are ignored (the larger value is kept).
+//! - A connection missing from a push is closed at the push's time. After the stream was lost (a dropped
+//!   socket, a tracker restart), missing connections are closed at the time they were last seen.
+//! - A core restart (the totals go down) closes everything open at its last-seen time.
+//! - A tracker restart resumes from the database's open rows: a connection still in mihomo's first snapshot
+//!   continues from its stored bytes.
+//! - An id that was closed and shows up again within [`REOPEN_WINDOW_MS`] (an empty or partial snapshot, a
+//!   glitch) is reopened, its bytes continuing from where they were: never a second row.
+//! - Duplicate ids within one snapshot count once (the larger counters win).
+
+use crate::model::{Bytes, Closed, ConnectionDiff, Flow, OpenRow};
+use crate::snapshot::Snapshot;
+use std::collections::HashMap;
+
+/// How long a closed id is remembered so that it can be reopened instead of duplicated.
+pub const REOPEN_WINDOW_MS: i64 = 120_000;
+
+#[derive(Debug)]
+struct Tracked {
+    bytes: Bytes,
+    last_seen_ms: i64,
+    start_ms: i64,
+    /// What the log calls it: host, else destination IP.
+    label: Box<str>,
+    generation: u64,
+}
+
+/// The open set and what is needed to diff the next snapshot against it.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    open: HashMap<Box<str>, Tracked>,
+    recently_closed: HashMap<Box<str>, (Bytes, i64)>,
+    totals: Option<(u64, u64)>,
+    /// The next snapshot is the first after a (re)connect or start.
+    fresh: bool,
+    generation: u64,
+}
+
+impl Tracker {
+    /// A tracker that resumes the connections the database still has open.
+    pub fn new(open: Vec<OpenRow>) -> Tracker {
+        let mut t = Tracker {
+            fresh: true,
+            ..Tracker::default()
+        };
+        for row in open {
+            let tracked = Tracked {
+                bytes: row.totals,
+                last_seen_ms: row.last_updated_ms,
+                start_ms: row.last_updated_ms,
+                label: "".into(),
+                generation: 0,
+            };
+            t.open.insert(row.id.into_boxed_str(), tracked);
+        }
+        t
+    }
+
+    /// Number of connections currently open.
+    pub fn open_count(&self) -> usize {
+        self.open.len()
+    }
+
+    /// The stream was lost: the next snapshot's missing connections close at their last-seen time, and a
+    /// snapshot sharing no id with the open set means the core restarted.
+    pub fn stream_lost(&mut self) {
+        self.fresh = true;
+    }
+
+    /// Compares `snap`, received at `at_ms`, with the open set and returns what changed.
+    pub fn apply(&mut self, snap: &Snapshot<'_>, at_ms: i64) -> ConnectionDiff {
+        let mut diff = ConnectionDiff {
+            at_ms,
+            ..ConnectionDiff::default()
+        };
+        let core_restarted = match (self.totals, snap.download_total, snap.upload_total) {
+            (Some((d, u)), Some(d2), Some(u2)) => d2 < d || u2 < u,
+            _ => false,
+        };
+        if let (Some(d), Some(u)) = (snap.download_total, snap.upload_total) {
+            self.totals = Some((d, u));
+        }
+        if core_restarted {
+            crate::info!(
+                "collector: mihomo restarted (totals went down); closing {} connections",
+                self.open.len()
+            );
+            self.close_all(&mut diff);
+        }
+        let fresh = std::mem::take(&mut self.fresh);
+        self.generation += 1;
+        let gen = self.generation;
+
+        for e in &snap.connections {
+            let id: &str = &e.id;
+            if let Some(t) = self.open.get_mut(id) {
+                if t.generation == gen {
+                    // duplicate within this snapshot: only let larger counters through
+                    if e.bytes.upload <= t.bytes.upload && e.bytes.download <= t.bytes.download {
+                        continue;
+                    }
+                }
+                let delta = Bytes {
+                    upload: e.bytes.upload.saturating_sub(t.bytes.upload),
+                    download: e.bytes.download.saturating_sub(t.bytes.download),
+                };
+                t.bytes.upload = t.bytes.upload.max(e.bytes.upload);
+                t.bytes.download = t.bytes.download.max(e.bytes.download);
+                if delta != Bytes::default() {
+                    crate::trace!("traffic {id} +{}/+{}", delta.upload, delta.download);
+                    diff.flows.push(Flow {
+                        id: id.to_string(),
+                        totals: t.bytes,
+                        delta,
+                        from_ms: t.last_seen_ms,
+                        to_ms: at_ms,
+                    });
+                }
+                if t.generation != gen {
+                    t.last_seen_ms = t.last_seen_ms.max(at_ms);
+                    t.generation = gen;
+                }
+                continue;
+            }
+            if let Some((before, closed_ms)) = self.recently_closed.remove(id) {
+                let bytes = Bytes {
+                    upload: before.upload.max(e.bytes.upload),
+                    download: before.download.max(e.bytes.download),
+                };
+                let delta = Bytes {
+                    upload: bytes.upload - before.upload,
+                    download: bytes.download - before.download,
+                };
+                crate::debug!("reopened {id}: it was missing from a snapshot but is back");
+                diff.reopened.push(id.to_string());
+                if delta != Bytes::default() {
+                    diff.flows.push(Flow {
+                        id: id.to_string(),
+                        totals: bytes,
+                        delta,
+                        from_ms: closed_ms,
+                        to_ms: at_ms,
+                    });
+                }
+                let tracked = Tracked {
+                    bytes,
+                    last_seen_ms: at_ms,
+                    start_ms: closed_ms,
+                    label: "".into(),
+                    generation: gen,
+                };
+                self.open.insert(id.into(), tracked);
+                continue;
+            }
+            let meta = e.meta(at_ms);
+            if crate::log::enabled(crate::log::Level::Debug) {
+                let dest = if meta.host.is_empty() {
+                    &meta.destination_ip
+                } else {
+                    &meta.host
+                };
+                let rule = if meta.rule_payload.is_empty() {
+                    meta.rule.clone()
+                } else {
+                    format!("{}({})", meta.rule, meta.rule_payload)
+                };
+                crate::debug!(
+                    "opened {} {}:{} -> {}:{} rule {} via {}",
+                    meta.network,
+                    meta.source_ip,
+                    meta.source_port,
+                    dest,
+                    meta.destination_port,
+                    rule,
+                    meta.chains
+                );
+            }
+            let label: Box<str> = if meta.host.is_empty() {
+                meta.destination_ip.as_str().into()
+            } else {
+                meta.host.as_str().into()
+            };
+            let from_ms = meta.start_ms.min(at_ms);
+            let tracked = Tracked {
+                bytes: e.bytes,
+                last_seen_ms: at_ms,
+                start_ms: meta.start_ms,
+                label,
+                generation: gen,
+            };
+            if e.bytes != Bytes::default() {
+                diff.flows.push(Flow {
+                    id: id.to_string(),
+                    totals: e.bytes,
+                    delta: e.bytes,
+                    from_ms,
+                    to_ms: at_ms,
+                });
+            }
+            diff.opened.push((meta, e.bytes));
+            self.open.insert(id.into(), tracked);
+        }
+
+        let missing: Vec<Box<str>> = self
+            .open
+            .iter()
+            .filter(|(_, t)| t.generation != gen)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in missing {
+            if let Some(t) = self.open.remove(&id) {
+                let end_ms = if fresh { t.last_seen_ms } else { at_ms };
+                self.close(id, t, end_ms, &mut diff);
+            }
+        }
+        if self.generation % 64 == 0 {
+            self.recently_closed
+                .retain(|_, (_, closed)| *closed > at_ms - REOPEN_WINDOW_MS);
+        }
+        diff
+    }
+
+    fn close_all(&mut self, diff: &mut ConnectionDiff) {
+        for (id, t) in std::mem::take(&mut self.open) {
+            let end = t.last_seen_ms;
+            self.close(id, t, end, diff);
+        }
+    }
+
+    fn close(&mut self, id: Box<str>, t: Tracked, end_ms: i64, diff: &mut ConnectionDiff) {
+        if crate::log::enabled(crate::log::Level::Debug) {
+            let label = if t.label.is_empty() { &*id } else { &*t.label };
+            crate::debug!(
+                "closed {id} {label} up {} down {} after {}",
+                human_bytes(t.bytes.upload),
+                human_bytes(t.bytes.download),
+                human_duration(end_ms - t.start_ms)
+            );
+        }
+        diff.closed.push(Closed {
+            id: id.to_string(),
+            end_ms,
+            totals: t.bytes,
+        });
+        self.recently_closed.insert(id, (t.bytes, end_ms));
+    }
+}
+
+/// `1.5 MiB`-style sizes for the log.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+/// `1h02m03s`-style durations for the log.
+pub fn human_duration(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0..=59 => format!("{}.{:01}s", s, ms.max(0) % 1000 / 100),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m{:02}s", s / 3600, s / 60 % 60, s % 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::parse;
+
+    fn frame(totals: u64, conns: &[(&str, u64, u64)]) -> Vec<u8> {
+        let list: Vec<String> = conns
+            .iter()
+            .map(|(id, up, down)| {
+                format!(r#"{{"id":"{id}","upload":{up},"download":{down},"start":"2026-01-01T00:00:00Z","metadata":{{"host":"{id}.example"}}}}"#)
+            })
+            .collect();
+        format!(
+            r#"{{"downloadTotal":{totals},"uploadTotal":{totals},"connections":[{}]}}"#,
+            list.join(",")
+        )
+        .into_bytes()
+    }
+
+    fn apply(t: &mut Tracker, totals: u64, conns: &[(&str, u64, u64)], at: i64) -> ConnectionDiff {
+        let f = frame(totals, conns);
+        let s = parse(&f).unwrap();
+        t.apply(&s, at)
+    }
+
+    fn ids_closed(d: &ConnectionDiff) -> Vec<(String, i64, u64)> {
+        let mut v: Vec<_> = d
+            .closed
+            .iter()
+            .map(|c| (c.id.clone(), c.end_ms, c.totals.download))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn open_grow_close() {
+        let mut t = Tracker::new(vec![]);
+        let d = apply(&mut t, 10, &[("a", 1, 10), ("b", 0, 0)], 1000);
+        assert_eq!(d.opened.len(), 2);
+        assert_eq!(d.flows.len(), 1); // b moved no bytes yet
+        assert_eq!(
+            d.flows[0].delta,
+            Bytes {
+                upload: 1,
+                download: 10
+            }
+        );
+        let d = apply(&mut t, 20, &[("a", 2, 30), ("b", 5, 5)], 2000);
+        assert!(d.opened.is_empty());
+        let deltas: Vec<_> = d
+            .flows
+            .iter()
+            .map(|f| (f.id.as_str(), f.delta, f.from_ms, f.to_ms))
+            .collect();
+        assert_eq!(
+            deltas,
+            [
+                (
+                    "a",
+                    Bytes {
+                        upload: 1,
+                        download: 20
+                    },
+                    1000,
+                    2000
+                ),
+                (
+                    "b",
+                    Bytes {
+                        upload: 5,
+                        download: 5
+                    },
+                    1000,
+                    2000
+                )
+            ]
+        );
+        let d = apply(&mut t, 30, &[("b", 5, 5)], 3000);
+        assert_eq!(ids_closed(&d), [("a".to_string(), 3000, 30)]);
+        assert!(d.flows.is_empty());
+        assert_eq!(t.open_count(), 1);
+    }
+
+    #[test]
+    fn counters_going_down_are_not_negative_and_not_recounted() {
+        let mut t = Tracker::new(vec![]);
+        apply(&mut t, 10, &[("a", 5, 100)], 1000);
+        let d = apply(&mut t, 11, &[("a", 5, 40)], 2000);
+        assert!(d.flows.is_empty());
+        let d = apply(&mut t, 12, &[("a", 5, 120)], 3000);
+        assert_eq!(
+            d.flows[0].delta,
+            Bytes {
+                upload: 0,
+                download: 20
+            }
+        );
+    }
+
+    #[test]
+    fn duplicate_ids_count_once() {
+        let mut t = Tracker::new(vec![]);
+        let d = apply(&mut t, 10, &[("a", 1, 10), ("a", 1, 10)], 1000);
+        assert_eq!((d.opened.len(), d.flows.len()), (1, 1));
+        let d = apply(&mut t, 10, &[("a", 1, 20), ("a", 1, 30)], 2000);
+        let total: u64 = d.flows.iter().map(|f| f.delta.download).sum();
+        assert_eq!(total, 20);
+    }
+
+    #[test]
+    fn core_restart_closes_everything_at_last_seen() {
+        let mut t = Tracker::new(vec![]);
+        apply(&mut t, 1000, &[("a", 1, 10), ("b", 1, 10)], 1000);
+        apply(&mut t, 2000, &[("a", 1, 20), ("b", 1, 10)], 2000);
+        let d = apply(&mut t, 5, &[("c", 0, 5)], 3000);
+        assert_eq!(
+            ids_closed(&d),
+            [("a".into(), 2000, 20), ("b".into(), 2000, 10)]
+        );
+        assert_eq!(d.opened.len(), 1);
+    }
+
+    #[test]
+    fn reconnect_closes_missing_at_last_seen() {
+        let mut t = Tracker::new(vec![]);
+        apply(&mut t, 10, &[("a", 1, 10), ("b", 1, 10)], 1000);
+        t.stream_lost();
+        let d = apply(&mut t, 20, &[("a", 1, 15)], 9000);
+        assert_eq!(ids_closed(&d), [("b".into(), 1000, 10)]);
+        assert_eq!(d.flows[0].delta.download, 5);
+        assert_eq!((d.flows[0].from_ms, d.flows[0].to_ms), (1000, 9000));
+    }
+
+    #[test]
+    fn tracker_restart_resumes_from_stored_bytes() {
+        let stored = vec![
+            OpenRow {
+                id: "a".into(),
+                totals: Bytes {
+                    upload: 1,
+                    download: 100,
+                },
+                last_updated_ms: 500,
+            },
+            OpenRow {
+                id: "gone".into(),
+                totals: Bytes {
+                    upload: 1,
+                    download: 7,
+                },
+                last_updated_ms: 400,
+            },
+        ];
+        let mut t = Tracker::new(stored);
+        let d = apply(&mut t, 10, &[("a", 1, 150), ("new", 0, 3)], 5000);
+        assert_eq!(d.opened.len(), 1);
+        assert_eq!(d.opened[0].0.id, "new");
+        let a = d.flows.iter().find(|f| f.id == "a").unwrap();
+        assert_eq!(
+            (a.delta.download, a.from_ms, a.totals.download),
+            (50, 500, 150)
+        );
+        assert_eq!(ids_closed(&d), [("gone".into(), 400, 7)]);
+    }
+
+    #[test]
+    fn empty_snapshot_then_back_reopens_without_double_counting() {
+        let mut t = Tracker::new(vec![]);
+        apply(&mut t, 10, &[("a", 1, 10)], 1000);
+        let d = apply(&mut t, 10, &[], 2000);
+        assert_eq!(ids_closed(&d), [("a".into(), 2000, 10)]);
+        let d = apply(&mut t, 12, &[("a", 1, 12)], 3000);
+        assert_eq!(d.reopened, ["a"]);
+        assert!(d.opened.is_empty());
+        assert_eq!(
+            d.flows[0].delta,
+            Bytes {
+                upload: 0,
+                download: 2
+            }
+        );
+    }
+
+    #[test]
+    fn first_sight_bytes_flow_from_start() {
+        let mut t = Tracker::new(vec![]);
+        let start = crate::timefmt::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        let d = apply(&mut t, 10, &[("a", 1, 10)], start + 3 * 3_600_000);
+        assert_eq!(
+            (d.flows[0].from_ms, d.flows[0].to_ms),
+            (start, start + 3 * 3_600_000)
+        );
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_duration(3_723_000), "1h02m03s");
+        assert_eq!(human_duration(61_000), "1m01s");
+    }
+}

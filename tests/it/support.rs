@@ -1,0 +1,135 @@
+//! Shared test plumbing: temporary directories, waiting with a deadline, reading the database.
+
+use mihomo_connections_tracker::cli::MasterConfig;
+use mihomo_connections_tracker::collector::CollectorConfig;
+use mihomo_connections_tracker::log::Level;
+use rusqlite::Connection;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("mct-it-{}-{n}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after 20 s naming `what`.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A standalone master config for tests: API on 127.0.0.1:0, fast commits.
+pub fn master_config(
+    db: &Path,
+    mihomo: Option<(std::net::SocketAddr, Option<&str>)>,
+) -> MasterConfig {
+    mihomo_connections_tracker::log::set_level(Level::Warn);
+    MasterConfig {
+        database: db.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_token: None,
+        mihomo: mihomo.map(|(addr, token)| CollectorConfig {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            token: token.map(str::to_string),
+            interval_ms: 1000,
+        }),
+        agent_id: Some("router".into()),
+        retention_days: None,
+        workers: 2,
+        max_body_bytes: 1 << 20,
+        commit_interval: Duration::from_millis(30),
+        log_level: Level::Warn,
+    }
+}
+
+/// One stored connection, as the tests compare it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub id: String,
+    pub upload: i64,
+    pub download: i64,
+    pub end_ms: Option<i64>,
+    pub traffic_up: i64,
+    pub traffic_down: i64,
+}
+
+/// Every connection row with the sums of its traffic buckets, ordered by id.
+pub fn stored(db: &Path) -> Vec<Stored> {
+    let c = Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut s = c
+        .prepare(
+            "SELECT c.id, c.upload, c.download, c.end_ms,
+                coalesce((SELECT sum(upload) FROM traffic WHERE conn = c.pk), 0),
+                coalesce((SELECT sum(download) FROM traffic WHERE conn = c.pk), 0)
+             FROM connections c ORDER BY c.id",
+        )
+        .unwrap();
+    s.query_map([], |r| {
+        Ok(Stored {
+            id: r.get(0)?,
+            upload: r.get(1)?,
+            download: r.get(2)?,
+            end_ms: r.get(3)?,
+            traffic_up: r.get(4)?,
+            traffic_down: r.get(5)?,
+        })
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+/// Waits until the stored rows satisfy `pred`; returns them.
+pub fn wait_stored(db: &Path, what: &str, pred: impl Fn(&[Stored]) -> bool) -> Vec<Stored> {
+    wait_for(what, || {
+        let rows = stored(db);
+        pred(&rows).then_some(rows)
+    })
+}
+
+/// Shorthand: (id, upload, download, open?) of every row.
+pub fn summary(rows: &[Stored]) -> Vec<(String, i64, i64, bool)> {
+    rows.iter()
+        .map(|r| (r.id.clone(), r.upload, r.download, r.end_ms.is_none()))
+        .collect()
+}
+
+/// Traffic buckets always add up to the totals: the invariant behind honest time series.
+pub fn assert_traffic_matches_totals(rows: &[Stored]) {
+    for r in rows {
+        assert_eq!(
+            (r.traffic_up, r.traffic_down),
+            (r.upload, r.download),
+            "traffic of {}",
+            r.id
+        );
+    }
+}
