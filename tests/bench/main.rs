@@ -275,7 +275,14 @@ fn wait_healthy(agent: &ureq::Agent, base: &str, proc: &mut Proc) -> Res<()> {
     }
 }
 
-fn start_master(bin: &Path, db: &Path, log: &Path, extra: &[String]) -> Res<(Proc, String)> {
+/// Starts `master` on a free port; with `wait_api`, returns once `/health` answers.
+fn start_master(
+    bin: &Path,
+    db: &Path,
+    log: &Path,
+    extra: &[String],
+    wait_api: bool,
+) -> Res<(Proc, String)> {
     let port = free_port()?;
     let mut args: Vec<String> = [
         "master",
@@ -296,7 +303,9 @@ fn start_master(bin: &Path, db: &Path, log: &Path, extra: &[String]) -> Res<(Pro
     args.extend(extra.iter().cloned());
     let mut proc = Proc::spawn("master", bin, &args, log)?;
     let base = format!("http://127.0.0.1:{port}");
-    wait_healthy(&http(), &base, &mut proc)?;
+    if wait_api {
+        wait_healthy(&http(), &base, &mut proc)?;
+    }
     Ok((proc, base))
 }
 
@@ -371,7 +380,30 @@ fn figure_tracking(r: &mut Report, bin: &Path) -> Res<()> {
         "--mihomo-port".into(),
         sim.addr().port().to_string(),
     ];
-    let (mut master, base) = start_master(bin, &db, &dir.join("tracking-master.log"), &extra)?;
+    let (mut master, base) =
+        start_master(bin, &db, &dir.join("tracking-master.log"), &extra, false)?;
+    // Ready when the first snapshot is in the database (independent of the HTTP API, checked at the end).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        master.alive()?;
+        let rows = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| {
+                c.query_row("SELECT count(*) FROM connections", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
+            .unwrap_or(0);
+        if rows > 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "no connection stored within 15 s; {}",
+                master.tail()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_millis(250));
@@ -582,7 +614,16 @@ fn figure_ingest(r: &mut Report, bin: &Path) -> Res<()> {
     let dir = bench_dir()?;
     let db = dir.join("ingest.db");
     remove_db(&db);
-    let (mut master, base) = start_master(bin, &db, &dir.join("ingest-master.log"), &[])?;
+    let (mut master, base) = start_master(bin, &db, &dir.join("ingest-master.log"), &[], true)?;
+    // The body must be what the earlier tool's agents send: 33 fields per record.
+    let sample: Value = serde_json::from_str(&sync_body("check", 0, 0, 0))
+        .map_err(|e| format!("sync body: {e}"))?;
+    let fields = sample["connections"][0].as_object().map_or(0, |o| o.len());
+    if fields != 33 {
+        return Err(format!(
+            "sync body records have {fields} fields, expected 33"
+        ));
+    }
     let url = format!("{base}/api/v1/sync");
     let now = timefmt::now_ms();
     let t = Instant::now();
@@ -682,7 +723,7 @@ fn figure_ingest(r: &mut Report, bin: &Path) -> Res<()> {
 // Database generation (f and g): rows straight into the real schema
 
 /// Bumped when the generated content changes, so a cached file is rebuilt.
-const GENERATOR: &str = "bench-v1";
+const GENERATOR: &str = "bench-v2";
 
 struct Gen {
     rng: Rng,
@@ -888,6 +929,14 @@ fn stats_db(path: &Path) -> Res<i64> {
     generate(path, |conn| {
         let agents: Vec<String> = (1..=10).map(|i| format!("router-{i:02}")).collect();
         Gen::new(11).insert(conn, STATS_CONNS, &agents, end, 30 * DAY_MS)?;
+        for a in &agents {
+            conn.execute(
+                "INSERT INTO agents (agent_id, first_seen_ms, last_sync_ms, last_data_ms, sync_count)
+                 VALUES (?1, ?2, ?3, ?3, 43200)",
+                params![a, end - 30 * DAY_MS, end],
+            )
+            .map_err(|e| e.to_string())?;
+        }
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('bench', ?1)",
             [format!("{key} {end}")],
@@ -903,7 +952,7 @@ fn figure_stats(r: &mut Report, bin: &Path) -> Res<()> {
     let dir = bench_dir()?;
     let db = dir.join("stats-1m.db");
     let end = stats_db(&db)?;
-    let (mut master, base) = start_master(bin, &db, &dir.join("stats-master.log"), &[])?;
+    let (mut master, base) = start_master(bin, &db, &dir.join("stats-master.log"), &[], true)?;
     let agent = http();
     let api = format!("{base}/api/v1");
     let week_ago = (end - 7 * DAY_MS) / 1000;
@@ -1029,7 +1078,8 @@ fn figure_catch_up(r: &mut Report, bin: &Path) -> Res<()> {
     })?;
     let master_db = dir.join("catch-up-master.db");
     remove_db(&master_db);
-    let (mut master, base) = start_master(bin, &master_db, &dir.join("catch-up-master.log"), &[])?;
+    let (mut master, base) =
+        start_master(bin, &master_db, &dir.join("catch-up-master.log"), &[], true)?;
     let nothing_listens = free_port()?;
     let args: Vec<String> = [
         "agent",
