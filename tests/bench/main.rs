@@ -257,17 +257,20 @@ fn get_data(agent: &ureq::Agent, url: &str) -> Res<Value> {
     Ok(v["data"].clone())
 }
 
-/// Waits until `/health` answers, or the process dies, or 15 s pass.
+/// Waits until `/api/v1/health` answers, or the process dies, or 15 s pass.
 fn wait_healthy(agent: &ureq::Agent, base: &str, proc: &mut Proc) -> Res<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         proc.alive()?;
-        if let Ok((200, _)) = get(agent, &format!("{base}/health")) {
-            return Ok(());
+        // API-COMPAT lists `/health` under the `/api/v1` base; accept it at the root too.
+        for path in ["/api/v1/health", "/health"] {
+            if let Ok((200, _)) = get(agent, &format!("{base}{path}")) {
+                return Ok(());
+            }
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "{base}/health did not answer 200 within 15 s; {}",
+                "{base}/api/v1/health did not answer 200 within 15 s; {}",
                 proc.tail()
             ));
         }
@@ -902,7 +905,14 @@ const STATS_CONNS: u64 = 1_000_000;
 /// The cached 1M-connection database and its end time; rebuilt when missing, of another schema version or
 /// generator, or incomplete.
 fn stats_db(path: &Path) -> Res<i64> {
-    let key = format!("{GENERATOR} {STATS_CONNS}");
+    // The schema text is part of the key: a migration edited in place (new triggers, indexes) rebuilds it.
+    let schema = store::schema::MIGRATIONS
+        .concat()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+    let key = format!("{GENERATOR} {STATS_CONNS} {schema:016x}");
     if let Ok(conn) = store::open(path, Access::Read) {
         let found: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'bench'", [], |r| {
