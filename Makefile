@@ -51,7 +51,9 @@ demo:
 	@bin=$(HOST_BIN); api=http://127.0.0.1:$(DEMO_API_PORT)/api/v1; \
 	$$bin simulate --listen-host 127.0.0.1 --listen-port $(DEMO_SIM_PORT) \
 		--connections $(DEMO_CONNECTIONS) --churn-percent 1 & sim=$$!; \
-	trap 'kill $$sim 2>/dev/null || true; wait $$sim 2>/dev/null || true' EXIT; \
+	stop_sim() { kill $$sim 2>/dev/null || return 0; \
+		for i in $$(seq 50); do kill -0 $$sim 2>/dev/null || return 0; sleep 0.1; done; kill -9 $$sim 2>/dev/null || true; }; \
+	trap stop_sim EXIT; \
 	trap 'exit 130' INT TERM; \
 	for i in $$(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$(DEMO_SIM_PORT)) 2>/dev/null && break; \
 		kill -0 $$sim 2>/dev/null || { echo "the simulator did not start" >&2; exit 1; }; sleep 0.1; done; \
@@ -59,7 +61,7 @@ demo:
 	echo "Simulated mihomo: ws://127.0.0.1:$(DEMO_SIM_PORT)/connections ($(DEMO_CONNECTIONS) connections, 1 % churn/s)"; \
 	echo "Master API:       $$api   (database $(DEMO_DIR)/demo.db)"; \
 	echo "Try, in another terminal:"; \
-	echo "  curl http://127.0.0.1:$(DEMO_API_PORT)/health"; \
+	echo "  curl $$api/health"; \
 	echo "  curl '$$api/stats?type=summary'"; \
 	echo "  curl '$$api/stats?type=group&group_by=host&limit=10'"; \
 	echo "  curl '$$api/stats?type=group&group_by=chains'"; \

@@ -20,6 +20,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+// Each figure runs under `catch_unwind` and children die in `Drop`: both need unwinding (Cargo builds benches
+// with it whatever the release profile says; this keeps it that way).
+#[cfg(panic = "abort")]
+compile_error!("the benchmark harness needs panic = \"unwind\"");
+
 type Res<T> = std::result::Result<T, String>;
 
 // ---------------------------------------------------------------------------------------------------------
