@@ -259,7 +259,7 @@ struct Conn {
     device: u8,
     process: u8,
     inbound: u8,
-    /// Index into [`NODES`] (ignored for DIRECT routes).
+    /// Chooses the exit node among the members of the host's policy group (ignored for DIRECT routes).
     node: u8,
     udp: bool,
     source_port: u16,
@@ -568,10 +568,10 @@ impl SimModel {
         match h.route {
             Route::Direct => out.extend_from_slice(b"\"DIRECT\"],\"providerChains\":[\"\"]"),
             Route::Group(group) => {
-                // The node must belong to the group: pick among the group's members.
-                let members: Vec<&(&str, &str, &str)> =
-                    NODES.iter().filter(|n| n.2 == group).collect();
-                let (node, provider, _) = members[c.node as usize % members.len()];
+                // The node must belong to the group: pick among the group's members (no allocation per row).
+                let members = || NODES.iter().filter(|n| n.2 == group);
+                let pick = c.node as usize % members().count().max(1);
+                let (node, provider, _) = members().nth(pick).unwrap_or(&NODES[0]);
                 push_str(out, node);
                 out.push(b',');
                 push_str(out, group);
