@@ -933,17 +933,16 @@ fn serve_client(stream: TcpStream, shared: &Shared) -> Result<()> {
             Pushes::Once => !sent_any,
             Pushes::Never => false,
         };
-        if due && wanted && !shared.paused.load(Ordering::SeqCst) {
+        let paused = shared.paused.load(Ordering::SeqCst);
+        if due && wanted && !paused {
             {
                 let mut model = lock(&shared.model);
                 model.tick(now_ms());
-                // The frame takes the buffer; the next one starts with the same capacity.
+                // One allocation of the right size per frame; the message then owns it.
                 buf.reserve(model.len() * 900 + 128);
                 model.write_frame(&mut buf);
             }
-            let cap = buf.capacity();
-            let text = String::from_utf8(std::mem::replace(&mut buf, Vec::with_capacity(cap)))
-                .expect("frames are UTF-8");
+            let text = String::from_utf8(std::mem::take(&mut buf)).expect("frames are UTF-8");
             ws.send(Message::Text(text.into()))
                 .map_err(|e| Error::Mihomo(format!("simulate: send: {e}")))?;
             sent_any = true;
@@ -956,9 +955,14 @@ fn serve_client(stream: TcpStream, shared: &Shared) -> Result<()> {
             }
         }
         // Wait for the next push (or the stop flag) by reading: it notices a close at the same time.
-        let wait = next_push
-            .saturating_duration_since(std::time::Instant::now())
-            .clamp(Duration::from_millis(1), POLL);
+        // Nothing due (paused, one-shot done, never): just look at the flags again every POLL.
+        let wait = if wanted && !paused {
+            next_push
+                .saturating_duration_since(std::time::Instant::now())
+                .clamp(Duration::from_millis(1), POLL)
+        } else {
+            POLL
+        };
         ws.get_mut()
             .set_read_timeout(Some(wait))
             .map_err(io("read timeout"))?;
