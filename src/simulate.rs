@@ -700,6 +700,12 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds `cfg.listen` and serves `/connections` until [`Simulator::stop`].
 pub fn start(cfg: SimConfig) -> Result<Simulator> {
+    if !cfg.churn_percent.is_finite() || cfg.churn_percent < 0.0 {
+        return Err(Error::Usage(format!(
+            "--churn-percent must be a number >= 0, got {}",
+            cfg.churn_percent
+        )));
+    }
     let listener = TcpListener::bind(cfg.listen)
         .map_err(Error::io(format!("simulate: bind {}", cfg.listen)))?;
     let addr = listener
@@ -708,12 +714,6 @@ pub fn start(cfg: SimConfig) -> Result<Simulator> {
     listener
         .set_nonblocking(true)
         .map_err(Error::io("simulate: nonblocking listener"))?;
-    if !cfg.churn_percent.is_finite() || cfg.churn_percent < 0.0 {
-        return Err(Error::Usage(format!(
-            "--churn-percent must be a number >= 0, got {}",
-            cfg.churn_percent
-        )));
-    }
     let shared = Arc::new(Shared {
         model: Mutex::new(SimModel::new(
             cfg.connections,
@@ -1334,6 +1334,24 @@ mod tests {
             Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 404),
             other => panic!("expected 404, got {:?}", other.map(|_| ())),
         }
+    }
+
+    #[test]
+    fn refuses_negative_churn() {
+        let err = start(SimConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            connections: 1,
+            churn_percent: -1.0,
+            secret: None,
+            seed: 1,
+        })
+        .err()
+        .expect("negative churn refused")
+        .to_string();
+        assert!(
+            err.contains("--churn-percent") && err.contains("-1"),
+            "{err}"
+        );
     }
 
     #[test]
