@@ -113,6 +113,9 @@ impl Proc {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let from = lines.len().saturating_sub(8);
+        if lines.is_empty() {
+            return format!("{} logged nothing ({})", self.name, self.log.display());
+        }
         format!(
             "last log lines of {} ({}):\n    {}",
             self.name,
