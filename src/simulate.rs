@@ -140,7 +140,7 @@ const BASES: &[Base] = &[
 
 /// Local processes on the router itself (source 127.0.0.1); LAN devices have no process.
 #[rustfmt::skip]
-const PROCESSES: &[(&str, &str, i64)] = &[
+const PROCESSES: &[(&str, &str, u64)] = &[
     ("firefox", "/usr/lib/firefox/firefox", 1000),
     ("chrome", "/opt/google/chrome/chrome", 1000),
     ("curl", "/usr/bin/curl", 0),
@@ -488,104 +488,124 @@ impl SimModel {
 
     fn write_conn(&self, out: &mut Vec<u8>, c: &Conn) {
         let h = &self.hosts[c.host as usize];
-        let (src_ip, process, process_path, uid): (&str, &str, &str, i64) = if c.device == 0 {
+        let (process, process_path, uid) = if c.device == 0 {
             let p = PROCESSES[c.process as usize];
-            ("127.0.0.1", p.0, p.1, p.2)
+            (p.0, p.1, p.2)
         } else {
-            ("", "", "", 0)
+            ("", "", 0)
         };
         let (in_type, in_name, in_ip, in_port) = INBOUNDS[c.inbound as usize];
         // Fake-ip style inbounds do not know the destination address; the others resolved it.
         let known_ip = c.inbound != 0 || h.name.is_empty();
+        let fake_ip = c.inbound == 0;
         out.extend_from_slice(b"{\"id\":\"");
         self.write_id(out, c.serial);
         out.extend_from_slice(b"\",\"metadata\":{\"network\":");
-        out.extend_from_slice(if c.udp { b"\"udp\"" } else { b"\"tcp\"" });
-        out.extend_from_slice(b",\"type\":");
-        push_str(out, in_type);
-        out.extend_from_slice(b",\"sourceIP\":\"");
-        if src_ip.is_empty() {
-            out.extend_from_slice(b"192.168.1.");
-            push_u64(out, 100 + c.device as u64);
+        push_str(out, if c.udp { "udp" } else { "tcp" });
+        str_field(out, "type", in_type);
+        key(out, "sourceIP");
+        if c.device == 0 {
+            push_str(out, "127.0.0.1");
         } else {
-            out.extend_from_slice(src_ip.as_bytes());
+            out.extend_from_slice(b"\"192.168.1.");
+            push_u64(out, 100 + c.device as u64);
+            out.push(b'"');
         }
-        out.extend_from_slice(b"\",\"destinationIP\":");
-        push_str(out, if known_ip { &h.ip } else { "" });
-        out.extend_from_slice(b",\"sourceGeoIP\":null,\"destinationGeoIP\":");
+        str_field(out, "destinationIP", if known_ip { &h.ip } else { "" });
+        key(out, "sourceGeoIP");
+        out.extend_from_slice(b"null");
+        key(out, "destinationGeoIP");
         match (known_ip, h.geoip) {
             (false, _) => out.extend_from_slice(b"null"),
             (true, "") => out.extend_from_slice(b"[]"),
             (true, cc) => {
-                out.extend_from_slice(b"[\"");
-                out.extend_from_slice(cc.as_bytes());
-                out.extend_from_slice(b"\"]");
+                out.push(b'[');
+                push_str(out, cc);
+                out.push(b']');
             }
         }
-        out.extend_from_slice(b",\"sourceIPASN\":\"\",\"destinationIPASN\":");
-        push_str(
-            out,
-            if known_ip && h.geoip == "us" {
-                "AS15169 Google LLC"
-            } else {
-                ""
-            },
-        );
-        out.extend_from_slice(b",\"sourcePort\":\"");
+        str_field(out, "sourceIPASN", "");
+        let asn = if known_ip && h.geoip == "us" {
+            "AS15169 Google LLC"
+        } else {
+            ""
+        };
+        str_field(out, "destinationIPASN", asn);
+        key(out, "sourcePort");
+        out.push(b'"');
         push_u64(out, c.source_port as u64);
-        out.extend_from_slice(b"\",\"destinationPort\":");
-        push_str(out, h.port);
-        out.extend_from_slice(b",\"inboundIP\":");
-        push_str(out, in_ip);
-        out.extend_from_slice(b",\"inboundPort\":");
-        push_str(out, in_port);
-        out.extend_from_slice(b",\"inboundName\":");
-        push_str(out, in_name);
-        out.extend_from_slice(b",\"inboundUser\":\"\",\"rematchName\":\"\",\"host\":");
-        push_str(out, &h.name);
-        out.extend_from_slice(b",\"dnsMode\":");
-        push_str(out, if c.inbound == 0 { "fake-ip" } else { "normal" });
-        out.extend_from_slice(b",\"uid\":");
-        push_u64(out, uid as u64);
-        out.extend_from_slice(b",\"process\":");
-        push_str(out, process);
-        out.extend_from_slice(b",\"processPath\":");
-        push_str(out, process_path);
-        out.extend_from_slice(
-            b",\"specialProxy\":\"\",\"specialRules\":\"\",\"remoteDestination\":",
-        );
+        out.push(b'"');
+        str_field(out, "destinationPort", h.port);
+        str_field(out, "inboundIP", in_ip);
+        str_field(out, "inboundPort", in_port);
+        str_field(out, "inboundName", in_name);
+        str_field(out, "inboundUser", "");
+        str_field(out, "rematchName", "");
+        str_field(out, "host", &h.name);
+        str_field(out, "dnsMode", if fake_ip { "fake-ip" } else { "normal" });
+        num_field(out, "uid", uid);
+        str_field(out, "process", process);
+        str_field(out, "processPath", process_path);
+        str_field(out, "specialProxy", "");
+        str_field(out, "specialRules", "");
         let direct = matches!(h.route, Route::Direct);
-        push_str(out, if direct { "" } else { &h.ip });
-        out.extend_from_slice(b",\"dscp\":0,\"sniffHost\":");
-        push_str(out, if c.inbound == 0 { &h.name } else { "" });
-        out.extend_from_slice(b"},\"upload\":");
-        push_u64(out, c.upload);
-        out.extend_from_slice(b",\"download\":");
-        push_u64(out, c.download);
-        out.extend_from_slice(b",\"start\":\"");
+        str_field(out, "remoteDestination", if direct { "" } else { &h.ip });
+        num_field(out, "dscp", 0);
+        str_field(out, "sniffHost", if fake_ip { &h.name } else { "" });
+        out.push(b'}');
+        num_field(out, "upload", c.upload);
+        num_field(out, "download", c.download);
+        key(out, "start");
+        out.push(b'"');
         push_start(out, c.start_ms, c.start_sub);
-        out.extend_from_slice(b"\",\"chains\":[");
-        match h.route {
-            Route::Direct => out.extend_from_slice(b"\"DIRECT\"],\"providerChains\":[\"\"]"),
+        out.push(b'"');
+        // Exit node first, the policy group last; providerChains name the node's provider.
+        let (chain, providers): ([&str; 2], [&str; 2]) = match h.route {
+            Route::Direct => (["DIRECT", ""], ["", ""]),
             Route::Group(group) => {
-                // The node must belong to the group: pick among the group's members (no allocation per row).
+                // The node must belong to the group: pick among its members (no allocation per row).
                 let members = || NODES.iter().filter(|n| n.2 == group);
                 let pick = c.node as usize % members().count().max(1);
                 let (node, provider, _) = members().nth(pick).unwrap_or(&NODES[0]);
-                push_str(out, node);
-                out.push(b',');
-                push_str(out, group);
-                out.extend_from_slice(b"],\"providerChains\":[");
-                push_str(out, provider);
-                out.extend_from_slice(b",\"\"]");
+                ([node, group], [provider, ""])
             }
-        }
-        out.extend_from_slice(b",\"rule\":");
-        push_str(out, h.rule);
-        out.extend_from_slice(b",\"rulePayload\":");
-        push_str(out, h.payload);
+        };
+        let len = if direct { 1 } else { 2 };
+        str_list_field(out, "chains", &chain[..len]);
+        str_list_field(out, "providerChains", &providers[..len]);
+        str_field(out, "rule", h.rule);
+        str_field(out, "rulePayload", h.payload);
         out.push(b'}');
     }
+}
+
+/// Writes `,"key":` (every field but an object's first).
+fn key(out: &mut Vec<u8>, key: &str) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+fn str_field(out: &mut Vec<u8>, k: &str, v: &str) {
+    key(out, k);
+    push_str(out, v);
+}
+
+fn num_field(out: &mut Vec<u8>, k: &str, v: u64) {
+    key(out, k);
+    push_u64(out, v);
+}
+
+fn str_list_field(out: &mut Vec<u8>, k: &str, items: &[&str]) {
+    key(out, k);
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_str(out, item);
+    }
+    out.push(b']');
 }
 
 /// Writes `v` in decimal without going through `fmt`.
