@@ -1175,7 +1175,7 @@ mod tests {
                     )
                 })
                 .collect();
-            let mut kept = 0;
+            let (mut kept, mut heavy, mut idle) = (0, 0, 0);
             for c in v["connections"].as_array().unwrap() {
                 let id = c["id"].as_str().unwrap();
                 let (up, down) = (
@@ -1186,10 +1186,18 @@ mod tests {
                     Some(&(u0, d0)) => {
                         kept += 1;
                         assert!(up > u0 && down > d0, "bytes of {id} did not move");
+                        heavy += (down - d0 > 250_000) as usize;
+                        idle += (down - d0 < 3_000) as usize;
                     }
                     None => assert!(seen.insert(id.to_owned()), "id {id} reused"),
                 }
             }
+            // Varying rates: mostly light connections, a few heavy downloads.
+            assert!(
+                (1..=100).contains(&heavy),
+                "{heavy} heavy downloads of {kept}"
+            );
+            assert!(idle > kept / 2, "{idle} light connections of {kept}");
             // 5 % of 2000 = 100 replacements per second; a few may hit the same slot twice.
             let replaced = 2000 - kept;
             assert!((90..=100).contains(&replaced), "replaced {replaced}");
