@@ -56,6 +56,7 @@ pub mod mihomo_config;
 pub mod model;
 pub mod retention;
 pub mod service;
+pub mod simulate;
 pub mod snapshot;
 pub mod store;
 pub mod sync;

@@ -29,7 +29,26 @@ fn run() -> Result<(), Error> {
             log::set_level(cfg.log_level);
             app::start_agent(&cfg)?
         }
-        Command::Simulate(_) => return Err(Error::Usage("simulate is not built in yet".into())),
+        Command::Simulate(args) => {
+            log::set_level(args.log_level);
+            let sim = mihomo_connections_tracker::simulate::start(
+                mihomo_connections_tracker::simulate::SimConfig {
+                    listen: args.listen,
+                    connections: args.connections,
+                    churn_percent: args.churn_percent,
+                    secret: args.secret,
+                    seed: args.seed,
+                },
+            )?;
+            mihomo_connections_tracker::info!(
+                "simulate: fake mihomo with {} connections on ws://{}/connections",
+                args.connections,
+                sim.addr()
+            );
+            wait_for_signal()?;
+            sim.stop();
+            return Ok(());
+        }
         Command::Service(kind, args) => {
             let exe = std::env::current_exe()
                 .map(|p| p.display().to_string())

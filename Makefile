@@ -1,0 +1,92 @@
+# Build, test, demo and benchmark mihomo-connections-tracker. `make` alone lists the targets.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+# Reproducible builds: use the committed lock file when there is one.
+LOCKED := $(if $(wildcard Cargo.lock),--locked)
+NAME := mihomo-connections-tracker
+MUSL := x86_64-unknown-linux-musl
+MUSL_BIN := target/$(MUSL)/release/$(NAME)
+HOST_BIN := target/release/$(NAME)
+# apt-get needs root; use sudo when we are not.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+DEMO_DIR := target/demo
+DEMO_SIM_PORT := 19090
+DEMO_API_PORT := 18080
+DEMO_CONNECTIONS := 300
+
+.PHONY: help test musl demo bench fmt clippy clean
+
+help:
+	@echo "Targets:"
+	@echo "  make test     build and run every test (cargo test$(if $(LOCKED), $(LOCKED)))"
+	@echo "  make musl     static release binary for $(MUSL) (installs the rustup target and musl-tools if missing)"
+	@echo "  make demo     simulated mihomo on 127.0.0.1:$(DEMO_SIM_PORT) + master on http://127.0.0.1:$(DEMO_API_PORT); Ctrl-C stops both"
+	@echo "  make bench    release build (musl when possible) and every performance figure with its target"
+	@echo "                (MCT_BENCH_SECS=N shortens the 60 s tracking run)"
+	@echo "  make fmt      cargo fmt"
+	@echo "  make clippy   cargo clippy on every target, warnings are errors"
+	@echo "  make clean    cargo clean"
+
+test:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust 1.80+ (https://rustup.rs)" >&2; exit 1; }
+	$(CARGO) test $(LOCKED)
+
+musl:
+	@if ! rustup target list --installed 2>/dev/null | grep -qx '$(MUSL)'; then \
+		echo "+ rustup target add $(MUSL)"; rustup target add $(MUSL); fi
+	@if ! command -v musl-gcc >/dev/null; then \
+		echo "+ apt-get install -y musl-tools"; \
+		$(SUDO) apt-get install -y musl-tools || { $(SUDO) apt-get update && $(SUDO) apt-get install -y musl-tools; }; fi
+	$(CARGO) build $(LOCKED) --release --target $(MUSL)
+	@echo "$(MUSL_BIN): $$(stat -c %s $(MUSL_BIN)) bytes"
+
+demo:
+	$(CARGO) build $(LOCKED) --release
+	@mkdir -p $(DEMO_DIR)
+	@bin=$(HOST_BIN); api=http://127.0.0.1:$(DEMO_API_PORT)/api/v1; \
+	$$bin simulate --listen-host 127.0.0.1 --listen-port $(DEMO_SIM_PORT) \
+		--connections $(DEMO_CONNECTIONS) --churn-percent 1 & sim=$$!; \
+	stop_sim() { kill $$sim 2>/dev/null || return 0; \
+		for i in $$(seq 50); do kill -0 $$sim 2>/dev/null || return 0; sleep 0.1; done; kill -9 $$sim 2>/dev/null || true; }; \
+	trap stop_sim EXIT; \
+	trap 'exit 130' INT TERM; \
+	for i in $$(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$(DEMO_SIM_PORT)) 2>/dev/null && break; \
+		kill -0 $$sim 2>/dev/null || { echo "the simulator did not start" >&2; exit 1; }; sleep 0.1; done; \
+	echo; \
+	echo "Simulated mihomo: ws://127.0.0.1:$(DEMO_SIM_PORT)/connections ($(DEMO_CONNECTIONS) connections, 1 % churn/s)"; \
+	echo "Master API:       $$api   (database $(DEMO_DIR)/demo.db)"; \
+	echo "Try, in another terminal:"; \
+	echo "  curl $$api/health"; \
+	echo "  curl '$$api/stats?type=summary'"; \
+	echo "  curl '$$api/stats?type=group&group_by=host&limit=10'"; \
+	echo "  curl '$$api/stats?type=group&group_by=chains'"; \
+	echo "  curl '$$api/stats?type=timeseries&interval=minute&metric=total'"; \
+	echo "  curl '$$api/connections?limit=5&sort_by=download'"; \
+	echo "  curl '$$api/agents'"; \
+	echo "Ctrl-C stops both."; \
+	echo; \
+	$$bin master --database $(DEMO_DIR)/demo.db --listen-host 127.0.0.1 --listen-port $(DEMO_API_PORT) \
+		--mihomo-host 127.0.0.1 --mihomo-port $(DEMO_SIM_PORT) --log-level debug
+
+bench:
+	@if $(MAKE) --no-print-directory musl; then \
+		bin=$(MUSL_BIN); export MCT_SIZE_BIN=$(MUSL_BIN); \
+	else \
+		echo "musl build failed: benchmarking the host build (no size figure)" >&2; \
+		$(CARGO) build $(LOCKED) --release; bin=$(HOST_BIN); \
+	fi; \
+	MCT_BIN=$$(realpath $$bin) $(CARGO) bench $(LOCKED) --bench figures
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy:
+	$(CARGO) clippy $(LOCKED) --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
