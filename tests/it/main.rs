@@ -3,5 +3,6 @@
 mod api;
 mod binary;
 mod fake_mihomo;
+mod metrics;
 mod standalone;
 mod support;
