@@ -321,3 +321,38 @@ fn metrics_parse_with_prometheus_client_and_match_the_fixture() {
     );
     running.shutdown().unwrap();
 }
+
+/// Measurement, not a check: `MCT_METRICS_BENCH_DB=/path/big.db cargo test --test it metrics_scrape_time --
+/// --ignored --nocapture` prints how long scrapes of a large database take (the database is migrated).
+#[test]
+#[ignore]
+fn metrics_scrape_time() {
+    let Ok(path) = std::env::var("MCT_METRICS_BENCH_DB") else {
+        panic!("set MCT_METRICS_BENCH_DB to a database file");
+    };
+    drop(open(Path::new(&path), Access::Write).unwrap());
+    let db = open(Path::new(&path), Access::Read).unwrap();
+    let rollups = mihomo_connections_tracker::api::rollup::has_rollups(&db);
+    let n: i64 = db
+        .query_row("SELECT count(*) FROM connections", [], |r| r.get(0))
+        .unwrap();
+    for hosts in [false, true] {
+        let state = mihomo_connections_tracker::api::metrics::MetricsState::new(
+            mihomo_connections_tracker::metrics::MetricsConfig {
+                max_series: 50,
+                hosts,
+            },
+        );
+        for i in 0..2 {
+            let t = std::time::Instant::now();
+            let text =
+                mihomo_connections_tracker::api::metrics::render(&db, rollups, &state, None, 0)
+                    .unwrap();
+            println!(
+                "{n} rows, rollups {rollups}, hosts {hosts}, scrape {i}: {} ms, {} lines",
+                t.elapsed().as_millis(),
+                text.lines().count()
+            );
+        }
+    }
+}
