@@ -572,6 +572,28 @@ mod tests {
     }
 
     #[test]
+    fn device_files_and_metrics_flags() {
+        let Command::Master(m) = p("master --database x.db").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (m.arp_file.to_str(), m.dhcp_leases.to_str()),
+            (Some("/proc/net/arp"), Some("/tmp/dhcp.leases"))
+        );
+        assert_eq!(m.metrics, crate::metrics::MetricsConfig::default());
+        let Command::Master(m) = p("master --database x.db --arp-file /a --dhcp-leases /b --metrics-max-series 7 --metrics-hosts").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (m.arp_file.to_str(), m.dhcp_leases.to_str()),
+            (Some("/a"), Some("/b"))
+        );
+        assert_eq!((m.metrics.max_series, m.metrics.hosts), (7, true));
+        let e = p("master --database x.db --metrics-max-series 0").unwrap_err();
+        assert!(e.to_string().contains("--metrics-max-series"), "{e}");
+    }
+
+    #[test]
     fn token_from_file() {
         let path = std::env::temp_dir().join(format!("mct-token-{}", std::process::id()));
         std::fs::write(&path, "s3cret\n").unwrap();
