@@ -159,7 +159,14 @@ fn route(ctx: &Ctx<'_>, req: &ApiRequest<'_>, path: &str) -> Result<Reply, ApiEr
                     &fresh
                 }
             };
-            let text = super::metrics::render(ctx.db, ctx.rollups, state, ctx.devices, ctx.now_ms)?;
+            let text = super::metrics::render(
+                ctx.db,
+                ctx.rollups,
+                state,
+                ctx.devices,
+                ctx.writer,
+                ctx.now_ms,
+            )?;
             Ok(Reply {
                 status: 200,
                 content_type: super::metrics::CONTENT_TYPE,

@@ -13,12 +13,17 @@
 //! **Counters only grow.** They come from the connections' totals, which grow, but retention deletes rows
 //! and a label moving in or out of the top N would move bytes between series: either would make a counter
 //! drop, which Prometheus reads as a reset and `rate()` turns into a spike of the whole value. So the
-//! exported value is an accumulator kept in memory for the life of the process: it starts at the database's
-//! totals, and at each refresh every label adds its growth since the previous refresh (never less than
-//! zero) to the series it belongs to now. Deleted rows therefore stay counted, and a label promoted out of
-//! `other` starts a new series without taking anything from `other`. After a restart the counters start
-//! again from the database's totals: if retention deleted rows before that, this is a drop, i.e. a counter
-//! reset for Prometheus (documented; keeping deleted totals in the database would need a schema change).
+//! exported value is an accumulator: it starts at the database's totals, and at each refresh every label
+//! adds its growth since the previous refresh (never less than zero) to the series it belongs to now.
+//! Deleted rows therefore stay counted, and a label promoted out of `other` starts a new series without
+//! taking anything from `other`. What each series carries beyond the live rows of its members (its
+//! *offset*) changes only when rows are deleted or the top N changes; it is then saved in table `meta`
+//! (key `metrics_offsets`, through the writer), and a restarted process adds it back, so counters continue
+//! across restarts. A drop in an agent's rollup totals (retention ran) triggers an immediate rescan of every
+//! dimension so the offsets are saved within one scrape. Limits: deletions between the last scrape and a
+//! restart, or growth and deletion of the same label within one refresh, are not seen (the counter then
+//! lags by that growth, or Prometheus sees one reset); a label with the literal value `other` shares the
+//! `other` series.
 //!
 //! **Cost.** Agents come from the hourly rollup, hosts from the per-host rollup, open connections from
 //! their partial index: cheap at any size (1-10 ms on 1,000,000 rows). Devices, nodes, policies and rules
@@ -30,8 +35,10 @@ use super::params::ApiResult;
 use super::stats::Totals;
 use crate::devices::Devices;
 use crate::metrics::{self as m, Exposition, Kind, MetricsConfig, OTHER};
-use rusqlite::Connection;
-use std::collections::{HashMap, HashSet};
+use crate::store::WriteCmd;
+use rusqlite::{Connection, OptionalExtension};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::mpsc::SyncSender;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -61,8 +68,13 @@ fn add(a: &mut Totals, b: Totals) {
 }
 
 impl DimState {
-    /// Takes fresh raw totals: each label's growth (never negative) goes to its series.
-    fn update(&mut self, raw: HashMap<String, Totals>, max: usize) {
+    /// Takes fresh raw totals: each label's growth (never negative) goes to its series. True when some label
+    /// went down (rows were deleted).
+    fn update(&mut self, raw: HashMap<String, Totals>, max: usize) -> bool {
+        let dropped = self.prev.iter().any(|(k, before)| {
+            let now = raw.get(k).copied().unwrap_or_default();
+            now.count < before.count || now.upload < before.upload || now.download < before.download
+        });
         let mut order: Vec<(&String, i64)> = raw.iter().map(|(k, t)| (k, t.total())).collect();
         order.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         let top: Vec<String> = order.iter().take(max).map(|(k, _)| (*k).clone()).collect();
@@ -89,6 +101,45 @@ impl DimState {
         }
         self.top = top;
         self.prev = raw;
+        dropped
+    }
+
+    /// Per exported series, what it carries beyond the raw totals of its members now (deleted rows, labels
+    /// that moved): persisted so that a restart continues the counters instead of resetting them.
+    fn offsets(&self) -> BTreeMap<String, [i64; 3]> {
+        let mut members: HashMap<&str, Totals> = HashMap::new();
+        for (label, t) in &self.prev {
+            add(members.entry(self.series_of(label)).or_default(), *t);
+        }
+        self.series()
+            .into_iter()
+            .map(|(k, e)| {
+                let r = members.get(k).copied().unwrap_or_default();
+                (
+                    k.to_string(),
+                    [
+                        e.count - r.count,
+                        e.upload - r.upload,
+                        e.download - r.download,
+                    ],
+                )
+            })
+            .filter(|(_, o)| *o != [0, 0, 0])
+            .collect()
+    }
+
+    /// Adds offsets saved by an earlier process to the series that exist now (right after the first update).
+    fn seed(&mut self, offsets: &BTreeMap<String, [i64; 3]>) {
+        let series: Vec<String> = self.series().iter().map(|(k, _)| k.to_string()).collect();
+        for k in series {
+            if let Some(o) = offsets.get(&k) {
+                let e = self.exposed.entry(k).or_default();
+                // Offsets may be negative (a label promoted out of `other` starts its series low).
+                e.count = (e.count + o[0]).max(0);
+                e.upload = (e.upload + o[1]).max(0);
+                e.download = (e.download + o[2]).max(0);
+            }
+        }
     }
 
     /// The exported series: (label, totals), top N by bytes, then `other`.
@@ -135,7 +186,17 @@ struct Inner {
     host: DimState,
     /// When the last grouped scan ran and how long it took.
     scanned: Option<(Instant, Duration)>,
+    /// Offsets loaded from the database at the first scrape, applied to each dimension's first update.
+    saved: Option<Saved>,
+    /// The offsets as last handed to the writer (JSON), to write only when they change.
+    persisted: String,
 }
+
+/// Offsets per dimension name, as stored in table `meta` under [`META_KEY`].
+type Saved = BTreeMap<String, BTreeMap<String, [i64; 3]>>;
+
+/// The `meta` key holding the counters' offsets.
+pub const META_KEY: &str = "metrics_offsets";
 
 /// What `/metrics` remembers between scrapes (shared by every API worker).
 #[derive(Debug, Default)]
@@ -249,17 +310,78 @@ struct AgentRow {
     newest_update_ms: Option<i64>,
 }
 
-/// Renders the whole exposition.
+/// Hands the offsets to the writer when they changed (rarely: after deletions or when the top N changes).
+/// A full queue just means trying again at the next scrape.
+fn persist(inner: &mut Inner, hosts: bool, writer: Option<&SyncSender<WriteCmd>>) {
+    let Some(writer) = writer else { return };
+    let mut all: Saved = BTreeMap::new();
+    let mut dims = vec![
+        ("agent", &inner.agent),
+        ("device", &inner.device),
+        ("node", &inner.node),
+        ("policy", &inner.policy),
+        ("rule", &inner.rule),
+    ];
+    if hosts {
+        dims.push(("host", &inner.host));
+    }
+    for (name, dim) in dims {
+        let o = dim.offsets();
+        if !o.is_empty() {
+            all.insert(name.to_string(), o);
+        }
+    }
+    let text = serde_json::to_string(&all).unwrap_or_default();
+    if text == inner.persisted || (all.is_empty() && inner.persisted.is_empty()) {
+        return;
+    }
+    let value = text.clone();
+    let cmd = WriteCmd::Run(Box::new(move |c| {
+        if let Err(e) = c.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [META_KEY, value.as_str()],
+        ) {
+            crate::warn!("metrics: cannot save the counters' offsets: {e}");
+        }
+    }));
+    if writer.try_send(cmd).is_ok() {
+        inner.persisted = text;
+    }
+}
+
+/// Renders the whole exposition. `writer` (when given) saves the counters' offsets in table `meta`.
 pub fn render(
     db: &Connection,
     rollups: bool,
     state: &MetricsState,
     devices: Option<&Devices>,
+    writer: Option<&SyncSender<WriteCmd>>,
     now_ms: i64,
 ) -> ApiResult<String> {
     let cfg = &state.cfg;
     let mut inner = state.inner.lock().unwrap_or_else(|e| e.into_inner());
     let inner = &mut *inner;
+    let first = inner.saved.is_none();
+    if first {
+        let text: Option<String> = db
+            .query_row("SELECT value FROM meta WHERE key = ?1", [META_KEY], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let saved: Saved = text
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok())
+            .unwrap_or_default();
+        inner.persisted = text.unwrap_or_default();
+        inner.saved = Some(saved);
+    }
+    let saved = inner.saved.clone().unwrap_or_default();
+    let seed = |name: &str, dim: &mut DimState| {
+        if let Some(o) = saved.get(name) {
+            dim.seed(o);
+        }
+    };
 
     // Cheap every time: agents from the rollup (or a scan without it), hosts from their rollup.
     let agents = if rollups {
@@ -274,20 +396,28 @@ pub fn render(
              FROM connections GROUP BY 1",
         )?
     };
-    inner.agent.update(agents, cfg.max_series);
+    // Rows were deleted (retention): rescan now, so every dimension keeps their totals before a restart.
+    let deleted = inner.agent.update(agents, cfg.max_series);
+    if first {
+        seed("agent", &mut inner.agent);
+    }
     if cfg.hosts && rollups {
         let hosts = grouped(
             db,
             "SELECT host, conns, upload, download FROM rollup_host WHERE conns > 0",
         )?;
         inner.host.update(hosts, cfg.max_series);
+        if first {
+            seed("host", &mut inner.host);
+        }
     }
 
     // The grouped scan, reused while fresh enough.
-    let stale = match inner.scanned {
-        None => true,
-        Some((at, took)) => at.elapsed() >= reuse_for(took),
-    };
+    let stale = deleted
+        || match inner.scanned {
+            None => true,
+            Some((at, took)) => at.elapsed() >= reuse_for(took),
+        };
     if stale {
         let started = Instant::now();
         let s = scan(db, rollups, cfg.hosts)?;
@@ -304,8 +434,18 @@ pub fn render(
         if let Some(h) = s.host {
             inner.host.update(h, cfg.max_series);
         }
+        if inner.scanned.is_none() {
+            seed("device", &mut inner.device);
+            seed("node", &mut inner.node);
+            seed("policy", &mut inner.policy);
+            seed("rule", &mut inner.rule);
+            if !rollups {
+                seed("host", &mut inner.host);
+            }
+        }
         inner.scanned = Some((started, took));
     }
+    persist(inner, cfg.hosts, writer);
 
     let mut e = Exposition::default();
     let dims: Vec<(&str, &str, &str, &DimState)> = {
@@ -613,6 +753,23 @@ mod tests {
             2,
         );
         assert_eq!(d.series()[2], (OTHER, t(4, 0, 15)));
+    }
+
+    #[test]
+    fn offsets_carry_counters_over_a_restart() {
+        let mut d = DimState::default();
+        d.update(raw(&[("a", t(2, 0, 100)), ("b", t(1, 0, 10))]), 1);
+        assert!(d.offsets().is_empty(), "nothing deleted yet");
+        // a lost a row of 60 bytes.
+        assert!(d.update(raw(&[("a", t(1, 0, 40)), ("b", t(1, 0, 10))]), 1));
+        let saved = d.offsets();
+        assert_eq!(saved.get("a"), Some(&[1, 0, 60]));
+        // A new process sees only the live rows, and adds the offsets back.
+        let mut restarted = DimState::default();
+        assert!(!restarted.update(raw(&[("a", t(1, 0, 40)), ("b", t(1, 0, 10))]), 1));
+        restarted.seed(&saved);
+        assert_eq!(restarted.series(), d.series());
+        assert_eq!(restarted.series()[0], ("a", t(2, 0, 100)));
     }
 
     #[test]

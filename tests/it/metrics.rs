@@ -1,6 +1,7 @@
 //! `GET /metrics` of a real master on loopback, parsed by a real exposition-format parser (the Python
 //! package `prometheus-client`, which `make test` installs), with the numbers of a fixture written by the
-//! real writer; counters that survive a retention delete; devices named from temp ARP/leases files.
+//! real writer; counters that survive a retention delete and a restart; devices named from temp ARP/leases
+//! files.
 
 use crate::support::{master_config, TempDir};
 use mihomo_connections_tracker::app;
@@ -345,9 +346,10 @@ fn metrics_scrape_time() {
         );
         for i in 0..2 {
             let t = std::time::Instant::now();
-            let text =
-                mihomo_connections_tracker::api::metrics::render(&db, rollups, &state, None, 0)
-                    .unwrap();
+            let text = mihomo_connections_tracker::api::metrics::render(
+                &db, rollups, &state, None, None, 0,
+            )
+            .unwrap();
             println!(
                 "{n} rows, rollups {rollups}, hosts {hosts}, scrape {i}: {} ms, {} lines",
                 t.elapsed().as_millis(),
