@@ -28,9 +28,9 @@
 //! **Cost.** Agents come from the hourly rollup, hosts from the per-host rollup, open connections from
 //! their partial index: cheap at any size (1-10 ms on 1,000,000 rows). Devices, nodes, policies and rules
 //! need one pass over the connections (0.7-2.6 s on 1,000,000 rows on a busy desktop; a SQL GROUP BY took
-//! 2.6-3.5 s warm), so
-//! its answer is reused for ten times as long as it took (at least 5 s, at most 10 min): scraping never
-//! costs more than about a tenth of one core, and those counters lag by at most that reuse time.
+//! 2.6-3.5 s warm), so its answer is reused for ten times as long as it took (at least 5 s, at most
+//! 10 min): scraping never costs more than about a tenth of one core, and those counters lag by at most
+//! that reuse time.
 
 use super::params::ApiResult;
 use super::stats::Totals;
