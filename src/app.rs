@@ -160,6 +160,11 @@ pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
             db_path: cfg.database.clone(),
             workers: cfg.workers,
             max_body_bytes: cfg.max_body_bytes,
+            devices: Some(Arc::new(crate::devices::Devices::new(
+                Some(cfg.arp_file.clone()),
+                Some(cfg.dhcp_leases.clone()),
+            ))),
+            metrics: cfg.metrics.clone(),
         },
         Some(running.writer()?),
     );

@@ -40,6 +40,12 @@ pub struct MasterConfig {
     pub max_body_bytes: usize,
     pub commit_interval: Duration,
     pub log_level: Level,
+    /// The ARP table that maps a device's IP to its MAC (`--arp-file`).
+    pub arp_file: PathBuf,
+    /// dnsmasq's leases, for device names (`--dhcp-leases`).
+    pub dhcp_leases: PathBuf,
+    /// `/metrics`: series per dimension (`--metrics-max-series`) and the host dimension (`--metrics-hosts`).
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 /// `agent`: collects next to mihomo into a local database and syncs it to a master.
@@ -105,6 +111,10 @@ FLAGS:
     --max-body-bytes N       largest accepted request body                           [default: 33554432]
     --commit-interval-ms MS  batch writes for this long (fewer flash writes)                [default: 2000]
     --log-level L            error|warn|info|debug|trace; debug logs each connection  [default: info]
+    --arp-file PATH          device MACs for the API (group_by=source_ip)          [default: /proc/net/arp]
+    --dhcp-leases PATH       device names (dnsmasq leases)                      [default: /tmp/dhcp.leases]
+    --metrics-max-series N   /metrics: series per dimension, the rest folded into other     [default: 50]
+    --metrics-hosts          /metrics: also export bytes and connections by host (capped)
 ";
 
 pub const AGENT_HELP: &str = "\
@@ -368,6 +378,23 @@ pub fn parse(args: Vec<OsString>) -> Result<Command> {
                     2000,
                 )?),
                 log_level: f.log_level()?,
+                arp_file: f
+                    .string("--arp-file")?
+                    .unwrap_or_else(|| "/proc/net/arp".into())
+                    .into(),
+                dhcp_leases: f
+                    .string("--dhcp-leases")?
+                    .unwrap_or_else(|| "/tmp/dhcp.leases".into())
+                    .into(),
+                metrics: crate::metrics::MetricsConfig {
+                    max_series: positive(
+                        &mut f,
+                        "--metrics-max-series",
+                        crate::metrics::DEFAULT_MAX_SERIES as u64,
+                    )?
+                    .min(10_000) as usize,
+                    hosts: f.args.contains("--metrics-hosts"),
+                },
             };
             f.finish()?;
             Ok(Command::Master(cfg))
@@ -542,6 +569,28 @@ mod tests {
             assert_eq!(e.exit_code(), 2, "{args}");
             assert!(e.to_string().contains(flag), "{args}: {e}");
         }
+    }
+
+    #[test]
+    fn device_files_and_metrics_flags() {
+        let Command::Master(m) = p("master --database x.db").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (m.arp_file.to_str(), m.dhcp_leases.to_str()),
+            (Some("/proc/net/arp"), Some("/tmp/dhcp.leases"))
+        );
+        assert_eq!(m.metrics, crate::metrics::MetricsConfig::default());
+        let Command::Master(m) = p("master --database x.db --arp-file /a --dhcp-leases /b --metrics-max-series 7 --metrics-hosts").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (m.arp_file.to_str(), m.dhcp_leases.to_str()),
+            (Some("/a"), Some("/b"))
+        );
+        assert_eq!((m.metrics.max_series, m.metrics.hosts), (7, true));
+        let e = p("master --database x.db --metrics-max-series 0").unwrap_err();
+        assert!(e.to_string().contains("--metrics-max-series"), "{e}");
     }
 
     #[test]

@@ -261,6 +261,7 @@ fn session(
         }
         match crate::snapshot::parse(&data) {
             Ok(snap) => {
+                crate::metrics::add(&crate::metrics::FRAMES, 1);
                 if snap.skipped > 0 {
                     crate::warn!(
                         "collector: skipped {} connections without a usable id",

@@ -45,6 +45,7 @@ pub fn parse_leases(text: &str, table: &mut DeviceTable) {
 }
 
 /// The router's tables, re-read at most once a minute.
+#[derive(Debug)]
 pub struct Devices {
     arp: Option<PathBuf>,
     leases: Option<PathBuf>,

@@ -52,6 +52,7 @@ pub mod diff;
 pub mod error;
 pub mod ingest;
 pub mod log;
+pub mod metrics;
 pub mod mihomo_config;
 pub mod model;
 pub mod retention;

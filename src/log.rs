@@ -54,6 +54,10 @@ pub fn enabled(level: Level) -> bool {
 
 /// Writes one line; use the macros instead.
 pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
+    if level == Level::Error {
+        // Counted for `/metrics` (mct_errors_total); the message itself is never exported.
+        crate::metrics::record_error();
+    }
     let now = crate::timefmt::format_rfc3339(crate::timefmt::now_ms(), false);
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "{now} {} {args}", level.label());

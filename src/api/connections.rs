@@ -76,7 +76,13 @@ impl SortBy {
 }
 
 /// `GET /connections`.
-pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
+/// `devices` gives each row's `source_name` (the device's name, `""` when unknown).
+pub fn handle(
+    db: &Connection,
+    rollups: bool,
+    p: &Params,
+    devices: Option<&crate::devices::Devices>,
+) -> ApiResult<Answer> {
     let f = Filters::parse(p)?;
     let limit = p.uint("limit", 100, 1, MAX_ROWS)? as i64;
     let offset = p.uint("offset", 0, 0, i64::MAX as u64 / 2)? as i64;
@@ -126,7 +132,18 @@ pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
     );
     let mut vals = w.values;
     vals.extend([Sql::Integer(limit), Sql::Integer(offset)]);
-    let mut table = Table::new(COLUMNS.iter().map(|(n, _)| *n));
+    // source_name goes right after source_ip; it comes from the router's tables, not from SQL.
+    let names = devices.map(|d| d.table()).unwrap_or_default();
+    let mut names_at = 0;
+    let mut header: Vec<&str> = Vec::with_capacity(COLUMNS.len() + 1);
+    for (n, _) in COLUMNS {
+        header.push(n);
+        if *n == "source_ip" {
+            names_at = header.len();
+            header.push("source_name");
+        }
+    }
+    let mut table = Table::new(header);
     let mut stmt = db.prepare(&sql)?;
     let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
     while let Some(r) = rows.next()? {
@@ -144,6 +161,11 @@ pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
             };
             row.push(v);
         }
+        let name = match &row[names_at - 1] {
+            Value::String(ip) => names.get(ip).map(|d| d.name.clone()).unwrap_or_default(),
+            _ => String::new(),
+        };
+        row.insert(names_at, json!(name));
         table.rows.push(row);
     }
     Ok(Answer::Rows {

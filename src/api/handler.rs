@@ -68,6 +68,10 @@ pub struct Ctx<'a> {
     pub token: Option<&'a str>,
     pub writer: Option<&'a SyncSender<WriteCmd>>,
     pub now_ms: i64,
+    /// Names of devices (`group_by=source_ip`, `/connections`); `None`: none known.
+    pub devices: Option<&'a crate::devices::Devices>,
+    /// What `/metrics` keeps between scrapes; `None`: a fresh state per request.
+    pub metrics: Option<&'a super::metrics::MetricsState>,
 }
 
 /// Compares without an early exit, so the time taken does not tell how much of a guess was right.
@@ -143,6 +147,33 @@ fn route(ctx: &Ctx<'_>, req: &ApiRequest<'_>, path: &str) -> Result<Reply, ApiEr
         .and_then(|rest| rest.strip_suffix("/status"))
         .filter(|id| !id.is_empty() && !id.contains('/'));
     match path {
+        "/api/v1/metrics" | "/metrics" => {
+            if req.method != "GET" {
+                return Err(method_not_allowed("GET"));
+            }
+            let fresh;
+            let state = match ctx.metrics {
+                Some(s) => s,
+                None => {
+                    fresh = super::metrics::MetricsState::default();
+                    &fresh
+                }
+            };
+            let text = super::metrics::render(
+                ctx.db,
+                ctx.rollups,
+                state,
+                ctx.devices,
+                ctx.writer,
+                ctx.now_ms,
+            )?;
+            Ok(Reply {
+                status: 200,
+                content_type: super::metrics::CONTENT_TYPE,
+                body: text.into_bytes(),
+                headers: Vec::new(),
+            })
+        }
         "/api/v1/sync" => {
             if req.method != "POST" {
                 return Err(method_not_allowed("POST"));
@@ -158,9 +189,12 @@ fn route(ctx: &Ctx<'_>, req: &ApiRequest<'_>, path: &str) -> Result<Reply, ApiEr
                 Err((status, message)) => Err(ApiError::status(status, message)),
             }
         }
-        "/api/v1/stats" => get(|c, p, _| super::stats::handle(c.db, c.rollups, p), None),
+        "/api/v1/stats" => get(
+            |c, p, _| super::stats::handle(c.db, c.rollups, p, c.devices),
+            None,
+        ),
         "/api/v1/connections" => get(
-            |c, p, _| super::connections::handle(c.db, c.rollups, p),
+            |c, p, _| super::connections::handle(c.db, c.rollups, p, c.devices),
             None,
         ),
         "/api/v1/agents" => get(

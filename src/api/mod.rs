@@ -7,11 +7,14 @@
 //! are parsed once into typed values ([`params`]) before any SQL exists, and SQL only binds values. Unfiltered
 //! aggregates read hourly rollups kept by triggers ([`rollup`]) when the database has them.
 //!
+//! `GET /metrics` (also `/api/v1/metrics`) answers the Prometheus text format ([`metrics`]).
+//!
 //! Stop: [`ApiServer::stop`] sets the stop flag and calls `unblock()` once per worker, then joins them.
 
 pub mod agents;
 pub mod connections;
 pub mod handler;
+pub mod metrics;
 pub mod options;
 pub mod params;
 pub mod rollup;
@@ -42,6 +45,10 @@ pub struct ApiConfig {
     pub workers: usize,
     /// Largest request body accepted (`413` beyond).
     pub max_body_bytes: usize,
+    /// Where device names come from (`group_by=source_ip`, `/connections`, `/metrics`); `None`: no names.
+    pub devices: Option<Arc<crate::devices::Devices>>,
+    /// How `/metrics` caps its series.
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 /// A running server.
@@ -110,6 +117,8 @@ pub fn start_with_body_timeout(
         rollups,
         body_readers: Arc::new(AtomicUsize::new(0)),
         body_timeout,
+        devices: cfg.devices,
+        metrics: metrics::MetricsState::new(cfg.metrics),
     });
     let mut handles = Vec::with_capacity(workers);
     for (i, db) in conns.into_iter().enumerate() {
@@ -149,6 +158,9 @@ struct Shared {
     /// Body reads in progress (see [`read_body_bounded`]).
     body_readers: Arc<AtomicUsize>,
     body_timeout: Duration,
+    devices: Option<Arc<crate::devices::Devices>>,
+    /// Shared by every worker, so counters stay monotonic whichever worker answers a scrape.
+    metrics: metrics::MetricsState,
 }
 
 /// How long a client may take to send its body.
@@ -288,6 +300,8 @@ fn serve(
                 token: shared.token.as_deref(),
                 writer,
                 now_ms: crate::timefmt::now_ms(),
+                devices: shared.devices.as_deref(),
+                metrics: Some(&shared.metrics),
             };
             handler::handle(&ctx, &req)
         }

@@ -44,7 +44,13 @@ impl Totals {
 }
 
 /// `GET /stats`.
-pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
+/// `devices` names the devices of `group_by=source_ip` (fields `mac` and `name` next to `source_ip`).
+pub fn handle(
+    db: &Connection,
+    rollups: bool,
+    p: &Params,
+    devices: Option<&crate::devices::Devices>,
+) -> ApiResult<Answer> {
     #[derive(Clone, Copy)]
     enum Kind {
         Summary,
@@ -63,7 +69,7 @@ pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
     let f = Filters::parse(p)?;
     match kind {
         Kind::Summary => Ok(Answer::Data(summary(db, rollups, &f)?.json().to_string())),
-        Kind::Group => group(db, rollups, &f, p),
+        Kind::Group => group(db, rollups, &f, p, devices),
         Kind::Series => series(db, rollups, &f, p),
     }
 }
@@ -390,8 +396,19 @@ fn group_sql(f: &Filters, dims: &[Dim]) -> (String, Vec<Sql>) {
     (sql, vals)
 }
 
-fn group(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<Answer> {
+fn group(
+    db: &Connection,
+    rollups: bool,
+    f: &Filters,
+    p: &Params,
+    devices: Option<&crate::devices::Devices>,
+) -> ApiResult<Answer> {
     let dims = parse_dims(p)?;
+    // Rows by device also say which device: its MAC and name ("" when unknown), right after source_ip.
+    let names = dims
+        .iter()
+        .any(|d| d.field == "source_ip")
+        .then(|| devices.map(|d| d.table()).unwrap_or_default());
     let sort = p.choice("sort_by", SORT_CHOICES, Metric::Total)?;
     let order = Order::parse(p)?;
     let limit = p.uint("limit", MAX_ROWS, 1, MAX_ROWS)? as i64;
@@ -417,7 +434,13 @@ fn group(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<A
         by.join(", ")
     );
     vals.push(Sql::Integer(limit + 1));
-    let mut columns: Vec<&str> = dims.iter().map(|d| d.field).collect();
+    let mut columns: Vec<&str> = Vec::new();
+    for d in &dims {
+        columns.push(d.field);
+        if d.field == "source_ip" {
+            columns.extend(["mac", "name"]);
+        }
+    }
     columns.extend(["count", "download", "upload", "total"]);
     let mut table = Table::new(columns);
     let mut shown = Totals::default();
@@ -437,10 +460,16 @@ fn group(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<A
         };
         shown.add(t);
         let mut row: Vec<Value> = Vec::with_capacity(k + 4);
-        for i in 0..k {
-            row.push(Value::String(
-                r.get::<_, Option<String>>(i)?.unwrap_or_default(),
-            ));
+        for (i, d) in dims.iter().enumerate() {
+            let key = r.get::<_, Option<String>>(i)?.unwrap_or_default();
+            let device = match (&names, d.field) {
+                (Some(names), "source_ip") => Some(names.get(&key).cloned().unwrap_or_default()),
+                _ => None,
+            };
+            row.push(Value::String(key));
+            if let Some(dev) = device {
+                row.extend([Value::String(dev.mac), Value::String(dev.name)]);
+            }
         }
         row.extend([
             json!(t.count),
@@ -468,7 +497,8 @@ fn group(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<A
             upload: all.upload - shown.upload,
             download: all.download - shown.download,
         };
-        let mut row: Vec<Value> = vec![Value::Null; dims.len()];
+        let keys = dims.len() + if names.is_some() { 2 } else { 0 };
+        let mut row: Vec<Value> = vec![Value::Null; keys];
         row.extend([
             json!(rest.count),
             json!(rest.download),

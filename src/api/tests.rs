@@ -254,6 +254,8 @@ struct Api {
     rollups: bool,
     token: Option<&'static str>,
     now_ms: i64,
+    devices: Option<crate::devices::Devices>,
+    metrics: super::metrics::MetricsState,
 }
 
 impl Api {
@@ -265,6 +267,8 @@ impl Api {
             rollups,
             token: None,
             now_ms: t0() + 3 * HOUR_MS,
+            devices: None,
+            metrics: super::metrics::MetricsState::default(),
         }
     }
 
@@ -276,6 +280,8 @@ impl Api {
             token: self.token,
             writer: None,
             now_ms: self.now_ms,
+            devices: self.devices.as_ref(),
+            metrics: Some(&self.metrics),
         };
         handle(
             &ctx,
@@ -1335,4 +1341,173 @@ fn documented_shapes() {
         o,
         json!([{"field": "rule", "label": "DomainSuffix", "value": "DomainSuffix"}])
     );
+}
+
+/// Temp ARP and leases files naming two of the fixture's devices.
+fn device_files(name: &str) -> crate::devices::Devices {
+    let dir = std::env::temp_dir().join(format!("mct-api-{}-{name}-dev", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let arp = dir.join("arp");
+    let leases = dir.join("leases");
+    std::fs::write(
+        &arp,
+        "IP address       HW type     Flags       HW address            Mask     Device\n\
+         192.168.1.10     0x1         0x2         AA:BB:CC:00:00:10     *        br-lan\n\
+         192.168.1.11     0x1         0x2         aa:bb:cc:00:00:11     *        br-lan\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &leases,
+        "1767225600 aa:bb:cc:00:00:10 192.168.1.10 laptop 01:aa:bb:cc:00:00:10\n",
+    )
+    .unwrap();
+    crate::devices::Devices::new(Some(arp), Some(leases))
+}
+
+#[test]
+fn devices_have_mac_and_name_in_groups_and_rows() {
+    for mut api in both("devnames") {
+        api.devices = Some(device_files("devnames"));
+        let v = api
+            .data("/api/v1/stats?type=group&group_by=source_ip&sort_by=count&limit=2&other=true");
+        assert_eq!(
+            v,
+            json!([
+                {"source_ip": "192.168.1.10", "mac": "aa:bb:cc:00:00:10", "name": "laptop", "count": 2, "download": 1_850_000, "upload": 2_800, "total": 1_852_800},
+                {"source_ip": "10.0.0.5", "mac": "", "name": "", "count": 1, "download": 7, "upload": 5, "total": 12},
+                {"source_ip": null, "mac": null, "name": null, "count": 1, "download": 200, "upload": 100, "total": 300},
+            ])
+        );
+        // Two keys: mac and name stay next to source_ip.
+        let r = api.call(
+            "GET",
+            "/api/v1/stats?type=group&group_by=host,source_ip&format=csv&sort_by=count&limit=1",
+            None,
+        );
+        assert_eq!(r.status, 200);
+        assert!(
+            r.text().starts_with(
+                "host,source_ip,mac,name,count,download,upload,total\r\n8.8.8.8,192.168.1.11,aa:bb:cc:00:00:11,,1,"
+            ),
+            "{}",
+            r.text()
+        );
+        let rows = api.data("/api/v1/connections?sort_by=start&sort_order=asc");
+        let names: Vec<(&str, &str)> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["source_ip"].as_str().unwrap(),
+                    r["source_name"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("10.0.0.5", ""),
+                ("192.168.1.10", "laptop"),
+                ("192.168.1.11", ""),
+                ("192.168.1.10", "laptop"),
+            ]
+        );
+        let r = api.call("GET", "/api/v1/connections?format=csv&limit=1", None);
+        let header = r.text().lines().next().unwrap().to_string();
+        assert!(
+            header.contains(",source_ip,source_name,source_port,"),
+            "{header}"
+        );
+    }
+}
+
+/// The value of one sample line `name{labels} value` in an exposition.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+}
+
+#[test]
+fn metrics_known_numbers_caps_and_auth() {
+    for mut api in both("metrics") {
+        api.devices = Some(device_files("metrics"));
+        let r = api.call("GET", "/metrics", None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.content_type, "text/plain; version=0.0.4; charset=utf-8");
+        let text = r.text().to_string();
+        for (series, v) in [
+            (
+                r#"mct_bytes_total{agent="a1",direction="download"}"#,
+                1_850_200.0,
+            ),
+            (r#"mct_bytes_total{agent="a1",direction="upload"}"#, 2_900.0),
+            (r#"mct_bytes_total{agent="a2",direction="download"}"#, 7.0),
+            (r#"mct_connections_total{agent="a1"}"#, 3.0),
+            (
+                r#"mct_device_bytes_total{device="192.168.1.10",direction="download"}"#,
+                1_850_000.0,
+            ),
+            (r#"mct_device_connections_total{device="10.0.0.5"}"#, 1.0),
+            (
+                r#"mct_node_bytes_total{node="JP-02",direction="upload"}"#,
+                1_005.0,
+            ),
+            (r#"mct_policy_connections_total{policy="Proxy"}"#, 3.0),
+            (
+                r#"mct_rule_bytes_total{rule="DomainSuffix (example.com)",direction="download"}"#,
+                1_800_007.0,
+            ),
+            (r#"mct_open_connections{agent="a1"}"#, 1.0),
+            (r#"mct_open_connections{agent="a2"}"#, 0.0),
+            (
+                r#"mct_device_info{device="192.168.1.10",mac="aa:bb:cc:00:00:10",name="laptop"}"#,
+                1.0,
+            ),
+        ] {
+            assert_eq!(sample(&text, series), v, "{series}");
+        }
+        assert!(sample(&text, "mct_database_size_bytes") > 0.0);
+        assert!(!text.contains("mct_host_"), "no host dimension by default");
+        // /api/v1/metrics is the same handler; a second scrape gives the same numbers.
+        let again = api.call("GET", "/api/v1/metrics", None);
+        assert_eq!(
+            sample(
+                again.text(),
+                r#"mct_bytes_total{agent="a1",direction="download"}"#
+            ),
+            1_850_200.0
+        );
+        assert_eq!(api.call("POST", "/metrics", None).status, 405);
+        // Capped: one series per dimension, the rest in "other".
+        api.metrics = super::metrics::MetricsState::new(crate::metrics::MetricsConfig {
+            max_series: 1,
+            hosts: true,
+        });
+        let text = api.call("GET", "/metrics", None).text().to_string();
+        assert_eq!(
+            sample(
+                &text,
+                r#"mct_device_bytes_total{device="other",direction="download"}"#
+            ),
+            207.0
+        );
+        assert_eq!(
+            sample(&text, r#"mct_host_connections_total{host="example.com"}"#),
+            2.0
+        );
+        assert_eq!(
+            sample(&text, r#"mct_host_connections_total{host="other"}"#),
+            2.0
+        );
+        assert_eq!(text.matches("mct_device_connections_total{").count(), 2);
+        // With a token, /metrics needs it like the rest of the API, and never shows it.
+        api.token = Some("s3cret-token");
+        assert_eq!(api.call("GET", "/metrics", None).status, 401);
+        let ok = api.call("GET", "/metrics", Some("Bearer s3cret-token"));
+        assert_eq!(ok.status, 200);
+        assert!(!ok.text().contains("s3cret"));
+    }
 }

@@ -108,6 +108,11 @@ struct Pending {
 impl Pending {
     fn add(&mut self, diff: ConnectionDiff) {
         let at = diff.at_ms;
+        crate::metrics::add(&crate::metrics::DIFFS, 1);
+        crate::metrics::add(&crate::metrics::OPENED, diff.opened.len());
+        crate::metrics::add(&crate::metrics::REOPENED, diff.reopened.len());
+        crate::metrics::add(&crate::metrics::FLOWS, diff.flows.len());
+        crate::metrics::add(&crate::metrics::CLOSED, diff.closed.len());
         self.changes +=
             diff.opened.len() + diff.reopened.len() + diff.flows.len() + diff.closed.len();
         for (meta, bytes) in diff.opened {
@@ -243,6 +248,7 @@ impl Writer {
         );
         match result {
             Ok(()) => {
+                crate::metrics::observe_commit(started.elapsed());
                 self.next_seq += 1;
                 for c in &pending.closed {
                     self.pks.remove(&c.id);

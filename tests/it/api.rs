@@ -86,6 +86,8 @@ fn serves_over_http_with_auth_limits_and_clean_stop() {
             db_path: path,
             workers: 3,
             max_body_bytes: 1024,
+            devices: None,
+            metrics: Default::default(),
         },
         Some(tx),
     )
@@ -199,6 +201,8 @@ fn refuses_a_database_that_is_not_ours() {
             db_path: path,
             workers: 1,
             max_body_bytes: 1024,
+            devices: None,
+            metrics: Default::default(),
         },
         None,
     )
@@ -218,6 +222,8 @@ fn a_stalled_upload_does_not_hold_the_only_worker() {
             db_path: path,
             workers: 1,
             max_body_bytes: 100_000,
+            devices: None,
+            metrics: Default::default(),
         },
         Some(tx),
         Duration::from_millis(200),

@@ -4,6 +4,7 @@ mod agent_master;
 mod api;
 mod binary;
 mod fake_mihomo;
+mod metrics;
 mod standalone;
 mod support;
 mod sync;

@@ -66,6 +66,9 @@ pub fn master_config(
         max_body_bytes: 1 << 20,
         commit_interval: Duration::from_millis(30),
         log_level: Level::Warn,
+        arp_file: "/nonexistent/arp".into(),
+        dhcp_leases: "/nonexistent/dhcp.leases".into(),
+        metrics: Default::default(),
     }
 }
 
