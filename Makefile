@@ -34,6 +34,8 @@ help:
 
 test:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust 1.80+ (https://rustup.rs)" >&2; exit 1; }
+	@# the metrics test checks our output with the reference Prometheus parser
+	@python3 -c 'import prometheus_client' 2>/dev/null || { echo "+ pip install prometheus-client"; python3 -m pip install --quiet prometheus-client; }
 	$(CARGO) test $(LOCKED)
 
 musl:
