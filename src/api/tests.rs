@@ -1306,3 +1306,46 @@ fn documented_shapes() {
         json!([{"field": "rule", "label": "DomainSuffix", "value": "DomainSuffix"}])
     );
 }
+
+#[test]
+fn connections_state_open_or_closed() {
+    for api in both("state") {
+        let ids = |target: &str| -> (i64, Vec<String>) {
+            let r = api.call("GET", target, None);
+            assert_eq!(r.status, 200, "{target}: {}", r.text());
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            let ids = v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}/{}",
+                        r["agent_id"].as_str().unwrap(),
+                        r["id"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            (v["total_count"].as_i64().unwrap(), ids)
+        };
+        // c3 of a1 is the only open connection of the fixture.
+        assert_eq!(
+            ids("/api/v1/connections?state=open"),
+            (1, vec!["a1/c3".into()])
+        );
+        assert_eq!(
+            ids("/api/v1/connections?state=closed&limit=2"),
+            (3, vec!["a1/c2".into(), "a1/c1".into()]),
+            "total_count counts every closed row, not the page"
+        );
+        assert_eq!(ids("/api/v1/connections?state=all").0, 4);
+        assert_eq!(ids("/api/v1/connections?state=closed&agent_id=a2").0, 1);
+        assert_eq!(ids("/api/v1/connections?state=open&agent_id=a2").0, 0);
+        assert_eq!(
+            ids("/api/v1/connections?state=closed&host=example.com&from=2025-04-28").0,
+            1
+        );
+        let msg = api.error("/api/v1/connections?state=running", 400);
+        assert!(msg.contains("'state'"), "{msg}");
+    }
+}
