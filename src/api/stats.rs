@@ -410,8 +410,10 @@ fn group(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<A
         group_sql(f, &dims)
     };
     let by: Vec<String> = (1..=dims.len()).map(|i| i.to_string()).collect();
+    // Sorted outside: in the ranged query `up`/`down` are also the inner columns, and SQLite would take
+    // an ORDER BY expression's names from there (one arbitrary row) instead of from the sums.
     let sql = format!(
-        "{base} ORDER BY {} {}, {} LIMIT ?",
+        "SELECT * FROM ({base}) ORDER BY {} {}, {} LIMIT ?",
         sort.sql(),
         order.sql(),
         by.join(", ")
