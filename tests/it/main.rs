@@ -2,6 +2,7 @@
 
 mod api;
 mod binary;
+mod dashboard;
 mod fake_mihomo;
 mod standalone;
 mod support;
