@@ -257,6 +257,7 @@ function drawChart(down, up, interval) {
   });
   $('chart').replaceChildren(...bars);
   $('chart').dataset.points = n;
+  $('chart').dataset.total = down.reduce((a, p) => a + p.value + (upAt.get(p.ts) || 0), 0);
   $('chart-note').textContent = n ? 'per ' + interval + ', peak ' + bytes(max === 1 ? 0 : max) : '';
   $('axis-from').textContent = n ? bucket(down[0].ts, interval) : 'no data';
   $('axis-to').textContent = n > 1 ? bucket(down[n - 1].ts, interval) : '';

@@ -418,6 +418,11 @@ fn dashboard_shows_known_numbers_and_filters_by_a_clicked_host() {
     // 24 hourly bars, the current hour last and holding every byte.
     b.wait_texts("24 bars", "#chart g.bar", |t| t.len() == 24);
     assert_eq!(b.attribute("#chart", "data-points").as_deref(), Some("24"));
+    assert_eq!(
+        b.attribute("#chart", "data-total").as_deref(),
+        Some("14417920"),
+        "the bars add up to the total"
+    );
     // Live: a is open; history: b and c.
     let open = b.wait_texts("open connections", "#open tr", |t| t.len() == 2);
     assert!(
@@ -452,6 +457,25 @@ fn dashboard_shows_known_numbers_and_filters_by_a_clicked_host() {
     b.click(&b.find_all("#chips .chip").pop().unwrap());
     b.wait_texts("totals unfiltered", "#t-count", |t| t == ["3"]);
     b.wait_texts("no chips", "#chips .chip", |t| t.is_empty());
+
+    // Searching the history.
+    let search = b.find_all("#search").pop().unwrap();
+    b.cmd(
+        "POST",
+        &format!("/element/{search}/value"),
+        Some(json!({ "text": "news" })),
+    );
+    let hist = b.wait_texts("history search", "#hist tr", |t| t.len() == 2);
+    assert!(hist[1].contains("news.example:443"), "{hist:?}");
+    b.wait_texts("history search count", "#hist-count", |t| t == ["1 closed"]);
+
+    // The token is kept: a reload does not ask again.
+    b.cmd("POST", "/refresh", Some(json!({})));
+    b.wait_texts("totals after a reload", "#t-count", |t| t == ["3"]);
+    assert!(
+        b.find_all("#login:not([hidden])").is_empty(),
+        "no second token prompt"
+    );
 
     // A phone-sized window.
     b.cmd(
