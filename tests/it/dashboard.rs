@@ -267,11 +267,12 @@ impl Browser {
                 return texts;
             }
             if std::time::Instant::now() > deadline {
-                self.screenshot(&screenshot_path("dashboard-failure.png"));
-                let log = self.cmd("POST", "/se/log", Some(json!({"type": "browser"})));
+                // Evidence for the message; failures here must not hide the timeout itself.
+                let _ = self.try_screenshot(&screenshot_path("dashboard-failure.png"));
+                let log = self.console();
                 panic!(
                     "timed out waiting for {what}: {css} shows {texts:?} (see target/dashboard-failure.png); \
-                     browser console: {log}"
+                     browser console: {log:?}"
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -297,11 +298,30 @@ impl Browser {
     }
 
     fn screenshot(&self, file: &Path) {
-        let b64 = self.cmd("GET", "/screenshot", None);
-        let png = base64_decode(b64.as_str().unwrap());
-        assert!(png.starts_with(b"\x89PNG"), "screenshot is a PNG");
-        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-        std::fs::write(file, png).unwrap();
+        self.try_screenshot(file)
+            .unwrap_or_else(|e| panic!("screenshot: {e}"));
+    }
+
+    fn try_screenshot(&self, file: &Path) -> Result<(), String> {
+        let s = self.session.as_deref().unwrap();
+        let b64 = self.call("GET", &format!("/session/{s}/screenshot"), None)?;
+        let png = base64_decode(b64.as_str().unwrap_or(""));
+        if !png.starts_with(b"\x89PNG") {
+            return Err("not a PNG".into());
+        }
+        std::fs::create_dir_all(file.parent().unwrap()).map_err(|e| e.to_string())?;
+        std::fs::write(file, png).map_err(|e| e.to_string())
+    }
+
+    /// The browser console since the last call (Chromium's log endpoint).
+    fn console(&self) -> Result<Vec<Value>, String> {
+        let s = self.session.as_deref().unwrap();
+        let v = self.call(
+            "POST",
+            &format!("/session/{s}/se/log"),
+            Some(json!({"type": "browser"})),
+        )?;
+        Ok(v.as_array().cloned().unwrap_or_default())
     }
 }
 
@@ -484,6 +504,27 @@ fn dashboard_shows_known_numbers_and_filters_by_a_clicked_host() {
         Some(json!({"width": 390, "height": 2400})),
     );
     b.screenshot(&screenshot_path("dashboard-phone.png"));
+
+    // No script error and nothing the CSP blocked; only the expected 401s of the first load.
+    let problems: Vec<Value> = b
+        .console()
+        .unwrap()
+        .into_iter()
+        .filter(|e| {
+            e["level"] == "SEVERE"
+                || e["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Content Security Policy")
+        })
+        .filter(|e| {
+            !e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("status of 401")
+        })
+        .collect();
+    assert!(problems.is_empty(), "browser console: {problems:?}");
 
     drop(b);
     running.shutdown().unwrap();
