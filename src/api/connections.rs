@@ -110,17 +110,29 @@ pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
         agent_id: None,
         ..f.clone()
     };
-    let total_count: i64 =
-        if rollups && !f.has_range() && !agent_only.has_row_filters() && state == ConnState::Any {
-            // The same number from the hourly rollup, without counting a million index entries.
-            super::stats::summary(db, rollups, &f)?.count
-        } else {
-            db.query_row(
-                &format!("SELECT count(*) FROM connections c WHERE {}", w.sql()),
-                rusqlite::params_from_iter(w.values.iter()),
-                |r| r.get(0),
-            )?
-        };
+    let count = |w: &Where| -> ApiResult<i64> {
+        Ok(db.query_row(
+            &format!("SELECT count(*) FROM connections c WHERE {}", w.sql()),
+            rusqlite::params_from_iter(w.values.iter()),
+            |r| r.get(0),
+        )?)
+    };
+    let from_rollup = rollups && !f.has_range() && !agent_only.has_row_filters();
+    let total_count = match state {
+        // The same number from the hourly rollup, without counting a million index entries.
+        ConnState::Any if from_rollup => super::stats::summary(db, rollups, &f)?.count,
+        // Every connection but the open ones (few, and counted from their partial index).
+        ConnState::Closed if from_rollup => {
+            let agent = Filters {
+                agent_id: f.agent_id.clone(),
+                ..Filters::default()
+            };
+            let mut open = Where::from_filters(&agent, Match::Exact);
+            open.push("c.end_ms IS NULL", Vec::new());
+            super::stats::summary(db, rollups, &f)?.count - count(&open)?
+        }
+        _ => count(&w)?,
+    };
 
     let cols: Vec<&str> = COLUMNS.iter().map(|(_, e)| *e).collect();
     let sql = format!(
