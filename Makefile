@@ -32,7 +32,17 @@ help:
 	@echo "  make clippy   cargo clippy on every target, warnings are errors"
 	@echo "  make clean    cargo clean"
 
-test:
+# Headless Chromium + chromedriver for tests/it/dashboard.rs; apt-get update only when the install fails.
+APT_INSTALL = DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium chromium-driver
+
+.PHONY: browser-deps
+browser-deps:
+	@if command -v chromedriver >/dev/null 2>&1 && [ -x /usr/bin/chromium ]; then :; else \
+		echo "+ apt-get install chromium chromium-driver"; \
+		$(APT_INSTALL) || { $(SUDO) apt-get update && $(APT_INSTALL); }; \
+	fi
+
+test: browser-deps
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust 1.80+ (https://rustup.rs)" >&2; exit 1; }
 	@# the metrics test checks our output with the reference Prometheus parser
 	@python3 -c 'import prometheus_client' 2>/dev/null || { echo "+ pip install prometheus-client"; python3 -m pip install --quiet prometheus-client; }

@@ -1,8 +1,9 @@
 //! `GET /api/v1/connections`: connection rows, filtered, sorted and paged, with `total_count`; JSON, CSV or
 //! NDJSON. `from`/`to` select connections whose `start` is in `[from, to)` (the same rule as the stats
-//! counts); `destination` and `host` match substrings, the other filters exactly.
+//! counts); `destination` and `host` match substrings, the other filters exactly; `state=open|closed` keeps
+//! only the connections still open (no `end`) or only the ended ones.
 
-use super::params::{ApiResult, Filters, Format, Match, Order, Params, Where, MAX_ROWS};
+use super::params::{ApiResult, ConnState, Filters, Format, Match, Order, Params, Where, MAX_ROWS};
 use super::table::{Answer, Table};
 use crate::timefmt::format_rfc3339;
 use rusqlite::types::Value as Sql;
@@ -99,6 +100,7 @@ pub fn handle(
     )?;
     let order = Order::parse(p)?;
     let format = Format::parse(p)?;
+    let state = ConnState::parse(p)?;
 
     let mut w = Where::from_filters(&f, Match::Substring);
     if let Some(from) = f.from_ms {
@@ -107,19 +109,35 @@ pub fn handle(
     if let Some(to) = f.to_ms {
         w.push("c.start_ms < ?", vec![Sql::Integer(to)]);
     }
+    if let Some(cond) = state.condition() {
+        w.push(cond, Vec::new());
+    }
     let agent_only = Filters {
         agent_id: None,
         ..f.clone()
     };
-    let total_count: i64 = if rollups && !f.has_range() && !agent_only.has_row_filters() {
-        // The same number from the hourly rollup, without counting a million index entries.
-        super::stats::summary(db, rollups, &f)?.count
-    } else {
-        db.query_row(
+    let count = |w: &Where| -> ApiResult<i64> {
+        Ok(db.query_row(
             &format!("SELECT count(*) FROM connections c WHERE {}", w.sql()),
             rusqlite::params_from_iter(w.values.iter()),
             |r| r.get(0),
-        )?
+        )?)
+    };
+    let from_rollup = rollups && !f.has_range() && !agent_only.has_row_filters();
+    let total_count = match state {
+        // The same number from the hourly rollup, without counting a million index entries.
+        ConnState::Any if from_rollup => super::stats::summary(db, rollups, &f)?.count,
+        // Every connection but the open ones (few, and counted from their partial index).
+        ConnState::Closed if from_rollup => {
+            let agent = Filters {
+                agent_id: f.agent_id.clone(),
+                ..Filters::default()
+            };
+            let mut open = Where::from_filters(&agent, Match::Exact);
+            open.push("c.end_ms IS NULL", Vec::new());
+            super::stats::summary(db, rollups, &f)?.count - count(&open)?
+        }
+        _ => count(&w)?,
     };
 
     let cols: Vec<&str> = COLUMNS.iter().map(|(_, e)| *e).collect();

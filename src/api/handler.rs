@@ -1,5 +1,8 @@
 //! Request to reply, without a socket: authentication, routing (a `match` on method and path), the envelope
 //! and error mapping. The server in [`super`] only moves bytes between tiny_http and [`handle`].
+//!
+//! It also serves the built-in dashboard (`GET /`): three static files compiled into the binary
+//! (`dashboard.html`, `.js`, `.css`). They hold no data and so need no token: the page asks the API with it.
 
 use super::params::{ApiError, Format, Params};
 use super::table::{self, Answer};
@@ -121,6 +124,12 @@ pub fn handle(ctx: &Ctx<'_>, req: &ApiRequest<'_>) -> Reply {
             _ => Reply::error(&method_not_allowed("GET, HEAD")),
         };
     }
+    if let Some((content_type, body)) = dashboard_file(path) {
+        return match req.method {
+            "GET" | "HEAD" => dashboard_reply(content_type, body),
+            _ => Reply::error(&method_not_allowed("GET, HEAD")),
+        };
+    }
     if !authorized(ctx.token, req.authorization) {
         return Reply::error(&ApiError::status(
             401,
@@ -130,6 +139,39 @@ pub fn handle(ctx: &Ctx<'_>, req: &ApiRequest<'_>) -> Reply {
     match route(ctx, req, path) {
         Ok(reply) => reply,
         Err(e) => Reply::error(&e),
+    }
+}
+
+/// The dashboard's files by path. Relative links in the page keep it working behind a path prefix.
+fn dashboard_file(path: &str) -> Option<(&'static str, &'static str)> {
+    match path {
+        "/" | "/index.html" => Some(("text/html; charset=utf-8", include_str!("dashboard.html"))),
+        "/dashboard.js" => Some((
+            "text/javascript; charset=utf-8",
+            include_str!("dashboard.js"),
+        )),
+        "/dashboard.css" => Some(("text/css; charset=utf-8", include_str!("dashboard.css"))),
+        _ => None,
+    }
+}
+
+/// What the dashboard may load: its own script and style (no inline code, so no 'unsafe-inline'), requests
+/// to this server only, and nothing else: no other origin, no plugins, no framing, no form posts elsewhere.
+pub const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+fn dashboard_reply(content_type: &'static str, body: &'static str) -> Reply {
+    Reply {
+        status: 200,
+        content_type,
+        body: body.as_bytes().to_vec(),
+        headers: vec![
+            ("Content-Security-Policy", DASHBOARD_CSP.to_string()),
+            ("X-Content-Type-Options", "nosniff".to_string()),
+            ("Referrer-Policy", "no-referrer".to_string()),
+            // A new binary brings a new page: revalidate rather than keep an old script.
+            ("Cache-Control", "no-cache".to_string()),
+        ],
     }
 }
 

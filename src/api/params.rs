@@ -252,6 +252,39 @@ impl Format {
     }
 }
 
+/// `state` of `/connections`: only the open ones (no end yet, the live view), only the closed ones
+/// (history), or both (absent, `all`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    Any,
+    Open,
+    Closed,
+}
+
+impl ConnState {
+    /// `state=open|closed|all`.
+    pub fn parse(p: &Params) -> ApiResult<ConnState> {
+        p.choice(
+            "state",
+            &[
+                ("open", ConnState::Open),
+                ("closed", ConnState::Closed),
+                ("all", ConnState::Any),
+            ],
+            ConnState::Any,
+        )
+    }
+
+    /// The condition on `connections c`, if any (open rows use the partial index `connections_open`).
+    pub fn condition(self) -> Option<&'static str> {
+        match self {
+            ConnState::Any => None,
+            ConnState::Open => Some("c.end_ms IS NULL"),
+            ConnState::Closed => Some("c.end_ms IS NOT NULL"),
+        }
+    }
+}
+
 /// How text filters compare: exactly (stats, where a filter picks a group) or by substring (`/connections`'
 /// `destination` and `host`, as the earlier tool documented).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -466,6 +499,26 @@ mod tests {
             "date and time, not an offset"
         );
         assert_eq!(parse_time_lenient("2025-04-28 1000"), None);
+    }
+
+    #[test]
+    fn connection_state_is_open_closed_or_all() {
+        let state = |q: &str| ConnState::parse(&Params::parse(q).unwrap());
+        assert_eq!(state("").unwrap(), ConnState::Any);
+        assert_eq!(state("state=").unwrap(), ConnState::Any);
+        assert_eq!(state("state=all").unwrap(), ConnState::Any);
+        assert_eq!(state("state=OPEN").unwrap(), ConnState::Open);
+        assert_eq!(state("state=closed").unwrap(), ConnState::Closed);
+        let e = state("state=ended").unwrap_err();
+        assert!(
+            e.status == 400
+                && e.message.contains("'state'")
+                && e.message.contains("open|closed|all"),
+            "{}",
+            e.message
+        );
+        assert_eq!(ConnState::Any.condition(), None);
+        assert_eq!(ConnState::Open.condition(), Some("c.end_ms IS NULL"));
     }
 
     #[test]

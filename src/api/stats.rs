@@ -427,8 +427,10 @@ fn group(
         group_sql(f, &dims)
     };
     let by: Vec<String> = (1..=dims.len()).map(|i| i.to_string()).collect();
+    // Sorted outside: in the ranged query `up`/`down` are also the inner columns, and SQLite would take
+    // an ORDER BY expression's names from there (one arbitrary row) instead of from the sums.
     let sql = format!(
-        "{base} ORDER BY {} {}, {} LIMIT ?",
+        "SELECT * FROM ({base}) ORDER BY {} {}, {} LIMIT ?",
         sort.sql(),
         order.sql(),
         by.join(", ")

@@ -1511,3 +1511,132 @@ fn metrics_known_numbers_caps_and_auth() {
         assert!(!ok.text().contains("s3cret"));
     }
 }
+#[test]
+fn connections_state_open_or_closed() {
+    for api in both("state") {
+        let ids = |target: &str| -> (i64, Vec<String>) {
+            let r = api.call("GET", target, None);
+            assert_eq!(r.status, 200, "{target}: {}", r.text());
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            let ids = v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}/{}",
+                        r["agent_id"].as_str().unwrap(),
+                        r["id"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            (v["total_count"].as_i64().unwrap(), ids)
+        };
+        // c3 of a1 is the only open connection of the fixture.
+        assert_eq!(
+            ids("/api/v1/connections?state=open"),
+            (1, vec!["a1/c3".into()])
+        );
+        assert_eq!(
+            ids("/api/v1/connections?state=closed&limit=2"),
+            (3, vec!["a1/c2".into(), "a1/c1".into()]),
+            "total_count counts every closed row, not the page"
+        );
+        assert_eq!(ids("/api/v1/connections?state=all").0, 4);
+        assert_eq!(ids("/api/v1/connections?state=closed&agent_id=a2").0, 1);
+        assert_eq!(ids("/api/v1/connections?state=open&agent_id=a2").0, 0);
+        assert_eq!(
+            ids("/api/v1/connections?state=closed&host=example.com&from=2025-04-28").0,
+            1
+        );
+        let msg = api.error("/api/v1/connections?state=running", 400);
+        assert!(msg.contains("'state'"), "{msg}");
+    }
+}
+
+#[test]
+fn dashboard_is_served_without_token_with_strict_headers() {
+    let mut api = Api::new(&fixture("dash", true));
+    api.token = Some("sekret");
+    for (path, content_type, needle) in [
+        (
+            "/",
+            "text/html; charset=utf-8",
+            "<script src=\"dashboard.js\"",
+        ),
+        ("/index.html", "text/html; charset=utf-8", "<title>"),
+        (
+            "/dashboard.js",
+            "text/javascript; charset=utf-8",
+            "textContent",
+        ),
+        ("/dashboard.css", "text/css; charset=utf-8", "#chart"),
+    ] {
+        let r = api.call("GET", path, None);
+        assert_eq!((r.status, r.content_type), (200, content_type), "{path}");
+        assert!(r.text().contains(needle), "{path}");
+        let header = |name: &str| {
+            r.headers
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let csp = header("Content-Security-Policy").unwrap();
+        assert!(
+            csp.starts_with("default-src 'none'") && !csp.contains("unsafe"),
+            "{csp}"
+        );
+        assert_eq!(header("X-Content-Type-Options"), Some("nosniff"));
+    }
+    assert_eq!(api.call("HEAD", "/", None).status, 200);
+    assert_eq!(api.call("POST", "/", None).status, 405);
+    // The page holds no data; the API behind it still needs the token.
+    assert_eq!(api.call("GET", "/api/v1/stats", None).status, 401);
+    assert_eq!(api.call("GET", "/dashboard.json", None).status, 401);
+    // No inline code (the CSP forbids it) and nothing from elsewhere.
+    let html = api.call("GET", "/", None);
+    let html = html.text();
+    assert!(!html.contains("<script>") && !html.contains("<style") && !html.contains("style="));
+    for path in ["/", "/dashboard.js", "/dashboard.css"] {
+        let r = api.call("GET", path, None);
+        assert!(
+            !r.text().contains("http://") || path == "/dashboard.js",
+            "{path}"
+        );
+        assert!(
+            !r.text().contains("https://"),
+            "{path}: no external resources"
+        );
+        assert!(
+            !r.text().contains("innerHTML"),
+            "{path}: text goes in through textContent"
+        );
+    }
+}
+
+#[test]
+fn ranged_groups_sort_by_their_sums() {
+    // Regression: with a range, ORDER BY took `up`/`down` from the inner rows, so top-N lists came out
+    // in key order and `limit` cut the wrong groups.
+    for api in both("rangedsort") {
+        let hosts = |q: &str| -> Vec<String> {
+            api.data(&format!(
+                "/api/v1/stats?type=group&group_by=host&from=2025-04-28&to=2025-04-29{q}"
+            ))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["host"].as_str().unwrap_or("(other)").to_string())
+            .collect()
+        };
+        assert_eq!(hosts(""), ["example.com", "video.example.org", "8.8.8.8"]);
+        assert_eq!(
+            hosts("&sort_order=asc"),
+            ["8.8.8.8", "video.example.org", "example.com"]
+        );
+        assert_eq!(
+            hosts("&sort_by=upload&limit=1&other=true"),
+            ["example.com", "(other)"]
+        );
+    }
+}

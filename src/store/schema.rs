@@ -209,8 +209,10 @@ pub fn open(path: &Path, access: Access) -> Result<Connection> {
     .map_err(Error::db("pragmas"))?;
     match access {
         Access::Write => {
-            conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
-                .map_err(Error::db(format!("enable WAL on {name}")))?;
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_spill = OFF;",
+            )
+            .map_err(Error::db(format!("enable WAL on {name}")))?;
             migrate(&conn, &name)?;
         }
         Access::Read => {
