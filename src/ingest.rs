@@ -35,6 +35,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::{Bytes, ConnMeta};
+use crate::store::rollup::{host_key, RollupDelta};
 use crate::store::writer::spread;
 use crate::store::WriteCmd;
 use crate::timefmt::{parse_rfc3339, MINUTE_MS};
@@ -449,12 +450,17 @@ fn clamp(v: u64) -> i64 {
 /// the writer thread, and directly by tests.
 pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> Result<usize> {
     let tx = conn.transaction().map_err(Error::db("begin sync batch"))?;
+    let mut rollup = RollupDelta::default();
     {
         let mut before = tx
             .prepare(
-                "SELECT upload, download, last_updated_ms FROM connections WHERE agent_id = ?1 AND id = ?2",
+                "SELECT upload, download, last_updated_ms, start_ms, host, destination_ip FROM connections
+                 WHERE agent_id = ?1 AND id = ?2",
             )
             .map_err(Error::db("prepare sync lookup"))?;
+        let mut old_bucket = tx
+            .prepare("SELECT upload, download FROM traffic WHERE conn = ?1 AND minute = ?2")
+            .map_err(Error::db("prepare sync traffic lookup"))?;
         let mut upsert = tx
             .prepare(
                 "INSERT INTO connections (agent_id, id, start_ms, end_ms, last_updated_ms, upload, download,
@@ -495,17 +501,40 @@ pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> R
             if row.agent_id != batch.agent_id && !other_agents.contains(&row.agent_id.as_str()) {
                 other_agents.push(&row.agent_id);
             }
-            // What was stored before, to derive buckets for records that carry none.
-            let prior: Option<(i64, i64, i64)> = if row.traffic.is_none() {
-                before
-                    .query_row(params![row.agent_id, m.id], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })
-                    .optional()
-                    .map_err(|e| Error::Db(format!("look up connection {}", m.id), e))?
-            } else {
-                None
-            };
+            // What was stored before: to derive buckets for records that carry none, and the rollup deltas.
+            type Prior = (i64, i64, i64, i64, String, String);
+            let prior: Option<Prior> = before
+                .query_row(params![row.agent_id, m.id], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                })
+                .optional()
+                .map_err(|e| Error::Db(format!("look up connection {}", m.id), e))?;
+            let (new_up, new_down) = (clamp(row.totals.upload), clamp(row.totals.download));
+            match &prior {
+                None => rollup.conn(
+                    &row.agent_id,
+                    m.start_ms,
+                    host_key(&m.host, &m.destination_ip),
+                    1,
+                    new_up,
+                    new_down,
+                ),
+                Some((up0, down0, _, start0, host0, dest0)) => rollup.conn(
+                    &row.agent_id,
+                    *start0,
+                    host_key(host0, dest0),
+                    0,
+                    new_up.max(*up0) - up0,
+                    new_down.max(*down0) - down0,
+                ),
+            }
             let pk: i64 = upsert
                 .query_row(
                     params![
@@ -554,19 +583,34 @@ pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> R
             match &row.traffic {
                 Some(buckets) => {
                     for (minute, b) in buckets {
+                        let (up, down) = (clamp(b.upload), clamp(b.download));
+                        let (u0, d0): (i64, i64) = old_bucket
+                            .query_row(params![pk, minute], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()
+                            .map_err(|e| Error::Db(format!("look up traffic of {}", m.id), e))?
+                            .unwrap_or((0, 0));
+                        rollup.traffic(&row.agent_id, *minute, up.max(u0) - u0, down.max(d0) - d0);
                         bucket_max
                             .execute(params![pk, minute, clamp(b.upload), clamp(b.download)])
                             .map_err(|e| Error::Db(format!("store traffic of {}", m.id), e))?;
                     }
                 }
                 None => {
-                    let (up0, down0, from) = prior.unwrap_or((0, 0, m.start_ms));
+                    let (up0, down0, from) = prior
+                        .as_ref()
+                        .map_or((0, 0, m.start_ms), |p| (p.0, p.1, p.2));
                     let delta = Bytes {
                         upload: (clamp(row.totals.upload) - up0).max(0) as u64,
                         download: (clamp(row.totals.download) - down0).max(0) as u64,
                     };
                     if delta != Bytes::default() {
                         for (minute, b) in spread(from, row.last_updated_ms, delta) {
+                            rollup.traffic(
+                                &row.agent_id,
+                                minute,
+                                clamp(b.upload),
+                                clamp(b.download),
+                            );
                             bucket_add
                                 .execute(params![pk, minute, clamp(b.upload), clamp(b.download)])
                                 .map_err(|e| Error::Db(format!("store traffic of {}", m.id), e))?;
@@ -595,6 +639,7 @@ pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> R
             .map_err(Error::db("record agent data"))?;
         }
     }
+    rollup.apply(&tx)?;
     tx.commit().map_err(Error::db("commit sync batch"))?;
     Ok(batch.rows.len())
 }

@@ -22,6 +22,7 @@
 //! commits interleave with a large clean-up instead of waiting for it.
 
 use crate::error::{Error, Result};
+use crate::store::rollup::delete_connections;
 use crate::store::WriteCmd;
 use rusqlite::{params, Connection};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,6 +90,18 @@ pub fn apply(
     }
 }
 
+/// The row keys a selection names.
+fn select_pks(tx: &Connection, sql: &str, args: impl rusqlite::Params) -> Result<Vec<i64>> {
+    let mut stmt = tx
+        .prepare(sql)
+        .map_err(Error::db("prepare retention selection"))?;
+    let rows = stmt
+        .query_map(args, |r| r.get(0))
+        .map_err(Error::db("select rows to delete"))?;
+    rows.collect::<std::result::Result<Vec<i64>, _>>()
+        .map_err(Error::db("select rows to delete"))
+}
+
 /// Deletes at most `max_rows` eligible rows in one transaction.
 pub fn apply_chunk(
     conn: &mut Connection,
@@ -120,17 +133,16 @@ pub fn apply_chunk(
     if let Some(age) = policy.max_age {
         let cutoff = now_ms.saturating_sub(age.as_millis().min(i64::MAX as u128) as i64);
         // start_ms <= last_updated_ms, so the start index narrows the scan.
-        let n = tx
-            .execute(
-                "DELETE FROM connections WHERE pk IN (
-                    SELECT pk FROM connections
-                    WHERE start_ms < ?1 AND last_updated_ms < ?1
-                      AND (end_ms IS NOT NULL OR ?2)
-                      AND (+seq < ?3 OR (+seq = ?3 AND pk <= ?4))
-                    LIMIT ?5)",
-                params![cutoff, policy.delete_stale_open, cs, cp, budget as i64],
-            )
-            .map_err(Error::db("delete old connections"))?;
+        let pks = select_pks(
+            &tx,
+            "SELECT pk FROM connections
+             WHERE start_ms < ?1 AND last_updated_ms < ?1
+               AND (end_ms IS NOT NULL OR ?2)
+               AND (+seq < ?3 OR (+seq = ?3 AND pk <= ?4))
+             LIMIT ?5",
+            params![cutoff, policy.delete_stale_open, cs, cp, budget as i64],
+        )?;
+        let n = delete_connections(&tx, &pks)?;
         report.deleted_by_age = n as u64;
         budget -= n;
         report.more = budget == 0;
@@ -140,15 +152,14 @@ pub fn apply_chunk(
         // Deleting frees whole pages only once they are empty: delete a slice, measure, repeat.
         let step = 500.min(max_rows).max(1);
         while report.used_bytes > cap && budget > 0 {
-            let n = tx
-                .execute(
-                    "DELETE FROM connections WHERE pk IN (
-                        SELECT pk FROM connections
-                        WHERE end_ms IS NOT NULL AND (seq < ?1 OR (seq = ?1 AND pk <= ?2))
-                        ORDER BY start_ms LIMIT ?3)",
-                    params![cs, cp, step.min(budget) as i64],
-                )
-                .map_err(Error::db("delete connections over the size cap"))?;
+            let pks = select_pks(
+                &tx,
+                "SELECT pk FROM connections
+                 WHERE end_ms IS NOT NULL AND (seq < ?1 OR (seq = ?1 AND pk <= ?2))
+                 ORDER BY start_ms LIMIT ?3",
+                params![cs, cp, step.min(budget) as i64],
+            )?;
+            let n = delete_connections(&tx, &pks)?;
             report.deleted_by_size += n as u64;
             budget -= n;
             report.used_bytes = used_bytes(&tx)?;

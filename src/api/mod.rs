@@ -5,7 +5,7 @@
 //!
 //! Queries live one module per endpoint ([`stats`], [`connections`], [`agents`], [`options`]); parameters
 //! are parsed once into typed values ([`params`]) before any SQL exists, and SQL only binds values. Unfiltered
-//! aggregates read hourly rollups kept by triggers ([`rollup`]) when the database has them.
+//! aggregates read hourly rollups (kept by every writer, [`crate::store::rollup`]) when the database has them.
 //!
 //! `GET /metrics` (also `/api/v1/metrics`) answers the Prometheus text format ([`metrics`]).
 //!

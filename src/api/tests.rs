@@ -238,13 +238,15 @@ pub(crate) fn fixture(name: &str, rollups: bool) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("t.db");
-    let db = open(&path, Access::Write).unwrap();
-    if !rollups {
-        db.execute_batch(DROP_SQL).unwrap();
-    }
-    drop(db);
+    drop(open(&path, Access::Write).unwrap());
     for (agent, conns) in fixture_conns() {
         write_agent(&path, agent, conns);
+    }
+    if !rollups {
+        open(&path, Access::Write)
+            .unwrap()
+            .execute_batch(DROP_SQL)
+            .unwrap();
     }
     path
 }
@@ -1263,8 +1265,17 @@ fn rollups_stay_consistent_with_raw_tables() {
     }
     let db = open(&path, Access::Write).unwrap();
     check(&db);
-    db.execute("DELETE FROM connections WHERE agent_id = 'a2'", [])
-        .unwrap();
+    let pks: Vec<i64> = db
+        .prepare("SELECT pk FROM connections WHERE agent_id = 'a2'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        crate::store::rollup::delete_connections(&db, &pks).unwrap(),
+        1
+    );
     check(&db);
     drop(db);
     let api = Api::new(&path);

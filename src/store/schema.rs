@@ -90,8 +90,9 @@ CREATE TABLE meta (
     value TEXT NOT NULL
 ) WITHOUT ROWID;
 "#,
-    // v2: hourly rollups kept by triggers, so unfiltered aggregates over millions of rows stay fast (see
-    // `crate::api::rollup`), and the indexes of `/agents` and `/connections?agent_id=`.
+    // v2: hourly rollups, kept by every writer in the same transaction (`crate::store::rollup`), so
+    // unfiltered aggregates over millions of rows stay fast (`crate::api::rollup`), and the indexes of
+    // `/agents` and `/connections?agent_id=`.
     r#"
 CREATE TABLE rollup_conn_hour (
     agent_id TEXT    NOT NULL,
@@ -114,62 +115,6 @@ CREATE TABLE rollup_host (
     upload   INTEGER NOT NULL DEFAULT 0,
     download INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
-CREATE TRIGGER rollup_conn_ins AFTER INSERT ON connections BEGIN
-    INSERT INTO rollup_conn_hour (agent_id, hour, conns, upload, download)
-    VALUES (NEW.agent_id, NEW.start_ms / 3600000, 1, NEW.upload, NEW.download)
-    ON CONFLICT (agent_id, hour) DO UPDATE SET conns = conns + 1,
-        upload = upload + excluded.upload, download = download + excluded.download;
-    INSERT INTO rollup_host (host, conns, upload, download)
-    VALUES (CASE WHEN NEW.host <> '' THEN NEW.host ELSE NEW.destination_ip END, 1, NEW.upload, NEW.download)
-    ON CONFLICT (host) DO UPDATE SET conns = conns + 1,
-        upload = upload + excluded.upload, download = download + excluded.download;
-END;
-CREATE TRIGGER rollup_conn_upd AFTER UPDATE OF upload, download, start_ms, agent_id, host, destination_ip
-ON connections
-WHEN OLD.upload <> NEW.upload OR OLD.download <> NEW.download OR OLD.start_ms <> NEW.start_ms
-    OR OLD.agent_id <> NEW.agent_id OR OLD.host <> NEW.host OR OLD.destination_ip <> NEW.destination_ip BEGIN
-    UPDATE rollup_conn_hour SET conns = conns - 1, upload = upload - OLD.upload,
-        download = download - OLD.download
-    WHERE agent_id = OLD.agent_id AND hour = OLD.start_ms / 3600000;
-    INSERT INTO rollup_conn_hour (agent_id, hour, conns, upload, download)
-    VALUES (NEW.agent_id, NEW.start_ms / 3600000, 1, NEW.upload, NEW.download)
-    ON CONFLICT (agent_id, hour) DO UPDATE SET conns = conns + 1,
-        upload = upload + excluded.upload, download = download + excluded.download;
-    UPDATE rollup_host SET conns = conns - 1, upload = upload - OLD.upload, download = download - OLD.download
-    WHERE host = (CASE WHEN OLD.host <> '' THEN OLD.host ELSE OLD.destination_ip END);
-    INSERT INTO rollup_host (host, conns, upload, download)
-    VALUES (CASE WHEN NEW.host <> '' THEN NEW.host ELSE NEW.destination_ip END, 1, NEW.upload, NEW.download)
-    ON CONFLICT (host) DO UPDATE SET conns = conns + 1,
-        upload = upload + excluded.upload, download = download + excluded.download;
-END;
-CREATE TRIGGER rollup_conn_del AFTER DELETE ON connections BEGIN
-    UPDATE rollup_conn_hour SET conns = conns - 1, upload = upload - OLD.upload,
-        download = download - OLD.download
-    WHERE agent_id = OLD.agent_id AND hour = OLD.start_ms / 3600000;
-    UPDATE rollup_host SET conns = conns - 1, upload = upload - OLD.upload, download = download - OLD.download
-    WHERE host = (CASE WHEN OLD.host <> '' THEN OLD.host ELSE OLD.destination_ip END);
-END;
-CREATE TRIGGER rollup_conn_del_traffic BEFORE DELETE ON connections BEGIN
-    DELETE FROM traffic WHERE conn = OLD.pk;
-END;
-CREATE TRIGGER rollup_traffic_ins AFTER INSERT ON traffic BEGIN
-    INSERT INTO rollup_traffic_hour (hour, agent_id, upload, download)
-    VALUES (NEW.minute / 60, (SELECT agent_id FROM connections WHERE pk = NEW.conn), NEW.upload, NEW.download)
-    ON CONFLICT (hour, agent_id) DO UPDATE SET upload = upload + excluded.upload,
-        download = download + excluded.download;
-END;
-CREATE TRIGGER rollup_traffic_upd AFTER UPDATE OF upload, download, minute, conn ON traffic BEGIN
-    UPDATE rollup_traffic_hour SET upload = upload - OLD.upload, download = download - OLD.download
-    WHERE hour = OLD.minute / 60 AND agent_id = (SELECT agent_id FROM connections WHERE pk = OLD.conn);
-    INSERT INTO rollup_traffic_hour (hour, agent_id, upload, download)
-    VALUES (NEW.minute / 60, (SELECT agent_id FROM connections WHERE pk = NEW.conn), NEW.upload, NEW.download)
-    ON CONFLICT (hour, agent_id) DO UPDATE SET upload = upload + excluded.upload,
-        download = download + excluded.download;
-END;
-CREATE TRIGGER rollup_traffic_del AFTER DELETE ON traffic BEGIN
-    UPDATE rollup_traffic_hour SET upload = upload - OLD.upload, download = download - OLD.download
-    WHERE hour = OLD.minute / 60 AND agent_id = (SELECT agent_id FROM connections WHERE pk = OLD.conn);
-END;
 CREATE INDEX connections_agent_updated ON connections (agent_id, last_updated_ms);
 CREATE INDEX connections_agent_start ON connections (agent_id, start_ms);
 "#,

@@ -10,6 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
+use crate::store::rollup::{host_key, RollupDelta};
 use crate::timefmt::{DAY_MS, MINUTE_MS};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
@@ -148,12 +149,23 @@ impl Pending {
     }
 }
 
-/// The writer's state: its connection, the pending batch and a cache of row keys of open connections.
+/// What the writer remembers of a connection it writes to: its row key, what the rollups group it by,
+/// and the totals stored in its row (so rollup deltas need no read).
+#[derive(Clone, Debug)]
+struct Live {
+    pk: i64,
+    start_ms: i64,
+    host_key: Box<str>,
+    upload: i64,
+    download: i64,
+}
+
+/// The writer's state: its connection, the pending batch and a cache of the open connections' rows.
 pub struct Writer {
     conn: Connection,
     cfg: WriterConfig,
     pending: Pending,
-    pks: HashMap<String, i64>,
+    live: HashMap<String, Live>,
     next_seq: i64,
 }
 
@@ -173,7 +185,7 @@ impl Writer {
             conn,
             cfg,
             pending: Pending::default(),
-            pks: HashMap::new(),
+            live: HashMap::new(),
             next_seq: max_seq + 1,
         })
     }
@@ -237,21 +249,19 @@ impl Writer {
         let started = Instant::now();
         let seq = self.next_seq;
         let pending = std::mem::take(&mut self.pending);
-        let mut new_pks = Vec::new();
         let result = Self::apply(
             &mut self.conn,
             &self.cfg.agent_id,
             seq,
             &pending,
-            &mut self.pks,
-            &mut new_pks,
+            &mut self.live,
         );
         match result {
             Ok(()) => {
                 crate::metrics::observe_commit(started.elapsed());
                 self.next_seq += 1;
                 for c in &pending.closed {
-                    self.pks.remove(&c.id);
+                    self.live.remove(&c.id);
                 }
                 crate::trace!(
                     "writer: committed {} changes in {} ms",
@@ -261,9 +271,8 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                for id in new_pks {
-                    self.pks.remove(&id);
-                }
+                // the cache may hold values of the rolled-back transaction: read them again next time
+                self.live.clear();
                 self.pending = pending;
                 Err(e)
             }
@@ -275,11 +284,53 @@ impl Writer {
         agent: &str,
         seq: i64,
         p: &Pending,
-        pks: &mut HashMap<String, i64>,
-        new_pks: &mut Vec<String>,
+        live: &mut HashMap<String, Live>,
     ) -> Result<()> {
         let tx = conn.transaction().map_err(Error::db("begin write"))?;
+        let mut rollup = RollupDelta::default();
         {
+            let mut lookup = tx
+                .prepare(
+                    "SELECT pk, start_ms, host, destination_ip, upload, download FROM connections
+                     WHERE agent_id = ?1 AND id = ?2",
+                )
+                .map_err(Error::db("prepare lookup"))?;
+            let mut find = |id: &str, live: &mut HashMap<String, Live>| -> Result<Option<Live>> {
+                if let Some(l) = live.get(id) {
+                    return Ok(Some(l.clone()));
+                }
+                let found = lookup
+                    .query_row(params![agent, id], |r| {
+                        Ok(Live {
+                            pk: r.get(0)?,
+                            start_ms: r.get(1)?,
+                            host_key: host_key(&r.get::<_, String>(2)?, &r.get::<_, String>(3)?)
+                                .into(),
+                            upload: r.get(4)?,
+                            download: r.get(5)?,
+                        })
+                    })
+                    .optional()
+                    .map_err(Error::db("look up connection"))?;
+                if let Some(l) = &found {
+                    live.insert(id.to_string(), l.clone());
+                }
+                Ok(found)
+            };
+            // Raises the stored totals to at least `up`/`down`; returns the row and the rollup delta.
+            let raise = |l: &mut Live, up: i64, down: i64, rollup: &mut RollupDelta| {
+                let (nu, nd) = (l.upload.max(up), l.download.max(down));
+                rollup.conn(
+                    agent,
+                    l.start_ms,
+                    &l.host_key,
+                    0,
+                    nu - l.upload,
+                    nd - l.download,
+                );
+                (l.upload, l.download) = (nu, nd);
+            };
+
             let mut insert = tx
                 .prepare(
                     "INSERT INTO connections (agent_id, id, start_ms, end_ms, last_updated_ms, upload, download,
@@ -291,13 +342,26 @@ impl Writer {
                      VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
                         ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35,
                         ?36, ?37, ?38)
-                     ON CONFLICT (agent_id, id) DO UPDATE SET end_ms = NULL,
-                        upload = max(upload, excluded.upload), download = max(download, excluded.download),
-                        last_updated_ms = max(last_updated_ms, excluded.last_updated_ms), seq = excluded.seq
                      RETURNING pk",
                 )
                 .map_err(Error::db("prepare insert"))?;
+            let mut reopen = tx
+                .prepare(
+                    "UPDATE connections SET end_ms = NULL, upload = max(upload, ?2), download = max(download, ?3),
+                        last_updated_ms = max(last_updated_ms, ?4), seq = ?5 WHERE pk = ?1",
+                )
+                .map_err(Error::db("prepare reopen"))?;
             for (m, b, at) in &p.opened {
+                let (up, down) = (clamp(b.upload), clamp(b.download));
+                if let Some(mut l) = find(&m.id, live)? {
+                    // known already (a glitch hid it, or it came through another path): reopen the same row
+                    raise(&mut l, up, down, &mut rollup);
+                    reopen
+                        .execute(params![l.pk, l.upload, l.download, at, seq])
+                        .map_err(Error::db("reopen connection"))?;
+                    live.insert(m.id.clone(), l);
+                    continue;
+                }
                 let pk: i64 = insert
                     .query_row(
                         params![
@@ -305,8 +369,8 @@ impl Writer {
                             m.id,
                             m.start_ms,
                             at,
-                            clamp(b.upload),
-                            clamp(b.download),
+                            up,
+                            down,
                             m.network,
                             m.conn_type,
                             m.source_ip,
@@ -342,55 +406,46 @@ impl Writer {
                         ],
                         |r| r.get(0),
                     )
-                    .map_err(Error::db(format!("insert connection {}", m.id)))?;
-                pks.insert(m.id.clone(), pk);
-                new_pks.push(m.id.clone());
+                    .map_err(|e| Error::Db(format!("insert connection {}", m.id), e))?;
+                let key = host_key(&m.host, &m.destination_ip);
+                rollup.conn(agent, m.start_ms, key, 1, up, down);
+                live.insert(
+                    m.id.clone(),
+                    Live {
+                        pk,
+                        start_ms: m.start_ms,
+                        host_key: key.into(),
+                        upload: up,
+                        download: down,
+                    },
+                );
             }
 
-            let mut lookup = tx
-                .prepare("SELECT pk FROM connections WHERE agent_id = ?1 AND id = ?2")
-                .map_err(Error::db("prepare lookup"))?;
-            let mut pk_of = |id: &str, pks: &mut HashMap<String, i64>| -> Result<Option<i64>> {
-                if let Some(pk) = pks.get(id) {
-                    return Ok(Some(*pk));
-                }
-                let pk: Option<i64> = lookup
-                    .query_row(params![agent, id], |r| r.get(0))
-                    .optional()
-                    .map_err(Error::db("look up connection"))?;
-                if let Some(pk) = pk {
-                    pks.insert(id.to_string(), pk);
-                    new_pks.push(id.to_string());
-                }
-                Ok(pk)
-            };
-
-            let mut reopen = tx
-                .prepare(
-                    "UPDATE connections SET end_ms = NULL, last_updated_ms = max(last_updated_ms, ?2), seq = ?3
-                     WHERE pk = ?1",
-                )
+            let mut reopen_only = tx
+                .prepare("UPDATE connections SET end_ms = NULL, last_updated_ms = max(last_updated_ms, ?2), seq = ?3 WHERE pk = ?1")
                 .map_err(Error::db("prepare reopen"))?;
             for (id, at) in &p.reopened {
-                if let Some(pk) = pk_of(id, pks)? {
-                    reopen
-                        .execute(params![pk, at, seq])
+                if let Some(l) = find(id, live)? {
+                    reopen_only
+                        .execute(params![l.pk, at, seq])
                         .map_err(Error::db("reopen connection"))?;
                 }
             }
 
             let mut totals = tx
                 .prepare(
-                    "UPDATE connections SET upload = max(upload, ?2), download = max(download, ?3),
-                        last_updated_ms = max(last_updated_ms, ?4), seq = ?5 WHERE pk = ?1",
+                    "UPDATE connections SET upload = max(upload, ?2), download = max(download, ?3), last_updated_ms = max(last_updated_ms, ?4),
+                        seq = ?5 WHERE pk = ?1",
                 )
                 .map_err(Error::db("prepare totals"))?;
             for (id, (b, at)) in &p.totals {
-                match pk_of(id, pks)? {
-                    Some(pk) => {
+                match find(id, live)? {
+                    Some(mut l) => {
+                        raise(&mut l, clamp(b.upload), clamp(b.download), &mut rollup);
                         totals
-                            .execute(params![pk, clamp(b.upload), clamp(b.download), at, seq])
+                            .execute(params![l.pk, l.upload, l.download, at, seq])
                             .map_err(Error::db("update totals"))?;
+                        live.insert(id.clone(), l);
                     }
                     None => crate::warn!("writer: traffic for unknown connection {id} ignored"),
                 }
@@ -404,10 +459,12 @@ impl Writer {
                 )
                 .map_err(Error::db("prepare traffic"))?;
             for ((id, minute), b) in &p.buckets {
-                if let Some(pk) = pk_of(id, pks)? {
+                if let Some(l) = find(id, live)? {
+                    let (up, down) = (clamp(b.upload), clamp(b.download));
                     bucket
-                        .execute(params![pk, minute, clamp(b.upload), clamp(b.download), seq])
+                        .execute(params![l.pk, minute, up, down, seq])
                         .map_err(Error::db("write traffic"))?;
+                    rollup.traffic(agent, *minute, up, down);
                 }
             }
 
@@ -418,19 +475,21 @@ impl Writer {
                 )
                 .map_err(Error::db("prepare close"))?;
             for c in &p.closed {
-                if let Some(pk) = pk_of(&c.id, pks)? {
+                if let Some(mut l) = find(&c.id, live)? {
+                    raise(
+                        &mut l,
+                        clamp(c.totals.upload),
+                        clamp(c.totals.download),
+                        &mut rollup,
+                    );
                     close
-                        .execute(params![
-                            pk,
-                            c.end_ms,
-                            clamp(c.totals.upload),
-                            clamp(c.totals.download),
-                            seq
-                        ])
+                        .execute(params![l.pk, c.end_ms, l.upload, l.download, seq])
                         .map_err(Error::db("close connection"))?;
+                    live.insert(c.id.clone(), l);
                 }
             }
         }
+        rollup.apply(&tx)?;
         tx.commit().map_err(Error::db("commit"))
     }
 }
