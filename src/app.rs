@@ -53,8 +53,18 @@ impl Running {
         db: &Path,
         agent_flag: Option<&str>,
         commit_interval: Duration,
+        cache_kib: u64,
     ) -> Result<(Running, Tracker, String)> {
         let conn = store::open(db, Access::Write)?;
+        // A big cache marks a central master (see --db-cache-mb): there, checkpoint the WAL less often
+        // (each checkpoint rewrites and syncs the pages) and read pages through mmap instead of copies.
+        let tuning = if cache_kib >= 8192 {
+            format!("PRAGMA cache_size = -{cache_kib}; PRAGMA wal_autocheckpoint = 8192; PRAGMA mmap_size = 268435456;")
+        } else {
+            format!("PRAGMA cache_size = -{cache_kib};")
+        };
+        conn.execute_batch(&tuning)
+            .map_err(Error::db("tune the writer connection"))?;
         let agent_id = crate::agent_id::resolve_agent_id(&conn, agent_flag)?;
         let agent_id = agent_id.as_str();
         let open = store::writer::load_open(&conn, agent_id)?;
@@ -151,8 +161,12 @@ impl Running {
 
 /// Starts a master: the API, and in standalone mode (`--mihomo-host`) a collector of its own.
 pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
-    let (mut running, tracker, agent_id) =
-        Running::start_writer(&cfg.database, cfg.agent_id.as_deref(), cfg.commit_interval)?;
+    let (mut running, tracker, agent_id) = Running::start_writer(
+        &cfg.database,
+        cfg.agent_id.as_deref(),
+        cfg.commit_interval,
+        cfg.db_cache_kib,
+    )?;
     let api = crate::api::start(
         crate::api::ApiConfig {
             listen: cfg.listen,
@@ -205,6 +219,7 @@ pub fn start_agent(cfg: &AgentConfig) -> Result<Running> {
         &cfg.local_database,
         cfg.agent_id.as_deref(),
         cfg.commit_interval,
+        cfg.db_cache_kib,
     )?;
     crate::info!("agent: recording as '{agent_id}'");
     running.start_collector(cfg.mihomo.clone(), tracker)?;

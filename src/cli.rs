@@ -39,6 +39,8 @@ pub struct MasterConfig {
     pub workers: usize,
     pub max_body_bytes: usize,
     pub commit_interval: Duration,
+    /// SQLite page cache of the writer, KiB.
+    pub db_cache_kib: u64,
     pub log_level: Level,
     /// The ARP table that maps a device's IP to its MAC (`--arp-file`).
     pub arp_file: PathBuf,
@@ -60,6 +62,8 @@ pub struct AgentConfig {
     pub data_retention_days: u64,
     pub max_db_bytes: Option<u64>,
     pub commit_interval: Duration,
+    /// SQLite page cache of the writer, KiB.
+    pub db_cache_kib: u64,
     pub log_level: Level,
 }
 
@@ -110,6 +114,7 @@ FLAGS:
     --workers N              HTTP worker threads                                            [default: 4]
     --max-body-bytes N       largest accepted request body                           [default: 33554432]
     --commit-interval-ms MS  batch writes for this long (fewer flash writes)                [default: 2000]
+    --db-cache-mb N          SQLite page cache of the writer      [default: 16, standalone (--mihomo-host) 2]
     --log-level L            error|warn|info|debug|trace; debug logs each connection  [default: info]
     --arp-file PATH          device MACs for the API (group_by=source_ip)          [default: /proc/net/arp]
     --dhcp-leases PATH       device names (dnsmasq leases)                      [default: /tmp/dhcp.leases]
@@ -135,6 +140,7 @@ FLAGS:
     --data-retention-days N    delete closed (and synced) connections older than N days      [default: 7]
     --max-db-mb N              keep the database file under N MiB by dropping the oldest closed rows
     --commit-interval-ms MS    batch writes for this long (fewer flash writes)               [default: 2000]
+    --db-cache-mb N            SQLite page cache of the writer                                 [default: 2]
     --log-level L              error|warn|info|debug|trace; debug logs each connection   [default: info]
 ";
 
@@ -363,6 +369,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command> {
                     None
                 }
             };
+            let standalone = mihomo.is_some();
             let cfg = MasterConfig {
                 database,
                 listen,
@@ -377,6 +384,11 @@ pub fn parse(args: Vec<OsString>) -> Result<Command> {
                     "--commit-interval-ms",
                     2000,
                 )?),
+                db_cache_kib: {
+                    // a central master gets a real cache; a router (standalone) a small one
+                    let default = if standalone { 2 } else { 16 };
+                    positive(&mut f, "--db-cache-mb", default)?.min(4096) * 1024
+                },
                 log_level: f.log_level()?,
                 arp_file: f
                     .string("--arp-file")?
@@ -430,6 +442,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command> {
                     "--commit-interval-ms",
                     2000,
                 )?),
+                db_cache_kib: positive(&mut f, "--db-cache-mb", 2)?.min(4096) * 1024,
                 log_level: f.log_level()?,
             };
             if let Some(id) = &cfg.agent_id {

@@ -168,3 +168,19 @@ pub fn delete_connections(tx: &Connection, pks: &[i64]) -> Result<usize> {
     delta.apply(tx)?;
     Ok(deleted)
 }
+
+/// Recomputes every rollup from the raw tables (for bulk loads and repairs; a full scan).
+pub fn rebuild(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "DELETE FROM rollup_conn_hour; DELETE FROM rollup_traffic_hour; DELETE FROM rollup_host;
+         INSERT INTO rollup_conn_hour (agent_id, hour, conns, upload, download)
+             SELECT agent_id, start_ms / 3600000, count(*), sum(upload), sum(download) FROM connections GROUP BY 1, 2;
+         INSERT INTO rollup_traffic_hour (hour, agent_id, upload, download)
+             SELECT t.minute / 60, c.agent_id, sum(t.upload), sum(t.download)
+             FROM traffic t JOIN connections c ON c.pk = t.conn GROUP BY 1, 2;
+         INSERT INTO rollup_host (host, conns, upload, download)
+             SELECT CASE WHEN host <> '' THEN host ELSE destination_ip END, count(*), sum(upload), sum(download)
+             FROM connections GROUP BY 1;",
+    )
+    .map_err(Error::db("rebuild rollups"))
+}

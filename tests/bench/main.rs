@@ -964,6 +964,9 @@ fn generate(path: &Path, fill: impl FnOnce(&Connection) -> Res<()>) -> Res<()> {
     for (_, sql) in &indexes {
         conn.execute_batch(sql).map_err(e)?;
     }
+    // bulk inserts bypass the writers that keep the rollups: compute them once
+    mihomo_connections_tracker::store::rollup::rebuild(&conn)
+        .map_err(|e| format!("generate {}: {e}", path.display()))?;
     conn.execute_batch("COMMIT; PRAGMA journal_mode = WAL;")
         .map_err(e)?;
     Ok(())

@@ -289,6 +289,7 @@ fn agent_in_process_records() {
         data_retention_days: 7,
         max_db_bytes: None,
         commit_interval: std::time::Duration::from_millis(50),
+        db_cache_kib: 2048,
         log_level: mihomo_connections_tracker::log::Level::Debug,
     };
     mihomo_connections_tracker::log::set_level(mihomo_connections_tracker::log::Level::Debug);

@@ -65,6 +65,7 @@ pub fn master_config(
         workers: 2,
         max_body_bytes: 1 << 20,
         commit_interval: Duration::from_millis(30),
+        db_cache_kib: 2048,
         log_level: Level::Warn,
         arp_file: "/nonexistent/arp".into(),
         dhcp_leases: "/nonexistent/dhcp.leases".into(),
