@@ -19,12 +19,13 @@ DEMO_SIM_PORT := 19090
 DEMO_API_PORT := 18080
 DEMO_CONNECTIONS := 300
 
-.PHONY: help test musl demo bench fmt clippy clean
+.PHONY: help test musl cross demo bench fmt clippy clean
 
 help:
 	@echo "Targets:"
 	@echo "  make test     build and run every test (cargo test$(if $(LOCKED), $(LOCKED)))"
 	@echo "  make musl     static release binary for $(MUSL) (installs the rustup target and musl-tools if missing)"
+	@echo "  make cross    static aarch64 binary (+ armv7 via CROSS_TARGETS; cargo-zigbuild), the aarch64 one tested under qemu-aarch64"
 	@echo "  make demo     simulated mihomo on 127.0.0.1:$(DEMO_SIM_PORT) + master on http://127.0.0.1:$(DEMO_API_PORT); Ctrl-C stops both"
 	@echo "  make bench    release build (musl when possible) and every performance figure with its target"
 	@echo "                (MCT_BENCH_SECS=N shortens the 60 s tracking run)"
@@ -56,6 +57,21 @@ musl:
 		$(SUDO) apt-get install -y musl-tools || { $(SUDO) apt-get update && $(SUDO) apt-get install -y musl-tools; }; fi
 	$(CARGO) build $(LOCKED) --release --target $(MUSL)
 	@echo "$(MUSL_BIN): $$(stat -c %s $(MUSL_BIN)) bytes"
+
+
+# armv7-unknown-linux-musleabihf builds the same way where rustup can fetch its std (it cannot on our CI
+# machines: its download answers 404): make cross CROSS_TARGETS="aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf"
+CROSS_TARGETS ?= aarch64-unknown-linux-musl
+
+# Router CPUs. The bundled SQLite needs a C cross compiler: zig (PyPI `ziglang`) through cargo-zigbuild.
+cross:
+	@command -v cargo-zigbuild >/dev/null || { echo "+ pip install ziglang cargo-zigbuild"; python3 -m pip install --quiet ziglang cargo-zigbuild; }
+	@for t in $(CROSS_TARGETS); do rustup target list --installed | grep -qx $$t || { echo "+ rustup target add $$t"; rustup target add $$t; }; done
+	@command -v qemu-aarch64 >/dev/null || { echo "+ apt-get install qemu-user"; $(SUDO) apt-get install -y qemu-user || { $(SUDO) apt-get update && $(SUDO) apt-get install -y qemu-user; }; }
+	@for t in $(CROSS_TARGETS); do echo "+ cargo zigbuild --release --target $$t"; $(CARGO) zigbuild $(LOCKED) --release --target $$t; done
+	@for t in $(CROSS_TARGETS); do echo "target/$$t/release/$(NAME): $$(stat -c %s target/$$t/release/$(NAME)) bytes"; done
+	MCT_CROSS_BIN=$$(realpath target/aarch64-unknown-linux-musl/release/$(NAME)) MCT_CROSS_RUNNER=qemu-aarch64 \
+		$(CARGO) test $(LOCKED) --test it cross -- --ignored
 
 demo:
 	$(CARGO) build $(LOCKED) --release
@@ -92,6 +108,9 @@ bench:
 		echo "musl build failed: benchmarking the host build (no size figure)" >&2; \
 		$(CARGO) build $(LOCKED) --release; bin=$(HOST_BIN); \
 	fi; \
+	@for t in $(CROSS_TARGETS); do f=target/$$t/release/$(NAME); \
+		if [ -f $$f ]; then echo "binary size, $$t (make cross): $$(stat -c %s $$f) bytes"; \
+		else echo "binary size, $$t: not built (make cross)"; fi; done
 	MCT_BIN=$$(realpath $$bin) $(CARGO) bench $(LOCKED) --bench figures
 
 fmt:

@@ -100,10 +100,19 @@ pub fn spread(from_ms: i64, to_ms: i64, delta: Bytes) -> Vec<(i64, Bytes)> {
 struct Pending {
     opened: Vec<(ConnMeta, Bytes, i64)>,
     reopened: Vec<(String, i64)>,
-    totals: HashMap<String, (Bytes, i64)>,
-    buckets: HashMap<(String, i64), Bytes>,
+    /// Per connection: one entry (and one copy of its id) however many minutes its bytes spread over.
+    flows: HashMap<String, PendingFlow>,
     closed: Vec<Closed>,
+    /// Diff entries and traffic buckets waiting: bounds the memory a burst can take (`max_pending`).
     changes: usize,
+}
+
+/// A connection's latest totals and the bytes per minute not yet written.
+#[derive(Default)]
+struct PendingFlow {
+    totals: Bytes,
+    at_ms: i64,
+    buckets: Vec<(i64, Bytes)>,
 }
 
 impl Pending {
@@ -129,17 +138,25 @@ impl Pending {
             to_ms,
         } in diff.flows
         {
+            let f = self.flows.entry(id).or_default();
             if delta != Bytes::default() {
                 for (minute, share) in spread(from_ms, to_ms, delta) {
-                    let b = self.buckets.entry((id.clone(), minute)).or_default();
-                    b.upload += share.upload;
-                    b.download += share.download;
+                    // a connection's pending minutes are few (one or two while tracking live): a scan is cheap
+                    match f.buckets.iter_mut().find(|(m, _)| *m == minute) {
+                        Some((_, b)) => {
+                            b.upload += share.upload;
+                            b.download += share.download;
+                        }
+                        None => {
+                            f.buckets.push((minute, share));
+                            self.changes += 1;
+                        }
+                    }
                 }
             }
-            let t = self.totals.entry(id).or_insert((totals, to_ms));
-            t.0.upload = t.0.upload.max(totals.upload);
-            t.0.download = t.0.download.max(totals.download);
-            t.1 = t.1.max(to_ms);
+            f.totals.upload = f.totals.upload.max(totals.upload);
+            f.totals.download = f.totals.download.max(totals.download);
+            f.at_ms = f.at_ms.max(to_ms);
         }
         self.closed.extend(diff.closed);
     }
@@ -438,19 +455,6 @@ impl Writer {
                         seq = ?5 WHERE pk = ?1",
                 )
                 .map_err(Error::db("prepare totals"))?;
-            for (id, (b, at)) in &p.totals {
-                match find(id, live)? {
-                    Some(mut l) => {
-                        raise(&mut l, clamp(b.upload), clamp(b.download), &mut rollup);
-                        totals
-                            .execute(params![l.pk, l.upload, l.download, at, seq])
-                            .map_err(Error::db("update totals"))?;
-                        live.insert(id.clone(), l);
-                    }
-                    None => crate::warn!("writer: traffic for unknown connection {id} ignored"),
-                }
-            }
-
             let mut bucket = tx
                 .prepare(
                     "INSERT INTO traffic (conn, minute, upload, download, seq) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -458,14 +462,28 @@ impl Writer {
                         download = download + excluded.download, seq = excluded.seq",
                 )
                 .map_err(Error::db("prepare traffic"))?;
-            for ((id, minute), b) in &p.buckets {
-                if let Some(l) = find(id, live)? {
+            for (id, f) in &p.flows {
+                let Some(mut l) = find(id, live)? else {
+                    crate::warn!("writer: traffic for unknown connection {id} ignored");
+                    continue;
+                };
+                raise(
+                    &mut l,
+                    clamp(f.totals.upload),
+                    clamp(f.totals.download),
+                    &mut rollup,
+                );
+                totals
+                    .execute(params![l.pk, l.upload, l.download, f.at_ms, seq])
+                    .map_err(Error::db("update totals"))?;
+                for (minute, b) in &f.buckets {
                     let (up, down) = (clamp(b.upload), clamp(b.download));
                     bucket
                         .execute(params![l.pk, minute, up, down, seq])
                         .map_err(Error::db("write traffic"))?;
                     rollup.traffic(agent, *minute, up, down);
                 }
+                live.insert(id.clone(), l);
             }
 
             let mut close = tx

@@ -18,7 +18,13 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
+        Proc::spawn_with(BIN, &[], args)
+    }
+
+    /// Runs `program` (e.g. an emulator) with `pre` then `args`.
+    pub fn spawn_with(program: &str, pre: &[&str], args: &[&str]) -> Proc {
+        let mut child = Command::new(program)
+            .args(pre)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

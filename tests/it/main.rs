@@ -3,6 +3,7 @@
 mod agent_master;
 mod api;
 mod binary;
+mod cross;
 mod dashboard;
 mod fake_mihomo;
 mod metrics;
