@@ -34,7 +34,7 @@
 //! (batches with rows) and `sync_count`.
 
 use crate::error::{Error, Result};
-use crate::model::{Bytes, ConnMeta};
+use crate::model::{placeholders, Bytes, ConnMeta};
 use crate::store::rollup::{host_key, RollupDelta};
 use crate::store::writer::spread;
 use crate::store::WriteCmd;
@@ -462,16 +462,9 @@ pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> R
             .prepare("SELECT upload, download FROM traffic WHERE conn = ?1 AND minute = ?2")
             .map_err(Error::db("prepare sync traffic lookup"))?;
         let mut upsert = tx
-            .prepare(
-                "INSERT INTO connections (agent_id, id, start_ms, end_ms, last_updated_ms, upload, download,
-                    network, conn_type, source_ip, source_port, destination_ip, destination_port,
-                    source_geoip, destination_geoip, source_ip_asn, destination_ip_asn, inbound_ip,
-                    inbound_port, inbound_name, inbound_user, host, dns_mode, uid, process, process_path,
-                    special_proxy, special_rules, remote_destination, dscp, sniff_host, rematch_name,
-                    chains, provider_chains, node, policy, rule, rule_payload)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                    ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35,
-                    ?36, ?37, ?38)
+            .prepare(&format!(
+                "INSERT INTO connections (agent_id, id, end_ms, last_updated_ms, upload, download, {})
+                 VALUES ({})
                  ON CONFLICT (agent_id, id) DO UPDATE SET
                     upload = max(upload, excluded.upload), download = max(download, excluded.download),
                     last_updated_ms = max(last_updated_ms, excluded.last_updated_ms),
@@ -479,6 +472,9 @@ pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> R
                                   WHEN end_ms IS NULL THEN excluded.end_ms
                                   ELSE max(end_ms, excluded.end_ms) END
                  RETURNING pk",
+                ConnMeta::SQL_COLUMNS,
+                placeholders(6 + ConnMeta::SQL_COLUMNS.split(',').count())
+            )
             )
             .map_err(Error::db("prepare sync upsert"))?;
         let mut bucket_max = tx
@@ -535,48 +531,18 @@ pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> R
                     new_down.max(*down0) - down0,
                 ),
             }
+            let (up, down) = (clamp(row.totals.upload), clamp(row.totals.download));
+            let head: [&dyn rusqlite::ToSql; 6] = [
+                &row.agent_id,
+                &m.id,
+                &row.end_ms,
+                &row.last_updated_ms,
+                &up,
+                &down,
+            ];
             let pk: i64 = upsert
                 .query_row(
-                    params![
-                        row.agent_id,
-                        m.id,
-                        m.start_ms,
-                        row.end_ms,
-                        row.last_updated_ms,
-                        clamp(row.totals.upload),
-                        clamp(row.totals.download),
-                        m.network,
-                        m.conn_type,
-                        m.source_ip,
-                        m.source_port,
-                        m.destination_ip,
-                        m.destination_port,
-                        m.source_geoip,
-                        m.destination_geoip,
-                        m.source_ip_asn,
-                        m.destination_ip_asn,
-                        m.inbound_ip,
-                        m.inbound_port,
-                        m.inbound_name,
-                        m.inbound_user,
-                        m.host,
-                        m.dns_mode,
-                        m.uid,
-                        m.process,
-                        m.process_path,
-                        m.special_proxy,
-                        m.special_rules,
-                        m.remote_destination,
-                        m.dscp,
-                        m.sniff_host,
-                        m.rematch_name,
-                        m.chains,
-                        m.provider_chains,
-                        m.node,
-                        m.policy,
-                        m.rule,
-                        m.rule_payload
-                    ],
+                    rusqlite::params_from_iter(head.into_iter().chain(m.sql_values())),
                     |r| r.get(0),
                 )
                 .map_err(|e| Error::Db(format!("store connection {}", m.id), e))?;

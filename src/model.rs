@@ -42,6 +42,57 @@ pub struct ConnMeta {
     pub rule_payload: String,
 }
 
+impl ConnMeta {
+    /// The `connections` columns [`ConnMeta::sql_values`] binds, in order (for the writers' inserts).
+    pub const SQL_COLUMNS: &'static str = "start_ms, network, conn_type, source_ip, source_port, destination_ip, destination_port, source_geoip, destination_geoip, source_ip_asn, destination_ip_asn, inbound_ip, inbound_port, inbound_name, inbound_user, host, dns_mode, uid, process, process_path, special_proxy, special_rules, remote_destination, dscp, sniff_host, rematch_name, chains, provider_chains, node, policy, rule, rule_payload";
+
+    /// The values of [`ConnMeta::SQL_COLUMNS`], to bind.
+    pub fn sql_values(&self) -> [&dyn rusqlite::ToSql; 32] {
+        [
+            &self.start_ms,
+            &self.network,
+            &self.conn_type,
+            &self.source_ip,
+            &self.source_port,
+            &self.destination_ip,
+            &self.destination_port,
+            &self.source_geoip,
+            &self.destination_geoip,
+            &self.source_ip_asn,
+            &self.destination_ip_asn,
+            &self.inbound_ip,
+            &self.inbound_port,
+            &self.inbound_name,
+            &self.inbound_user,
+            &self.host,
+            &self.dns_mode,
+            &self.uid,
+            &self.process,
+            &self.process_path,
+            &self.special_proxy,
+            &self.special_rules,
+            &self.remote_destination,
+            &self.dscp,
+            &self.sniff_host,
+            &self.rematch_name,
+            &self.chains,
+            &self.provider_chains,
+            &self.node,
+            &self.policy,
+            &self.rule,
+            &self.rule_payload,
+        ]
+    }
+}
+
+/// `?1, ?2, ... ?n`: the placeholders of an insert.
+pub fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Cumulative byte counters of one connection at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bytes {

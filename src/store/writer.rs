@@ -9,7 +9,7 @@
 //! returns: nothing received is lost on a clean stop.
 
 use crate::error::{Error, Result};
-use crate::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
+use crate::model::{placeholders, Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
 use crate::store::rollup::{host_key, RollupDelta};
 use crate::timefmt::{DAY_MS, MINUTE_MS};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -349,18 +349,12 @@ impl Writer {
             };
 
             let mut insert = tx
-                .prepare(
-                    "INSERT INTO connections (agent_id, id, start_ms, end_ms, last_updated_ms, upload, download,
-                        network, conn_type, source_ip, source_port, destination_ip, destination_port,
-                        source_geoip, destination_geoip, source_ip_asn, destination_ip_asn, inbound_ip,
-                        inbound_port, inbound_name, inbound_user, host, dns_mode, uid, process, process_path,
-                        special_proxy, special_rules, remote_destination, dscp, sniff_host, rematch_name,
-                        chains, provider_chains, node, policy, rule, rule_payload, seq)
-                     VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                        ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35,
-                        ?36, ?37, ?38)
-                     RETURNING pk",
-                )
+                .prepare(&format!(
+                    "INSERT INTO connections (agent_id, id, end_ms, last_updated_ms, upload, download, seq, {})
+                     VALUES ({}) RETURNING pk",
+                    ConnMeta::SQL_COLUMNS,
+                    placeholders(7 + ConnMeta::SQL_COLUMNS.split(',').count())
+                ))
                 .map_err(Error::db("prepare insert"))?;
             let mut reopen = tx
                 .prepare(
@@ -379,48 +373,11 @@ impl Writer {
                     live.insert(m.id.clone(), l);
                     continue;
                 }
+                let head: [&dyn rusqlite::ToSql; 7] =
+                    [&agent, &m.id, &rusqlite::types::Null, at, &up, &down, &seq];
                 let pk: i64 = insert
                     .query_row(
-                        params![
-                            agent,
-                            m.id,
-                            m.start_ms,
-                            at,
-                            up,
-                            down,
-                            m.network,
-                            m.conn_type,
-                            m.source_ip,
-                            m.source_port,
-                            m.destination_ip,
-                            m.destination_port,
-                            m.source_geoip,
-                            m.destination_geoip,
-                            m.source_ip_asn,
-                            m.destination_ip_asn,
-                            m.inbound_ip,
-                            m.inbound_port,
-                            m.inbound_name,
-                            m.inbound_user,
-                            m.host,
-                            m.dns_mode,
-                            m.uid,
-                            m.process,
-                            m.process_path,
-                            m.special_proxy,
-                            m.special_rules,
-                            m.remote_destination,
-                            m.dscp,
-                            m.sniff_host,
-                            m.rematch_name,
-                            m.chains,
-                            m.provider_chains,
-                            m.node,
-                            m.policy,
-                            m.rule,
-                            m.rule_payload,
-                            seq
-                        ],
+                        rusqlite::params_from_iter(head.into_iter().chain(m.sql_values())),
                         |r| r.get(0),
                     )
                     .map_err(|e| Error::Db(format!("insert connection {}", m.id), e))?;
