@@ -55,7 +55,7 @@ musl:
 	@if ! command -v musl-gcc >/dev/null; then \
 		echo "+ apt-get install -y musl-tools"; \
 		$(SUDO) apt-get install -y musl-tools || { $(SUDO) apt-get update && $(SUDO) apt-get install -y musl-tools; }; fi
-	$(CARGO) build $(LOCKED) --release --target $(MUSL)
+	$(CARGO) build $(LOCKED) --release --no-default-features --target $(MUSL)
 	@echo "$(MUSL_BIN): $$(stat -c %s $(MUSL_BIN)) bytes"
 
 
@@ -68,7 +68,7 @@ cross:
 	@command -v cargo-zigbuild >/dev/null || { echo "+ pip install ziglang cargo-zigbuild"; python3 -m pip install --quiet ziglang cargo-zigbuild; }
 	@for t in $(CROSS_TARGETS); do rustup target list --installed | grep -qx $$t || { echo "+ rustup target add $$t"; rustup target add $$t; }; done
 	@command -v qemu-aarch64 >/dev/null || { echo "+ apt-get install qemu-user"; $(SUDO) apt-get install -y qemu-user || { $(SUDO) apt-get update && $(SUDO) apt-get install -y qemu-user; }; }
-	@for t in $(CROSS_TARGETS); do echo "+ cargo zigbuild --release --target $$t"; $(CARGO) zigbuild $(LOCKED) --release --target $$t; done
+	@for t in $(CROSS_TARGETS); do echo "+ cargo zigbuild --release --target $$t"; $(CARGO) zigbuild $(LOCKED) --release --no-default-features --target $$t; done
 	@for t in $(CROSS_TARGETS); do echo "target/$$t/release/$(NAME): $$(stat -c %s target/$$t/release/$(NAME)) bytes"; done
 	MCT_CROSS_BIN=$$(realpath target/aarch64-unknown-linux-musl/release/$(NAME)) MCT_CROSS_RUNNER=qemu-aarch64 \
 		$(CARGO) test $(LOCKED) --test it cross -- --ignored

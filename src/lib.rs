@@ -57,6 +57,7 @@ pub mod mihomo_config;
 pub mod model;
 pub mod retention;
 pub mod service;
+#[cfg(feature = "simulator")]
 pub mod simulate;
 pub mod snapshot;
 pub mod store;

@@ -10,6 +10,35 @@ fn wait_for_signal() -> Result<i32, Error> {
     Ok(signals.forever().next().unwrap_or(SIGTERM))
 }
 
+#[cfg(feature = "simulator")]
+fn simulate(args: cli::SimulateArgs) -> Result<(), Error> {
+    log::set_level(args.log_level);
+    let sim = mihomo_connections_tracker::simulate::start(
+        mihomo_connections_tracker::simulate::SimConfig {
+            listen: args.listen,
+            connections: args.connections,
+            churn_percent: args.churn_percent,
+            secret: args.secret,
+            seed: args.seed,
+        },
+    )?;
+    mihomo_connections_tracker::info!(
+        "simulate: fake mihomo with {} connections on ws://{}/connections",
+        args.connections,
+        sim.addr()
+    );
+    wait_for_signal()?;
+    sim.stop();
+    Ok(())
+}
+
+#[cfg(not(feature = "simulator"))]
+fn simulate(_: cli::SimulateArgs) -> Result<(), Error> {
+    Err(Error::Usage(
+        "this build has no simulator (router builds leave it out); use the default build, e.g. `make demo`".into(),
+    ))
+}
+
 fn run() -> Result<(), Error> {
     let command = cli::parse(std::env::args_os().skip(1).collect())?;
     let running = match command {
@@ -29,26 +58,7 @@ fn run() -> Result<(), Error> {
             log::set_level(cfg.log_level);
             app::start_agent(&cfg)?
         }
-        Command::Simulate(args) => {
-            log::set_level(args.log_level);
-            let sim = mihomo_connections_tracker::simulate::start(
-                mihomo_connections_tracker::simulate::SimConfig {
-                    listen: args.listen,
-                    connections: args.connections,
-                    churn_percent: args.churn_percent,
-                    secret: args.secret,
-                    seed: args.seed,
-                },
-            )?;
-            mihomo_connections_tracker::info!(
-                "simulate: fake mihomo with {} connections on ws://{}/connections",
-                args.connections,
-                sim.addr()
-            );
-            wait_for_signal()?;
-            sim.stop();
-            return Ok(());
-        }
+        Command::Simulate(args) => return simulate(args),
         Command::Service(kind, args) => {
             let exe = std::env::current_exe()
                 .map(|p| p.display().to_string())
