@@ -108,9 +108,9 @@ bench:
 		echo "musl build failed: benchmarking the host build (no size figure)" >&2; \
 		$(CARGO) build $(LOCKED) --release; bin=$(HOST_BIN); \
 	fi; \
-	@for t in $(CROSS_TARGETS); do f=target/$$t/release/$(NAME); \
+	for t in $(CROSS_TARGETS); do f=target/$$t/release/$(NAME); \
 		if [ -f $$f ]; then echo "binary size, $$t (make cross): $$(stat -c %s $$f) bytes"; \
-		else echo "binary size, $$t: not built (make cross)"; fi; done
+		else echo "binary size, $$t: not built (make cross)"; fi; done; \
 	MCT_BIN=$$(realpath $$bin) $(CARGO) bench $(LOCKED) --bench figures
 
 fmt:
