@@ -2,7 +2,7 @@
 //!
 //! Records every connection a mihomo (Clash Meta) proxy handles into SQLite and answers questions about
 //! them over HTTP. Built for home routers: blocking code on a handful of OS threads, no async runtime, a
-//! static binary of under 2 MB, a few MB of memory.
+//! static binary of about 2 MB.
 //!
 //! ## Threads and channels
 //!
