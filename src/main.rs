@@ -1,10 +1,6 @@
 //! The binary: parse the command line, start the threads, wait for SIGINT/SIGTERM, stop cleanly.
 
 use mihomo_connections_tracker::cli::{self, Command};
-
-/// dlmalloc instead of the libc allocator: musl's is slow for our many small allocations (see Cargo.toml).
-#[global_allocator]
-static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 use mihomo_connections_tracker::{app, log, Error};
 
 fn wait_for_signal() -> Result<i32, Error> {
