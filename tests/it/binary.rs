@@ -202,3 +202,31 @@ fn sigterm_commits_what_is_pending() {
     );
     assert_traffic_matches_totals(&rows);
 }
+
+#[test]
+fn every_flag_can_come_from_the_environment() {
+    // MCT_DATABASE stands in for --database: the file named there is the one refused
+    let dir = TempDir::new("env");
+    let db = dir.path("from-env.db");
+    std::fs::write(&db, b"not a database").unwrap();
+    let out = Command::new(BIN)
+        .args(["master", "--listen-port", "0"])
+        .env("MCT_DATABASE", &db)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("from-env.db") && text.contains("not a SQLite database"),
+        "{text}"
+    );
+    // and a malformed value from the environment is named like a flag
+    let out = Command::new(BIN)
+        .args(["master", "--database", "x.db"])
+        .env("MCT_LISTEN_PORT", "eighty")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen-port"));
+}
