@@ -5,9 +5,13 @@
 /// JSON array with the policy group first and the exit node last (the reverse of mihomo's order), `node` and
 /// `policy` are its two ends as plain fields; the geoip fields are mihomo's arrays as JSON text (`"null"`,
 /// `"[\"us\"]"`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// Serialized (for the agent's sync records) under the same names, without `start_ms`: the wire carries `start`
+/// as RFC 3339.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ConnMeta {
     pub id: String,
+    #[serde(skip)]
     pub start_ms: i64,
     pub network: String,
     pub conn_type: String,
@@ -45,6 +49,49 @@ pub struct ConnMeta {
 impl ConnMeta {
     /// The `connections` columns [`ConnMeta::sql_values`] binds, in order (for the writers' inserts).
     pub const SQL_COLUMNS: &'static str = "start_ms, network, conn_type, source_ip, source_port, destination_ip, destination_port, source_geoip, destination_geoip, source_ip_asn, destination_ip_asn, inbound_ip, inbound_port, inbound_name, inbound_user, host, dns_mode, uid, process, process_path, special_proxy, special_rules, remote_destination, dscp, sniff_host, rematch_name, chains, provider_chains, node, policy, rule, rule_payload";
+
+    /// Reads a connection whose [`ConnMeta::SQL_COLUMNS`] start at column `first` of `r`.
+    pub fn from_sql_row(
+        id: String,
+        r: &rusqlite::Row<'_>,
+        first: usize,
+    ) -> rusqlite::Result<ConnMeta> {
+        Ok(ConnMeta {
+            id,
+            start_ms: r.get(first)?,
+            network: r.get(first + 1)?,
+            conn_type: r.get(first + 2)?,
+            source_ip: r.get(first + 3)?,
+            source_port: r.get(first + 4)?,
+            destination_ip: r.get(first + 5)?,
+            destination_port: r.get(first + 6)?,
+            source_geoip: r.get(first + 7)?,
+            destination_geoip: r.get(first + 8)?,
+            source_ip_asn: r.get(first + 9)?,
+            destination_ip_asn: r.get(first + 10)?,
+            inbound_ip: r.get(first + 11)?,
+            inbound_port: r.get(first + 12)?,
+            inbound_name: r.get(first + 13)?,
+            inbound_user: r.get(first + 14)?,
+            host: r.get(first + 15)?,
+            dns_mode: r.get(first + 16)?,
+            uid: r.get(first + 17)?,
+            process: r.get(first + 18)?,
+            process_path: r.get(first + 19)?,
+            special_proxy: r.get(first + 20)?,
+            special_rules: r.get(first + 21)?,
+            remote_destination: r.get(first + 22)?,
+            dscp: r.get(first + 23)?,
+            sniff_host: r.get(first + 24)?,
+            rematch_name: r.get(first + 25)?,
+            chains: r.get(first + 26)?,
+            provider_chains: r.get(first + 27)?,
+            node: r.get(first + 28)?,
+            policy: r.get(first + 29)?,
+            rule: r.get(first + 30)?,
+            rule_payload: r.get(first + 31)?,
+        })
+    }
 
     /// The values of [`ConnMeta::SQL_COLUMNS`], to bind.
     pub fn sql_values(&self) -> [&dyn rusqlite::ToSql; 32] {

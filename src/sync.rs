@@ -31,6 +31,7 @@
 //! checked at least every 100 ms while waiting; an HTTP call in flight finishes first (at most `timeout`).
 
 use crate::error::{Error, Result};
+use crate::model::ConnMeta;
 use crate::store::{Access, WriteCmd};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
@@ -244,47 +245,18 @@ pub fn store_cursor(conn: &Connection, cursor: (i64, i64)) -> Result<()> {
     .map_err(Error::db("store sync cursor"))
 }
 
-/// One record in our wire format (see [`crate::ingest`]).
+/// One record in our wire format (see [`crate::ingest`]): the connection's metadata under its column names,
+/// times as RFC 3339, and the traffic rows to merge.
 #[derive(Serialize, Debug)]
 pub struct OutRecord {
-    pub id: String,
     pub agent_id: String,
     pub download: i64,
     pub upload: i64,
     pub last_updated: String,
     pub start: String,
     pub end: Option<String>,
-    pub network: String,
-    pub conn_type: String,
-    pub source_ip: String,
-    pub destination_ip: String,
-    pub source_geoip: String,
-    pub destination_geoip: String,
-    pub source_ip_asn: String,
-    pub destination_ip_asn: String,
-    pub source_port: String,
-    pub destination_port: String,
-    pub inbound_ip: String,
-    pub inbound_port: String,
-    pub inbound_name: String,
-    pub inbound_user: String,
-    pub host: String,
-    pub dns_mode: String,
-    pub uid: i64,
-    pub process: String,
-    pub process_path: String,
-    pub special_proxy: String,
-    pub special_rules: String,
-    pub remote_destination: String,
-    pub dscp: i64,
-    pub sniff_host: String,
-    pub chains: String,
-    pub rule: String,
-    pub rule_payload: String,
-    pub rematch_name: String,
-    pub provider_chains: String,
-    pub node: String,
-    pub policy: String,
+    #[serde(flatten)]
+    pub meta: ConnMeta,
     pub traffic: Vec<[i64; 3]>,
 }
 
@@ -327,15 +299,11 @@ pub fn read_batch(
     };
     {
         let mut rows = tx
-            .prepare(
-                "SELECT pk, seq, agent_id, id, start_ms, end_ms, last_updated_ms, upload, download, network,
-                    conn_type, source_ip, source_port, destination_ip, destination_port, source_geoip,
-                    destination_geoip, source_ip_asn, destination_ip_asn, inbound_ip, inbound_port,
-                    inbound_name, inbound_user, host, dns_mode, uid, process, process_path, special_proxy,
-                    special_rules, remote_destination, dscp, sniff_host, rematch_name, chains,
-                    provider_chains, node, policy, rule, rule_payload
+            .prepare(&format!(
+                "SELECT pk, seq, agent_id, id, end_ms, last_updated_ms, upload, download, {}
                  FROM connections WHERE (seq, pk) > (?1, ?2) ORDER BY seq, pk LIMIT ?3",
-            )
+                ConnMeta::SQL_COLUMNS
+            ))
             .map_err(Error::db("prepare sync read"))?;
         let mut traffic = tx
             .prepare(
@@ -352,7 +320,7 @@ pub fn read_batch(
             read += 1;
             let pk: i64 = r.get(0).map_err(Error::db("read pk"))?;
             let seq: i64 = r.get(1).map_err(Error::db("read seq"))?;
-            let end_ms: Option<i64> = r.get(5).map_err(Error::db("read end_ms"))?;
+            let end_ms: Option<i64> = r.get(4).map_err(Error::db("read end_ms"))?;
             let since = delivered.get(&pk).copied().unwrap_or(i64::MIN);
             let t: Vec<[i64; 3]> = traffic
                 .query_map(params![pk, since], |t| {
@@ -366,45 +334,15 @@ pub fn read_batch(
             }
             buckets += t.len();
             let rec = (|| -> rusqlite::Result<OutRecord> {
+                let meta = ConnMeta::from_sql_row(r.get(3)?, r, 8)?;
                 Ok(OutRecord {
                     agent_id: r.get(2)?,
-                    id: r.get(3)?,
-                    start: ts(r.get(4)?),
+                    start: ts(meta.start_ms),
                     end: end_ms.map(ts),
-                    last_updated: ts(r.get(6)?),
-                    upload: r.get(7)?,
-                    download: r.get(8)?,
-                    network: r.get(9)?,
-                    conn_type: r.get(10)?,
-                    source_ip: r.get(11)?,
-                    source_port: r.get(12)?,
-                    destination_ip: r.get(13)?,
-                    destination_port: r.get(14)?,
-                    source_geoip: r.get(15)?,
-                    destination_geoip: r.get(16)?,
-                    source_ip_asn: r.get(17)?,
-                    destination_ip_asn: r.get(18)?,
-                    inbound_ip: r.get(19)?,
-                    inbound_port: r.get(20)?,
-                    inbound_name: r.get(21)?,
-                    inbound_user: r.get(22)?,
-                    host: r.get(23)?,
-                    dns_mode: r.get(24)?,
-                    uid: r.get(25)?,
-                    process: r.get(26)?,
-                    process_path: r.get(27)?,
-                    special_proxy: r.get(28)?,
-                    special_rules: r.get(29)?,
-                    remote_destination: r.get(30)?,
-                    dscp: r.get(31)?,
-                    sniff_host: r.get(32)?,
-                    rematch_name: r.get(33)?,
-                    chains: r.get(34)?,
-                    provider_chains: r.get(35)?,
-                    node: r.get(36)?,
-                    policy: r.get(37)?,
-                    rule: r.get(38)?,
-                    rule_payload: r.get(39)?,
+                    last_updated: ts(r.get(5)?),
+                    upload: r.get(6)?,
+                    download: r.get(7)?,
+                    meta,
                     traffic: t,
                 })
             })()
@@ -804,7 +742,7 @@ mod tests {
             cursor = b.end;
             for r in b.records {
                 let sum: i64 = r.traffic.iter().map(|t| t[2]).sum();
-                seen.push((r.id, sum, r.end.is_some()));
+                seen.push((r.meta.id, sum, r.end.is_some()));
             }
         }
         assert_eq!(
