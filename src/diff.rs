@@ -13,6 +13,8 @@
 //! - An id that was closed and shows up again within [`REOPEN_WINDOW_MS`] (an empty or partial snapshot, a
 //!   glitch) is reopened, its bytes continuing from where they were: never a second row.
 //! - Duplicate ids within one snapshot count once (the larger counters win).
+//! - Time never runs backwards for a connection: when the clock jumps back, its bytes land in the minute it
+//!   was last seen (never before its start) and it closes no earlier than that, so no duration is negative.
 
 use crate::model::{Bytes, Closed, ConnectionDiff, Flow, OpenRow};
 use crate::snapshot::Snapshot;
@@ -119,7 +121,8 @@ impl Tracker {
                         totals: t.bytes,
                         delta,
                         from_ms: t.last_seen_ms,
-                        to_ms: at_ms,
+                        // the clock went back: not before the minute already written
+                        to_ms: at_ms.max(t.last_seen_ms),
                     });
                 }
                 if t.generation != gen {
@@ -145,12 +148,12 @@ impl Tracker {
                         totals: bytes,
                         delta,
                         from_ms: closed_ms,
-                        to_ms: at_ms,
+                        to_ms: at_ms.max(closed_ms),
                     });
                 }
                 let tracked = Tracked {
                     bytes,
-                    last_seen_ms: at_ms,
+                    last_seen_ms: at_ms.max(closed_ms),
                     start_ms: closed_ms,
                     label: "".into(),
                     generation: gen,
@@ -186,10 +189,12 @@ impl Tracker {
             } else {
                 meta.host.as_str().into()
             };
-            let from_ms = meta.start_ms.min(at_ms);
+            // a start later than our clock (the clock went back, or the core's runs ahead): its bytes and
+            // its end are not put before its start
+            let seen_ms = at_ms.max(meta.start_ms);
             let tracked = Tracked {
                 bytes: e.bytes,
-                last_seen_ms: at_ms,
+                last_seen_ms: seen_ms,
                 start_ms: meta.start_ms,
                 label,
                 generation: gen,
@@ -199,8 +204,8 @@ impl Tracker {
                     id: id.to_string(),
                     totals: e.bytes,
                     delta: e.bytes,
-                    from_ms,
-                    to_ms: at_ms,
+                    from_ms: meta.start_ms,
+                    to_ms: seen_ms,
                 });
             }
             diff.opened.push((meta, e.bytes));
@@ -215,7 +220,11 @@ impl Tracker {
             .collect();
         for id in missing {
             if let Some(t) = self.open.remove(&id) {
-                let end_ms = if fresh { t.last_seen_ms } else { at_ms };
+                let end_ms = if fresh {
+                    t.last_seen_ms
+                } else {
+                    at_ms.max(t.last_seen_ms)
+                };
                 self.close(id, t, end_ms, &mut diff);
             }
         }
@@ -283,11 +292,20 @@ mod tests {
     use super::*;
     use crate::snapshot::parse;
 
-    fn frame(totals: u64, conns: &[(&str, u64, u64)]) -> Vec<u8> {
+    /// The start of every connection when the test's clock reads a real date; tests counting from 0 leave
+    /// `start` out, and first sight stands in for it.
+    const START: &str = "2026-01-01T00:00:00Z";
+
+    fn frame(totals: u64, conns: &[(&str, u64, u64)], start: bool) -> Vec<u8> {
+        let start = if start {
+            format!(r#""start":"{START}","#)
+        } else {
+            String::new()
+        };
         let list: Vec<String> = conns
             .iter()
             .map(|(id, up, down)| {
-                format!(r#"{{"id":"{id}","upload":{up},"download":{down},"start":"2026-01-01T00:00:00Z","metadata":{{"host":"{id}.example"}}}}"#)
+                format!(r#"{{"id":"{id}","upload":{up},"download":{down},{start}"metadata":{{"host":"{id}.example"}}}}"#)
             })
             .collect();
         format!(
@@ -298,7 +316,7 @@ mod tests {
     }
 
     fn apply(t: &mut Tracker, totals: u64, conns: &[(&str, u64, u64)], at: i64) -> ConnectionDiff {
-        let f = frame(totals, conns);
+        let f = frame(totals, conns, at >= 1_000_000_000_000);
         let s = parse(&f).unwrap();
         t.apply(&s, at)
     }
@@ -463,9 +481,30 @@ mod tests {
     }
 
     #[test]
+    fn a_clock_jumping_back_puts_nothing_before_what_was_seen() {
+        let start = crate::timefmt::parse_rfc3339(START).unwrap();
+        let hour = 3_600_000;
+        let mut t = Tracker::new(vec![]);
+        apply(&mut t, 10, &[("a", 1, 10), ("b", 1, 1)], start + hour);
+        // two hours back: a's bytes land where it was last seen, b closes no earlier than that
+        let d = apply(&mut t, 20, &[("a", 2, 30)], start - hour);
+        assert_eq!(
+            (d.flows[0].from_ms, d.flows[0].to_ms),
+            (start + hour, start + hour)
+        );
+        assert_eq!(ids_closed(&d), [("b".into(), start + hour, 1)]);
+        // first seen while our clock reads before its start: bytes and end not before the start
+        let mut t = Tracker::new(vec![]);
+        let d = apply(&mut t, 10, &[("c", 1, 10)], start - hour);
+        assert_eq!((d.flows[0].from_ms, d.flows[0].to_ms), (start, start));
+        let d = apply(&mut t, 10, &[], start - hour + 1000);
+        assert_eq!(ids_closed(&d), [("c".into(), start, 10)]);
+    }
+
+    #[test]
     fn first_sight_bytes_flow_from_start() {
         let mut t = Tracker::new(vec![]);
-        let start = crate::timefmt::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        let start = crate::timefmt::parse_rfc3339(START).unwrap();
         let d = apply(&mut t, 10, &[("a", 1, 10)], start + 3 * 3_600_000);
         assert_eq!(
             (d.flows[0].from_ms, d.flows[0].to_ms),

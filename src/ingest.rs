@@ -42,8 +42,12 @@ use crate::timefmt::{parse_rfc3339, MINUTE_MS};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use serde_json::Value;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::time::Duration;
+
+/// Set while batches fail for a full or failing disk: its error is logged once, not per batch.
+static STORAGE_FAILING: AtomicBool = AtomicBool::new(false);
 
 /// How long a sync request waits for the writer before answering `503`.
 pub const WRITER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -187,11 +191,25 @@ pub fn handle_sync(
     );
     match stored {
         Ok(Ok(n)) => {
+            if STORAGE_FAILING.swap(false, Ordering::Relaxed) {
+                crate::info!("ingest: the database can be written again; storing batches");
+            }
             crate::debug!("ingest: stored {n} connections from agent {agent}");
             Ok(serde_json::json!({
                 "count": n,
                 "message": format!("synced {n} connections"),
             }))
+        }
+        Ok(Err(e)) if crate::store::writer::is_storage_error(&e) => {
+            // logged once, not per batch: every agent retries every few seconds
+            if !STORAGE_FAILING.swap(true, Ordering::Relaxed) {
+                crate::error!("ingest: cannot store batches ({e}); answering 503 until the database can be written again");
+            }
+            crate::debug!("ingest: batch of {count} from agent {agent} not stored: {e}");
+            Err((
+                503,
+                "the master's disk is full or failing: nothing was stored; retry later".into(),
+            ))
         }
         Ok(Err(e)) => {
             crate::error!("ingest: batch of {count} from agent {agent} not stored: {e}");

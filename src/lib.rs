@@ -62,6 +62,7 @@ pub mod simulate;
 pub mod snapshot;
 pub mod store;
 pub mod sync;
+pub mod test_hooks;
 pub mod timefmt;
 
 pub use error::{Error, Result};

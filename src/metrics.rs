@@ -19,6 +19,9 @@ pub static REOPENED: AtomicU64 = AtomicU64::new(0);
 pub static FLOWS: AtomicU64 = AtomicU64::new(0);
 /// Connections closed.
 pub static CLOSED: AtomicU64 = AtomicU64::new(0);
+/// New connections the writer dropped because the database could not be written for too long and holding
+/// more would exceed its memory bound (`store::writer::MAX_HELD_CHANGES`).
+pub static DROPPED: AtomicU64 = AtomicU64::new(0);
 /// Successful commits of the writer.
 pub static COMMITS: AtomicU64 = AtomicU64::new(0);
 /// Duration of the last successful commit, in microseconds.

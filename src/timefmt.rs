@@ -22,12 +22,13 @@ pub fn clock_is_sane(ms: i64) -> bool {
     ms >= SANE_MS
 }
 
-/// Wall-clock now, UTC milliseconds.
+/// Wall-clock now, UTC milliseconds (debug builds: plus the tests' clock offset, [`crate::test_hooks`]).
 pub fn now_ms() -> i64 {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
+    let ms = match SystemTime::now().duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_millis() as i64,
         Err(e) => -(e.duration().as_millis() as i64),
-    }
+    };
+    ms + crate::test_hooks::get("clock_offset_ms").unwrap_or(0)
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date.

@@ -655,6 +655,16 @@ pub fn render(
     );
     e.sample("mct_writer_commits_total", &[], m::get(&m::COMMITS) as f64);
     e.family(
+        "mct_writer_dropped_connections_total",
+        Kind::Counter,
+        "New connections dropped because the database could not be written and memory was at its bound.",
+    );
+    e.sample(
+        "mct_writer_dropped_connections_total",
+        &[],
+        m::get(&m::DROPPED) as f64,
+    );
+    e.family(
         "mct_writer_last_commit_seconds",
         Kind::Gauge,
         "Duration of the writer's last commit.",

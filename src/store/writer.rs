@@ -7,13 +7,18 @@
 //! agent's sync cursor) arrives as [`WriteCmd::Run`] closures, run after pending diffs are committed, so
 //! every closure sees all earlier writes. When every sender is gone the writer commits what it holds and
 //! returns: nothing received is lost on a clean stop.
+//!
+//! A database that cannot be written (disk full, I/O errors) is not fatal: the batch stays in memory and is
+//! retried with backoff (0.5 s doubling to 5 s), logged once when it starts failing and once when it
+//! recovers. What it holds is bounded by [`MAX_HELD_CHANGES`]; beyond that the oldest new connections are
+//! dropped (the newest data is kept), logged and counted (`metrics::DROPPED`).
 
 use crate::error::{Error, Result};
 use crate::model::{placeholders, Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
 use crate::store::rollup::{host_key, RollupDelta};
 use crate::timefmt::{DAY_MS, MINUTE_MS};
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
@@ -46,6 +51,26 @@ impl Default for WriterConfig {
             flush_every: Duration::from_secs(2),
             max_pending: 20_000,
         }
+    }
+}
+
+/// While the database cannot be written, at most this many changes (new connections, byte updates,
+/// per-minute buckets, closes) are held in memory: about 20-30 MB at worst, 40 minutes of a busy home router.
+/// A test can lower it (`max_held_changes`, [`crate::test_hooks`]).
+pub const MAX_HELD_CHANGES: usize = 50_000;
+
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// True when `e` says the database cannot be written for lack of space or an I/O error: worth retrying
+/// later, and not the caller's fault.
+pub fn is_storage_error(e: &Error) -> bool {
+    use rusqlite::ErrorCode as C;
+    match e {
+        Error::Db(_, rusqlite::Error::SqliteFailure(f, _)) => {
+            matches!(f.code, C::DiskFull | C::SystemIoFailure | C::CannotOpen)
+        }
+        _ => false,
     }
 }
 
@@ -164,6 +189,29 @@ impl Pending {
     fn is_empty(&self) -> bool {
         self.changes == 0
     }
+
+    /// What is really held (`changes` counts every update, even those coalesced into one entry).
+    fn held(&self) -> usize {
+        self.opened.len()
+            + self.reopened.len()
+            + self.closed.len()
+            + self
+                .flows
+                .values()
+                .map(|f| 1 + f.buckets.len())
+                .sum::<usize>()
+    }
+}
+
+/// The database has been refusing writes since `since`.
+struct Failing {
+    since: Instant,
+    retry_at: Instant,
+    backoff: Duration,
+    /// New connections dropped (over [`MAX_HELD_CHANGES`]) since it started failing.
+    dropped: u64,
+    /// Connections whose per-minute buckets were merged into one to save memory.
+    merged: u64,
 }
 
 /// What the writer remembers of a connection it writes to: its row key, what the rollups group it by,
@@ -184,6 +232,12 @@ pub struct Writer {
     pending: Pending,
     live: HashMap<String, Live>,
     next_seq: i64,
+    failing: Option<Failing>,
+    /// Open connections whose opening was dropped while the database was full: their later changes are
+    /// dropped too (instead of warning about an unknown connection each time), until they close.
+    dropped_ids: HashSet<String>,
+    /// The page cap last set through [`crate::test_hooks`].
+    page_cap: Option<i64>,
 }
 
 fn clamp(v: u64) -> i64 {
@@ -204,6 +258,9 @@ impl Writer {
             pending: Pending::default(),
             live: HashMap::new(),
             next_seq: max_seq + 1,
+            failing: None,
+            dropped_ids: HashSet::new(),
+            page_cap: None,
         })
     }
 
@@ -215,30 +272,37 @@ impl Writer {
                 Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
+            self.apply_test_hooks();
             match cmd {
-                Ok(WriteCmd::Diff(diff)) => {
+                Ok(WriteCmd::Diff(mut diff)) => {
+                    if !self.dropped_ids.is_empty() {
+                        self.forget_dropped(&mut diff);
+                    }
                     if !diff.is_empty() {
                         self.pending.add(diff);
                         deadline.get_or_insert_with(|| Instant::now() + self.cfg.flush_every);
                     }
                     if self.pending.changes >= self.cfg.max_pending {
-                        self.flush_logged();
-                        deadline = None;
+                        self.flush_logged(false);
+                        deadline = self.next_deadline();
+                    }
+                    if self.failing.is_some() {
+                        self.bound_held();
                     }
                 }
                 Ok(WriteCmd::Run(f)) => {
-                    self.flush_logged();
-                    deadline = None;
+                    self.flush_logged(true);
+                    deadline = self.next_deadline();
                     f(&mut self.conn);
                 }
                 Ok(WriteCmd::Flush(reply)) => {
-                    self.flush_logged();
-                    deadline = None;
+                    self.flush_logged(true);
+                    deadline = self.next_deadline();
                     let _ = reply.send(());
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    self.flush_logged();
-                    deadline = None;
+                    self.flush_logged(false);
+                    deadline = self.next_deadline();
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     return self.flush();
@@ -247,14 +311,165 @@ impl Writer {
         }
     }
 
-    /// Commits, logging (not propagating) a failure: the data stays pending and is retried at the next
-    /// flush, so a full disk loses nothing that fits in memory.
-    fn flush_logged(&mut self) {
-        if let Err(e) = self.flush() {
-            crate::error!(
-                "writer: {e}; {} changes kept in memory, retrying",
-                self.pending.changes
+    /// When to try the next commit: never with nothing pending, at the retry time while failing.
+    fn next_deadline(&self) -> Option<Instant> {
+        match (&self.failing, self.pending.is_empty()) {
+            (_, true) => None,
+            (Some(f), false) => Some(f.retry_at),
+            (None, false) => Some(Instant::now() + self.cfg.flush_every),
+        }
+    }
+
+    /// Commits, logging (not propagating) a failure: the data stays pending and is retried with backoff, so
+    /// a full disk loses nothing that fits in memory. Logs once when writes start failing and once when
+    /// they work again, never per try. While failing, only `force` tries before the retry time.
+    fn flush_logged(&mut self, force: bool) {
+        if let Some(f) = &self.failing {
+            if !force && Instant::now() < f.retry_at {
+                return;
+            }
+        }
+        match self.flush() {
+            Ok(()) => {
+                if let Some(f) = self.failing.take() {
+                    crate::info!(
+                        "writer: the database accepts writes again after {} s; what was held in memory is written",
+                        f.since.elapsed().as_secs()
+                    );
+                    if f.dropped > 0 || f.merged > 0 {
+                        crate::warn!(
+                            "writer: while it could not write, {} new connections were dropped and the per-minute traffic of {} was merged into one minute (over {} changes held)",
+                            f.dropped, f.merged, self.held_bound()
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                let now = Instant::now();
+                match &mut self.failing {
+                    Some(f) => {
+                        f.backoff = (f.backoff * 2).min(RETRY_MAX);
+                        f.retry_at = now + f.backoff;
+                    }
+                    None => {
+                        let why = if is_storage_error(&e) {
+                            "the disk is full or failing"
+                        } else {
+                            "unexpected error"
+                        };
+                        crate::error!(
+                            "writer: cannot write the database ({why}): {e}; holding up to {} changes in memory and retrying until it works",
+                            self.held_bound()
+                        );
+                        self.failing = Some(Failing {
+                            since: now,
+                            retry_at: now + RETRY_MIN,
+                            backoff: RETRY_MIN,
+                            dropped: 0,
+                            merged: 0,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn held_bound(&self) -> usize {
+        crate::test_hooks::get("max_held_changes")
+            .map(|n| n.max(0) as usize)
+            .unwrap_or(MAX_HELD_CHANGES)
+    }
+
+    /// Keeps what is held while failing under the bound: first the per-minute buckets of each connection
+    /// are merged into its latest minute (no byte lost, only when they flowed), then the oldest new
+    /// connections are dropped with everything pending for them, so the newest data is kept.
+    fn bound_held(&mut self) {
+        let bound = self.held_bound();
+        if self.pending.changes <= bound {
+            return;
+        }
+        self.pending.changes = self.pending.held();
+        if self.pending.changes <= bound {
+            return;
+        }
+        let first_time = self
+            .failing
+            .as_ref()
+            .is_some_and(|f| f.dropped + f.merged == 0);
+        let (mut merged, mut dropped) = (0u64, 0u64);
+        for f in self.pending.flows.values_mut() {
+            if f.buckets.len() > 1 {
+                let sum = f.buckets.iter().fold(Bytes::default(), |a, (_, b)| Bytes {
+                    upload: a.upload + b.upload,
+                    download: a.download + b.download,
+                });
+                let last = f.buckets.iter().map(|(m, _)| *m).max().unwrap_or(0);
+                self.pending.changes -= f.buckets.len() - 1;
+                f.buckets = vec![(last, sum)];
+                merged += 1;
+            }
+        }
+        if self.pending.changes > bound {
+            let mut cut: HashSet<String> = HashSet::new();
+            let mut n = 0;
+            while self.pending.changes > bound && n < self.pending.opened.len() {
+                let id = &self.pending.opened[n].0.id;
+                self.pending.changes -= 1;
+                if let Some(f) = self.pending.flows.remove(id) {
+                    self.pending.changes -= 1 + f.buckets.len();
+                }
+                cut.insert(id.clone());
+                n += 1;
+            }
+            self.pending.opened.drain(..n);
+            self.pending.reopened.retain(|(id, _)| !cut.contains(id));
+            // those closed already send nothing more; the others' later changes are dropped too
+            let mut closed_ids = HashSet::new();
+            self.pending.closed.retain(|c| {
+                let ours = cut.contains(&c.id);
+                if ours {
+                    closed_ids.insert(c.id.clone());
+                }
+                !ours
+            });
+            self.dropped_ids
+                .extend(cut.into_iter().filter(|id| !closed_ids.contains(id)));
+            dropped = n as u64;
+            crate::metrics::add(&crate::metrics::DROPPED, n);
+            self.pending.changes = self.pending.held();
+        }
+        if let Some(f) = &mut self.failing {
+            f.dropped += dropped;
+            f.merged += merged;
+        }
+        if first_time && dropped + merged > 0 {
+            crate::warn!(
+                "writer: more than {bound} changes held while the database cannot be written: merging per-minute traffic, then dropping the oldest new connections (counted in mct_writer_dropped_connections_total)"
             );
+        }
+    }
+
+    /// Drops the changes of connections whose opening was dropped; a close ends the watch on its id.
+    fn forget_dropped(&mut self, diff: &mut ConnectionDiff) {
+        let ids = &mut self.dropped_ids;
+        diff.flows.retain(|f| !ids.contains(&f.id));
+        diff.reopened.retain(|id| !ids.contains(id));
+        diff.closed.retain(|c| !ids.remove(&c.id));
+    }
+
+    /// Debug builds: the database page cap a test asked for (a full disk on demand).
+    fn apply_test_hooks(&mut self) {
+        let cap = crate::test_hooks::get("max_page_count");
+        if cap != self.page_cap {
+            // SQLite never lowers the cap below the current size; 4294967294 is its maximum (no cap)
+            let n = match cap {
+                Some(n) if n > 0 => n,
+                _ => 4_294_967_294,
+            };
+            if let Err(e) = self.conn.pragma_update(None, "max_page_count", n) {
+                crate::warn!("writer: cannot set max_page_count {n}: {e}");
+            }
+            self.page_cap = cap;
         }
     }
 
@@ -373,8 +588,10 @@ impl Writer {
                     live.insert(m.id.clone(), l);
                     continue;
                 }
+                // never updated before it started (a clock that went back)
+                let at = (*at).max(m.start_ms);
                 let head: [&dyn rusqlite::ToSql; 7] =
-                    [&agent, &m.id, &rusqlite::types::Null, at, &up, &down, &seq];
+                    [&agent, &m.id, &rusqlite::types::Null, &at, &up, &down, &seq];
                 let pk: i64 = insert
                     .query_row(
                         rusqlite::params_from_iter(head.into_iter().chain(m.sql_values())),

@@ -6,6 +6,7 @@ mod binary;
 mod cross;
 mod dashboard;
 mod fake_mihomo;
+mod faults;
 mod metrics;
 mod standalone;
 mod support;

@@ -1,0 +1,682 @@
+//! Faults, with the real binary: agents and masters SIGKILLed at random moments, mihomo flapping, a full
+//! disk, a clock that jumps. Each test states what must survive.
+//!
+//! Randomness comes from a seed printed when a test fails; `MCT_FAULTS_SEED=N` replays it. The clock and
+//! the disk are moved through the debug build's hooks file (`MCT_TEST_HOOKS`, `src/test_hooks.rs`).
+
+use crate::binary::{Proc, BIN};
+use crate::fake_mihomo::{frame, FakeMihomo};
+use crate::support::*;
+use mihomo_connections_tracker::timefmt::{format_rfc3339, now_ms, SANE_MS};
+use rusqlite::Connection;
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const HOUR: i64 = 3_600_000;
+
+/// A tiny xorshift generator: reproducible from its seed, no crate.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform-ish in `lo..hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo).max(1)
+    }
+}
+
+/// The seed from `MCT_FAULTS_SEED`, else from the clock; said on stderr when the test fails.
+struct Seed {
+    test: &'static str,
+    seed: u64,
+}
+
+impl Seed {
+    fn new(test: &'static str) -> Seed {
+        let seed = match std::env::var("MCT_FAULTS_SEED") {
+            Ok(s) => s
+                .parse()
+                .expect("MCT_FAULTS_SEED: expected an unsigned integer"),
+            Err(_) => {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            }
+        };
+        Seed { test, seed }
+    }
+    fn rng(&self) -> Rng {
+        Rng(self.seed | 1)
+    }
+}
+
+impl Drop for Seed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "{} failed with seed {}: replay with MCT_FAULTS_SEED={} cargo test --test it {}",
+                self.test, self.seed, self.seed, self.test
+            );
+        }
+    }
+}
+
+/// The hooks file a debug binary rereads at each use: `key=value` lines, replaced by a rename.
+struct Hooks {
+    path: PathBuf,
+    values: BTreeMap<String, i64>,
+}
+
+impl Hooks {
+    fn new(dir: &TempDir) -> Hooks {
+        let h = Hooks {
+            path: dir.path("hooks"),
+            values: BTreeMap::new(),
+        };
+        h.write();
+        h
+    }
+    fn set(&mut self, key: &str, value: i64) {
+        self.values.insert(key.into(), value);
+        self.write();
+    }
+    fn write(&self) {
+        let text: String = self
+            .values
+            .iter()
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect();
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.path).unwrap();
+    }
+    /// Runs the binary with this hooks file.
+    fn spawn(&self, args: &[&str]) -> Proc {
+        let env = format!("MCT_TEST_HOOKS={}", self.path.display());
+        Proc::spawn_with("env", &[&env, BIN], args)
+    }
+}
+
+/// A port that was free a moment ago (for a master restarted on the same port).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `frame`, with every connection started at `start_ms` (mihomo's clock, which moves with ours).
+fn frame_started(totals: u64, conns: &[(&str, u64, u64, &str)], start_ms: i64) -> String {
+    let f = frame(totals, conns);
+    let start = format_rfc3339(start_ms, true);
+    let mut out = String::with_capacity(f.len());
+    let mut rest = f.as_str();
+    while let Some(i) = rest.find(r#""start":""#) {
+        let value = i + r#""start":""#.len();
+        out.push_str(&rest[..value]);
+        out.push_str(&start);
+        let end = value + rest[value..].find('"').unwrap();
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A standalone master recording the fake mihomo, with hooks.
+fn standalone(hooks: &Hooks, db: &Path, mihomo: &FakeMihomo, extra: &[&str]) -> Proc {
+    let port = mihomo.addr.port().to_string();
+    let mut args = vec![
+        "master",
+        "--database",
+        db.to_str().unwrap(),
+        "--listen-port",
+        "0",
+        "--mihomo-host",
+        "127.0.0.1",
+        "--mihomo-port",
+        &port,
+        "--commit-interval-ms",
+        "30",
+    ];
+    args.extend_from_slice(extra);
+    hooks.spawn(&args)
+}
+
+/// Per connection: start, last update, end, first and last traffic minute, smallest bucket.
+#[derive(Debug)]
+struct Times {
+    id: String,
+    start_ms: i64,
+    last_updated_ms: i64,
+    end_ms: Option<i64>,
+    first_minute: Option<i64>,
+    min_bucket: Option<i64>,
+}
+
+fn times(db: &Path) -> Vec<Times> {
+    let c = Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut s = c
+        .prepare(
+            "SELECT c.id, c.start_ms, c.last_updated_ms, c.end_ms, min(t.minute), min(min(t.upload, t.download))
+             FROM connections c LEFT JOIN traffic t ON t.conn = c.pk GROUP BY c.pk ORDER BY c.id",
+        )
+        .unwrap();
+    s.query_map([], |r| {
+        Ok(Times {
+            id: r.get(0)?,
+            start_ms: r.get(1)?,
+            last_updated_ms: r.get(2)?,
+            end_ms: r.get(3)?,
+            first_minute: r.get(4)?,
+            min_bucket: r.get(5)?,
+        })
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+/// No negative duration, nothing before a connection's start, no negative bucket.
+fn assert_times_ordered(db: &Path) {
+    for t in times(db) {
+        assert!(
+            t.last_updated_ms >= t.start_ms,
+            "{} updated before its start: {t:?}",
+            t.id
+        );
+        if let Some(end) = t.end_ms {
+            assert!(end >= t.start_ms, "negative duration: {t:?}");
+        }
+        if let Some(m) = t.first_minute {
+            assert!(
+                m >= t.start_ms.div_euclid(60_000),
+                "a bucket before the start: {t:?}"
+            );
+        }
+        assert!(t.min_bucket.unwrap_or(0) >= 0, "negative bytes: {t:?}");
+    }
+}
+
+fn row<'a>(rows: &'a [Stored], id: &str) -> Option<&'a Stored> {
+    rows.iter().find(|r| r.id == id)
+}
+
+#[test]
+fn clock_jumping_hours_back_and_forth_keeps_times_ordered_and_bytes_exact() {
+    let dir = TempDir::new("clock-jumps");
+    let db = dir.path("t.db");
+    let mut hooks = Hooks::new(&dir);
+    let fake = FakeMihomo::start(None);
+    let _m = standalone(&hooks, &db, &fake, &[]);
+    fake.wait_connected();
+    let t0 = now_ms();
+    fake.push(frame_started(
+        1,
+        &[
+            ("a", 1, 100, "a.x"),
+            ("b", 1, 100, "b.x"),
+            ("c", 1, 100, "c.x"),
+        ],
+        t0 - 1000,
+    ));
+    wait_stored(&db, "a, b, c", |r| r.len() == 3);
+
+    // three hours back (NTP corrects a clock that ran ahead): b closes, d opens in the new time
+    hooks.set("clock_offset_ms", -3 * HOUR);
+    fake.push(frame_started(
+        2,
+        &[
+            ("a", 2, 200, "a.x"),
+            ("c", 2, 200, "c.x"),
+            ("d", 1, 50, "d.x"),
+        ],
+        t0 - 3 * HOUR,
+    ));
+    wait_stored(&db, "b closed, d open", |r| {
+        r.len() == 4 && row(r, "b").is_some_and(|b| b.end_ms.is_some())
+    });
+
+    // five hours forward of the real time: c closes, e opens
+    hooks.set("clock_offset_ms", 5 * HOUR);
+    fake.push(frame_started(
+        3,
+        &[
+            ("a", 3, 300, "a.x"),
+            ("d", 2, 150, "d.x"),
+            ("e", 1, 70, "e.x"),
+        ],
+        t0 + 5 * HOUR,
+    ));
+    wait_stored(&db, "c closed, e open", |r| {
+        r.len() == 5 && row(r, "c").is_some_and(|c| c.end_ms.is_some())
+    });
+
+    // and back to the real time: d closes, then everything
+    hooks.set("clock_offset_ms", 0);
+    fake.push(frame(4, &[("a", 4, 400, "a.x"), ("e", 2, 140, "e.x")]));
+    wait_stored(&db, "d closed", |r| {
+        row(r, "d").is_some_and(|d| d.end_ms.is_some())
+    });
+    fake.push(frame(5, &[]));
+    let rows = wait_stored(&db, "everything closed", |r| {
+        r.len() == 5 && r.iter().all(|x| x.end_ms.is_some())
+    });
+    assert_eq!(
+        summary(&rows),
+        [
+            ("a".into(), 4, 400, false),
+            ("b".into(), 1, 100, false),
+            ("c".into(), 2, 200, false),
+            ("d".into(), 2, 150, false),
+            ("e".into(), 2, 140, false),
+        ]
+    );
+    assert_traffic_matches_totals(&rows);
+    assert_times_ordered(&db);
+}
+
+#[test]
+fn pushes_are_held_while_the_clock_reads_before_2020() {
+    let dir = TempDir::new("clock-unset");
+    let db = dir.path("t.db");
+    let mut hooks = Hooks::new(&dir);
+    // a router booted without a real-time clock: it believes it is mid-2019 until NTP answers
+    hooks.set("clock_offset_ms", SANE_MS - 200 * 24 * HOUR - now_ms());
+    let fake = FakeMihomo::start(None);
+    let mut m = standalone(&hooks, &db, &fake, &[]);
+    fake.wait_connected();
+    fake.push(frame(1, &[("a", 1, 10, "a.x"), ("b", 1, 10, "b.x")]));
+    m.wait_line("the system clock is not set (2019-");
+    // b ends while the clock is unset: it cannot be dated, so it is not recorded with a 2019 end
+    fake.push(frame(2, &[("a", 2, 20, "a.x")]));
+    hooks.set("clock_offset_ms", 0);
+    fake.push(frame(3, &[("a", 3, 30, "a.x")]));
+    m.wait_line("the system clock is set; recording");
+    fake.push(frame(4, &[]));
+    let rows = wait_stored(&db, "a recorded and closed", |r| {
+        r.len() == 1 && r[0].end_ms.is_some()
+    });
+    assert_eq!(summary(&rows), [("a".into(), 3, 30, false)]);
+    assert_traffic_matches_totals(&rows);
+    for t in times(&db) {
+        assert!(
+            t.start_ms >= SANE_MS
+                && t.last_updated_ms >= SANE_MS
+                && t.end_ms.unwrap() >= SANE_MS
+                && t.first_minute.unwrap() >= SANE_MS / 60_000,
+            "a time before 2020 was written: {t:?}"
+        );
+    }
+    let warned = m
+        .seen
+        .iter()
+        .filter(|l| l.contains("clock is not set"))
+        .count();
+    assert_eq!(warned, 1, "said once, not per push: {:#?}", m.seen);
+}
+
+/// What the fake mihomo has shown: per id the largest counters, and which ids are open now.
+#[derive(Default)]
+struct World {
+    shown: BTreeMap<String, (u64, u64)>,
+    open: Vec<String>,
+    next_id: usize,
+    totals: u64,
+}
+
+impl World {
+    fn open_new(&mut self, n: usize, rng: &mut Rng) {
+        for _ in 0..n {
+            let id = format!("c{:05}", self.next_id);
+            self.next_id += 1;
+            self.shown
+                .insert(id.clone(), (rng.range(0, 100), rng.range(0, 10_000)));
+            self.open.push(id);
+        }
+    }
+    /// Grows the counters of about a third of the open connections.
+    fn grow(&mut self, rng: &mut Rng) {
+        for id in &self.open {
+            if rng.range(0, 3) == 0 {
+                let (up, down) = self.shown.get_mut(id).unwrap();
+                *up += rng.range(1, 1000);
+                *down += rng.range(1, 100_000);
+            }
+        }
+    }
+    /// Closes about `percent` % of the open connections.
+    fn close_some(&mut self, percent: u64, rng: &mut Rng) {
+        self.open.retain(|_| rng.range(0, 100) >= percent);
+    }
+    /// The push for the current state (`glitch`: one connection's counters shown lower than before).
+    fn frame(&mut self, glitch: Option<usize>) -> String {
+        self.totals += 1;
+        let conns: Vec<(&str, u64, u64, &str)> = self
+            .open
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let (up, down) = self.shown[id];
+                if glitch == Some(i) {
+                    (id.as_str(), up / 2, down / 2, "glitch.example")
+                } else {
+                    (id.as_str(), up, down, "h.example")
+                }
+            })
+            .collect();
+        frame(self.totals, &conns)
+    }
+    /// Every id shown, with its final counters, closed.
+    fn expected_closed(&self) -> Vec<(String, i64, i64, bool)> {
+        self.shown
+            .iter()
+            .map(|(id, (up, down))| (id.clone(), *up as i64, *down as i64, false))
+            .collect()
+    }
+    /// The rows of a database hold exactly what is open now, with the counters shown.
+    fn is_durable_in(&self, rows: &[Stored]) -> bool {
+        let by_id: BTreeMap<&str, &Stored> = rows.iter().map(|r| (r.id.as_str(), r)).collect();
+        self.open.iter().all(|id| {
+            let (up, down) = self.shown[id];
+            by_id
+                .get(id.as_str())
+                .is_some_and(|r| (r.upload, r.download) == (up as i64, down as i64))
+        })
+    }
+}
+
+fn wait_rows(db: &Path, what: &str, want: &[(String, i64, i64, bool)]) -> Vec<Stored> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = if db.exists() { stored(db) } else { Vec::new() };
+        let got = summary(&rows);
+        if got == want {
+            return rows;
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<_> = want.iter().filter(|w| !got.contains(w)).take(5).collect();
+            let extra: Vec<_> = got.iter().filter(|g| !want.contains(g)).take(5).collect();
+            panic!(
+                "timed out waiting for {what}: {} rows, want {}; missing {missing:?}; unexpected {extra:?}",
+                got.len(),
+                want.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn mihomo_flapping_and_core_restarts_count_every_byte_once() {
+    let seed = Seed::new("mihomo_flapping_and_core_restarts_count_every_byte_once");
+    let mut rng = seed.rng();
+    let dir = TempDir::new("flapping");
+    let db = dir.path("t.db");
+    let hooks = Hooks::new(&dir);
+    let fake = FakeMihomo::start(None);
+    let mut m = standalone(&hooks, &db, &fake, &[]);
+    let mut world = World::default();
+    let (mut drops, mut restarts) = (0, 0);
+    for cycle in 0..8 {
+        fake.wait_connected();
+        for push in 0..3 {
+            // (in this order: only what is then pushed counts as shown)
+            world.close_some(10, &mut rng);
+            world.grow(&mut rng);
+            world.open_new(rng.range(3, 15) as usize, &mut rng);
+            // now and then a counter shown lower than before (a glitch): never a negative delta
+            let glitch = (push == 1 && !world.open.is_empty())
+                .then(|| rng.range(0, world.open.len() as u64) as usize);
+            let f = world.frame(glitch);
+            fake.push(f);
+        }
+        // the socket drops; some connections end while we are away
+        fake.drop_client();
+        drops += 1;
+        world.close_some(20, &mut rng);
+        if cycle % 3 == 2 {
+            // the core restarts: counters and totals start again from zero, every id is new
+            world.open.clear();
+            world.totals = 0;
+            restarts += 1;
+        }
+    }
+    fake.wait_connected();
+    let f = world.frame(None);
+    fake.push(f);
+    fake.push(frame(world.totals + 1, &[]));
+    let rows = wait_rows(
+        &db,
+        "every connection, closed, with its final bytes",
+        &world.expected_closed(),
+    );
+    assert_traffic_matches_totals(&rows);
+    assert_times_ordered(&db);
+    let restarted = m.wait_line("mihomo restarted");
+    eprintln!(
+        "{} connections, {drops} dropped sockets, {restarts} core restarts ({restarted})",
+        rows.len()
+    );
+}
+
+fn master(db: &Path, port: u16) -> Proc {
+    let mut p = Proc::spawn(&[
+        "master",
+        "--database",
+        db.to_str().unwrap(),
+        "--listen-port",
+        &port.to_string(),
+        "--commit-interval-ms",
+        "30",
+    ]);
+    p.wait_line("api: listening on");
+    p
+}
+
+fn agent(db: &Path, mihomo_port: u16, master_port: u16, id: &str) -> Proc {
+    Proc::spawn(&[
+        "agent",
+        "--mihomo-host",
+        "127.0.0.1",
+        "--mihomo-port",
+        &mihomo_port.to_string(),
+        "--local-database",
+        db.to_str().unwrap(),
+        "--master-url",
+        &format!("http://127.0.0.1:{master_port}"),
+        "--agent-id",
+        id,
+        "--sync-interval",
+        "1",
+        "--commit-interval-ms",
+        "50",
+    ])
+}
+
+/// SIGKILL, and wait for the process to be gone.
+fn kill(p: &mut Proc) {
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+}
+
+/// One life of an agent that will be killed: it is shown the last state again (mihomo still has those
+/// connections; bytes of a connection that ended while the agent was dead cannot be known), which is
+/// waited for in its database; then some connections end, and the world moves on until `life` is over.
+fn agent_life(fake: &FakeMihomo, world: &mut World, rng: &mut Rng, adb: &Path, life: Duration) {
+    fake.wait_connected();
+    let f = world.frame(None);
+    fake.push(f);
+    wait_for("the agent to store the state it was shown", || {
+        world.is_durable_in(&stored(adb)).then_some(())
+    });
+    let until = Instant::now() + life;
+    world.close_some(15, rng);
+    let f = world.frame(None);
+    fake.push(f);
+    while Instant::now() < until {
+        world.grow(rng);
+        world.open_new(rng.range(5, 40) as usize, rng);
+        let f = world.frame(None);
+        fake.push(f);
+        let pause = Duration::from_millis(rng.range(20, 200));
+        std::thread::sleep(pause.min(until.saturating_duration_since(Instant::now())));
+    }
+}
+
+#[test]
+fn agent_sigkilled_20_times_at_random_moments_loses_and_duplicates_nothing() {
+    let seed = Seed::new("agent_sigkilled_20_times_at_random_moments_loses_and_duplicates_nothing");
+    let mut rng = seed.rng();
+    let dir = TempDir::new("agent-kills");
+    let (adb, mdb) = (dir.path("agent.db"), dir.path("master.db"));
+    let fake = FakeMihomo::start(None);
+    let mport = free_port();
+    let _m = master(&mdb, mport);
+    let mut world = World::default();
+    let started = Instant::now();
+    for _ in 0..20 {
+        let mut a = agent(&adb, fake.addr.port(), mport, "router-1");
+        let life = Duration::from_millis(rng.range(100, 1500));
+        agent_life(&fake, &mut world, &mut rng, &adb, life);
+        kill(&mut a);
+    }
+    let mut a = agent(&adb, fake.addr.port(), mport, "router-1");
+    fake.wait_connected();
+    let f = world.frame(None);
+    fake.push(f);
+    world.open.clear();
+    let f = world.frame(None);
+    fake.push(f);
+    let want = world.expected_closed();
+    let rows = wait_rows(
+        &mdb,
+        "the master to hold every connection once, final",
+        &want,
+    );
+    assert_traffic_matches_totals(&rows);
+    assert_traffic_matches_totals(&stored(&adb));
+    assert_times_ordered(&mdb);
+    eprintln!(
+        "20 SIGKILLs, {} connections, {:.1} s",
+        rows.len(),
+        started.elapsed().as_secs_f64()
+    );
+    a.signal("TERM");
+    assert_eq!(a.wait_exit(), 0);
+}
+
+/// SQLite's own check of a database file, through Python's SQLite: ours is built without it (README "Size").
+fn integrity_check(db: &Path) -> String {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute('PRAGMA integrity_check').fetchone()[0])",
+        ])
+        .arg(db)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+        Err(e) => {
+            eprintln!("python3 not found ({e}): integrity check skipped");
+            "ok".into()
+        }
+    }
+}
+
+#[test]
+fn master_sigkilled_and_restarted_while_two_agents_sync_loses_and_duplicates_nothing() {
+    let seed = Seed::new(
+        "master_sigkilled_and_restarted_while_two_agents_sync_loses_and_duplicates_nothing",
+    );
+    let mut rng = seed.rng();
+    let dir = TempDir::new("master-kills");
+    let mdb = dir.path("master.db");
+    let mport = free_port();
+    let fakes = [FakeMihomo::start(None), FakeMihomo::start(None)];
+    let names = ["router-1", "router-2"];
+    let mut worlds = [World::default(), World::default()];
+    let mut agents: Vec<Proc> = (0..2)
+        .map(|i| {
+            let db = dir.path(&format!("{}.db", names[i]));
+            agent(&db, fakes[i].addr.port(), mport, names[i])
+        })
+        .collect();
+    for f in &fakes {
+        f.wait_connected();
+    }
+    let started = Instant::now();
+    let kills = 8;
+    for k in 0..kills {
+        let mut m = master(&mdb, mport);
+        let until = Instant::now() + Duration::from_millis(rng.range(800, 2500));
+        while Instant::now() < until {
+            for (fake, world) in fakes.iter().zip(worlds.iter_mut()) {
+                world.close_some(5, &mut rng);
+                world.grow(&mut rng);
+                world.open_new(rng.range(5, 30) as usize, &mut rng);
+                let f = world.frame(None);
+                fake.push(f);
+            }
+            std::thread::sleep(Duration::from_millis(rng.range(20, 150)));
+        }
+        kill(&mut m);
+        // what the dead master committed is whole: every row's buckets add up to its totals
+        let rows = stored(&mdb);
+        assert_traffic_matches_totals(&rows);
+        assert_eq!(integrity_check(&mdb), "ok", "after kill {k}");
+        eprintln!("kill {k}: the master had {} rows", rows.len());
+        // down for a moment: the agents meet a refused connection
+        std::thread::sleep(Duration::from_millis(rng.range(0, 300)));
+    }
+    let _m = master(&mdb, mport);
+    for (fake, world) in fakes.iter().zip(worlds.iter_mut()) {
+        world.open.clear();
+        let f = world.frame(None);
+        fake.push(f);
+    }
+    // both agents number their connections alike: the master keeps them apart by agent id
+    let c = || Connection::open(&mdb).unwrap();
+    let want: usize = worlds.iter().map(|w| w.shown.len()).sum();
+    wait_for("both agents' connections, closed, on the master", || {
+        let n: i64 = c()
+            .query_row(
+                "SELECT count(*) FROM connections WHERE end_ms IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (n as usize == want).then_some(())
+    });
+    for (name, world) in names.iter().zip(&worlds) {
+        let got: Vec<(String, i64, i64, bool)> = c()
+            .prepare("SELECT id, upload, download, end_ms IS NULL FROM connections WHERE agent_id = ?1 ORDER BY id")
+            .unwrap()
+            .query_map([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(got, world.expected_closed(), "{name}");
+    }
+    assert_traffic_matches_totals(&stored(&mdb));
+    assert_times_ordered(&mdb);
+    eprintln!(
+        "{kills} master SIGKILLs, {want} connections from 2 agents, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    for a in &mut agents {
+        a.signal("TERM");
+        assert_eq!(a.wait_exit(), 0);
+    }
+}
