@@ -336,10 +336,18 @@ impl Writer {
                         "writer: the database accepts writes again after {} s; what was held in memory is written",
                         f.since.elapsed().as_secs()
                     );
-                    if f.dropped > 0 || f.merged > 0 {
+                    if f.dropped > 0 {
                         crate::warn!(
-                            "writer: while it could not write, {} new connections were dropped and the per-minute traffic of {} was merged into one minute (over {} changes held)",
-                            f.dropped, f.merged, self.held_bound()
+                            "writer: while it could not write, {} new connections were dropped (over {} changes held)",
+                            f.dropped,
+                            self.held_bound()
+                        );
+                    }
+                    if f.merged > 0 {
+                        crate::warn!(
+                            "writer: while it could not write, the per-minute traffic of {} connections was merged into their latest minute (over {} changes held)",
+                            f.merged,
+                            self.held_bound()
                         );
                     }
                 }
