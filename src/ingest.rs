@@ -588,7 +588,9 @@ pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> R
                         download: (clamp(row.totals.download) - down0).max(0) as u64,
                     };
                     if delta != Bytes::default() {
-                        for (minute, b) in spread(from, row.last_updated_ms, delta) {
+                        // an agent whose clock went back: its bytes stay after what is stored
+                        let to = row.last_updated_ms.max(from);
+                        for (minute, b) in spread(from, to, delta) {
                             rollup.traffic(
                                 &row.agent_id,
                                 minute,
@@ -734,6 +736,35 @@ mod tests {
             .unwrap_err()
             .contains("not valid JSON"));
         assert!(parse_batch(b"[1,2]").unwrap_err().starts_with("body"));
+    }
+
+    #[test]
+    fn an_agent_clock_behind_the_start_puts_no_bytes_before_it() {
+        // the earlier tool's agents send no buckets: the master spreads the bytes up to last_updated, which
+        // a clock that went back can put before the start
+        let path = std::env::temp_dir().join(format!("mct-ingest-clock-{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut conn = crate::store::open(&path, crate::store::Access::Write).unwrap();
+        let mut body = ok_body();
+        body["connections"][0]["last_updated"] = serde_json::json!("2026-11-29T05:00:00+08:00");
+        let batch = parse_batch(&serde_json::to_vec(&body).unwrap()).unwrap();
+        apply_batch(&mut conn, &batch, 0).unwrap();
+        let (start, first, sum): (i64, i64, i64) = conn
+            .query_row(
+                "SELECT c.start_ms, min(t.minute), sum(t.download) FROM connections c JOIN traffic t ON t.conn = c.pk",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        drop(conn);
+        for ext in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
+        }
+        assert!(
+            first >= minute_of(start),
+            "bucket {first} before the start {start}"
+        );
+        assert_eq!(sum, 20);
     }
 
     #[test]

@@ -305,7 +305,10 @@ impl Writer {
                     deadline = self.next_deadline();
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return self.flush();
+                    let held = self.pending.held();
+                    return self.flush().inspect_err(|e| {
+                        crate::error!("writer: stopping with {held} changes that could not be written, now lost: {e}");
+                    });
                 }
             }
         }
