@@ -38,6 +38,8 @@
 //! - A connection is never counted twice: a tracker restart resumes from stored bytes, a reconnect or core
 //!   restart closes what vanished at the time it was last seen, a reappearing id reopens its row.
 //! - On SIGINT/SIGTERM the writer commits everything it received before the process exits 0.
+//! - A full or failing disk is survived: the writer holds its batch (bounded) and retries, `POST /sync`
+//!   answers `503` and the agent retries; each is logged once, not per try.
 //! - SQL only binds values; column names come from fixed whitelists.
 
 #![forbid(unsafe_code)]

@@ -210,7 +210,7 @@ struct Failing {
     backoff: Duration,
     /// New connections dropped (over [`MAX_HELD_CHANGES`]) since it started failing.
     dropped: u64,
-    /// Connections whose per-minute buckets were merged into one to save memory.
+    /// Times a connection's per-minute buckets were merged into one to save memory.
     merged: u64,
 }
 
@@ -348,7 +348,7 @@ impl Writer {
                     }
                     if f.merged > 0 {
                         crate::warn!(
-                            "writer: while it could not write, the per-minute traffic of {} connections was merged into their latest minute (over {} changes held)",
+                            "writer: while it could not write, per-minute traffic was merged into the latest minute {} times (over {} changes held)",
                             f.merged,
                             self.held_bound()
                         );
