@@ -389,7 +389,7 @@ impl World {
             .map(|(id, (up, down))| (id.clone(), *up as i64, *down as i64, false))
             .collect()
     }
-    /// The rows of a database hold exactly what is open now, with the counters shown.
+    /// The rows of a database hold every connection open now, with the counters shown last.
     fn is_durable_in(&self, rows: &[Stored]) -> bool {
         let by_id: BTreeMap<&str, &Stored> = rows.iter().map(|r| (r.id.as_str(), r)).collect();
         self.open.iter().all(|id| {
