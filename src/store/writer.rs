@@ -9,7 +9,7 @@
 //! returns: nothing received is lost on a clean stop.
 //!
 //! A database that cannot be written (disk full, I/O errors) is not fatal: the batch stays in memory and is
-//! retried with backoff (0.5 s doubling to 5 s), logged once when it starts failing and once when it
+//! retried with backoff (0.5 s doubling to 30 s), logged once when it starts failing and once when it
 //! recovers. What it holds is bounded by [`MAX_HELD_CHANGES`]; beyond that the oldest new connections are
 //! dropped (the newest data is kept), logged and counted (`metrics::DROPPED`).
 
@@ -55,12 +55,14 @@ impl Default for WriterConfig {
 }
 
 /// While the database cannot be written, at most this many changes (new connections, byte updates,
-/// per-minute buckets, closes) are held in memory: about 20-30 MB at worst, 40 minutes of a busy home router.
+/// per-minute buckets, closes) are held in memory: a new connection takes three (about 1 KB with its
+/// metadata), so about 17,000 new connections, some 20 MB (an estimate), 40 minutes of a busy home router.
 /// A test can lower it (`max_held_changes`, [`crate::test_hooks`]).
 pub const MAX_HELD_CHANGES: usize = 50_000;
 
 const RETRY_MIN: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+// a retry replays the whole held batch (up to MAX_HELD_CHANGES): not more often than this on a router
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// True when `e` says the database cannot be written for lack of space or an I/O error: worth retrying
 /// later, and not the caller's fault.
@@ -336,8 +338,8 @@ impl Writer {
             Ok(()) => {
                 if let Some(f) = self.failing.take() {
                     crate::info!(
-                        "writer: the database accepts writes again after {} s; what was held in memory is written",
-                        f.since.elapsed().as_secs()
+                        "writer: the database accepts writes again after {:.1} s; what was held in memory is written",
+                        f.since.elapsed().as_secs_f64()
                     );
                     if f.dropped > 0 {
                         crate::warn!(

@@ -758,7 +758,7 @@ fn a_full_disk_holds_the_newest_changes_in_bounded_memory_and_writes_them_when_s
     }
     m.wait_line("writer: cannot write the database (the disk is full or failing)");
     m.wait_line("dropping the oldest new connections");
-    // space returns: what was held is written at the next retry (at most 5 s later)
+    // space returns: what was held is written at the next retry (a second or two: it failed only briefly)
     hooks.set("max_page_count", 0);
     m.wait_line("the database accepts writes again");
     let dropped_line = m.wait_line("new connections were dropped");
