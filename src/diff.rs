@@ -15,6 +15,7 @@
 //! - Duplicate ids within one snapshot count once (the larger counters win).
 //! - Time never runs backwards for a connection: when the clock jumps back, its bytes land in the minute it
 //!   was last seen (never before its start) and it closes no earlier than that, so no duration is negative.
+//!   A start after first sight (in our future) is taken as first sight.
 
 use crate::model::{Bytes, Closed, ConnectionDiff, Flow, OpenRow};
 use crate::snapshot::Snapshot;
@@ -161,7 +162,11 @@ impl Tracker {
                 self.open.insert(id.into(), tracked);
                 continue;
             }
-            let meta = e.meta(at_ms);
+            let mut meta = e.meta(at_ms);
+            // A connection cannot start after we first see it: a start in our future (our clock went
+            // back, or the core's clock runs ahead of ours) becomes now, so that its bytes and end are
+            // never put before its start, and never piled into one minute ahead of the present.
+            meta.start_ms = meta.start_ms.min(at_ms);
             if crate::log::enabled(crate::log::Level::Debug) {
                 let dest = if meta.host.is_empty() {
                     &meta.destination_ip
@@ -189,12 +194,9 @@ impl Tracker {
             } else {
                 meta.host.as_str().into()
             };
-            // a start later than our clock (the clock went back, or the core's runs ahead): its bytes and
-            // its end are not put before its start
-            let seen_ms = at_ms.max(meta.start_ms);
             let tracked = Tracked {
                 bytes: e.bytes,
-                last_seen_ms: seen_ms,
+                last_seen_ms: at_ms,
                 start_ms: meta.start_ms,
                 label,
                 generation: gen,
@@ -205,7 +207,7 @@ impl Tracker {
                     totals: e.bytes,
                     delta: e.bytes,
                     from_ms: meta.start_ms,
-                    to_ms: seen_ms,
+                    to_ms: at_ms,
                 });
             }
             diff.opened.push((meta, e.bytes));
@@ -493,12 +495,16 @@ mod tests {
             (start + hour, start + hour)
         );
         assert_eq!(ids_closed(&d), [("b".into(), start + hour, 1)]);
-        // first seen while our clock reads before its start: bytes and end not before the start
+        // first seen while our clock reads before its start: it started when we first saw it
         let mut t = Tracker::new(vec![]);
         let d = apply(&mut t, 10, &[("c", 1, 10)], start - hour);
-        assert_eq!((d.flows[0].from_ms, d.flows[0].to_ms), (start, start));
+        assert_eq!(d.opened[0].0.start_ms, start - hour);
+        assert_eq!(
+            (d.flows[0].from_ms, d.flows[0].to_ms),
+            (start - hour, start - hour)
+        );
         let d = apply(&mut t, 10, &[], start - hour + 1000);
-        assert_eq!(ids_closed(&d), [("c".into(), start, 10)]);
+        assert_eq!(ids_closed(&d), [("c".into(), start - hour + 1000, 10)]);
     }
 
     #[test]
