@@ -67,6 +67,13 @@ impl Proc {
         }
     }
 
+    /// Forgets the stderr lines written so far (the next `wait_line` sees only newer ones).
+    pub fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args(["-s", sig, &self.child.id().to_string()])

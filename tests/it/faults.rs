@@ -515,27 +515,53 @@ fn kill(p: &mut Proc) {
     p.child.wait().unwrap();
 }
 
+/// When an agent's life ends.
+enum Death<'a> {
+    /// After this long.
+    After(Duration),
+    /// Right after the master (its debug log) stored a batch with rows: before or while the agent stores
+    /// its cursor, so that the restarted agent sends that batch again.
+    AtAck(&'a mut Proc),
+}
+
 /// One life of an agent that will be killed: it is shown the last state again (mihomo still has those
 /// connections; bytes of a connection that ended while the agent was dead cannot be known), which is
-/// waited for in its database; then some connections end, and the world moves on until `life` is over.
-fn agent_life(fake: &FakeMihomo, world: &mut World, rng: &mut Rng, adb: &Path, life: Duration) {
+/// waited for in its database; then some connections end, and the world moves on until `death`.
+fn agent_life(fake: &FakeMihomo, world: &mut World, rng: &mut Rng, adb: &Path, death: Death) {
     fake.wait_connected();
     let f = world.frame(None);
     fake.push(f);
     wait_for("the agent to store the state it was shown", || {
         world.is_durable_in(&stored(adb)).then_some(())
     });
-    let until = Instant::now() + life;
     world.close_some(15, rng);
     let f = world.frame(None);
     fake.push(f);
-    while Instant::now() < until {
+    let mut step = |world: &mut World| {
         world.grow(rng);
         world.open_new(rng.range(5, 40) as usize, rng);
         let f = world.frame(None);
         fake.push(f);
-        let pause = Duration::from_millis(rng.range(20, 200));
-        std::thread::sleep(pause.min(until.saturating_duration_since(Instant::now())));
+        Duration::from_millis(rng.range(20, 200))
+    };
+    match death {
+        Death::After(life) => {
+            let until = Instant::now() + life;
+            while Instant::now() < until {
+                let pause = step(world);
+                std::thread::sleep(pause.min(until.saturating_duration_since(Instant::now())));
+            }
+        }
+        Death::AtAck(master) => {
+            step(world);
+            master.drain();
+            loop {
+                let line = master.wait_line("ingest: stored");
+                if !line.contains("stored 0 connections") {
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -547,13 +573,29 @@ fn agent_sigkilled_20_times_at_random_moments_loses_and_duplicates_nothing() {
     let (adb, mdb) = (dir.path("agent.db"), dir.path("master.db"));
     let fake = FakeMihomo::start(None);
     let mport = free_port();
-    let _m = master(&mdb, mport);
+    let mut m = Proc::spawn(&[
+        "master",
+        "--database",
+        mdb.to_str().unwrap(),
+        "--listen-port",
+        &mport.to_string(),
+        "--commit-interval-ms",
+        "30",
+        "--log-level",
+        "debug",
+    ]);
+    m.wait_line("api: listening on");
     let mut world = World::default();
     let started = Instant::now();
-    for _ in 0..20 {
+    for life in 0..20 {
         let mut a = agent(&adb, fake.addr.port(), mport, "router-1");
-        let life = Duration::from_millis(rng.range(100, 1500));
-        agent_life(&fake, &mut world, &mut rng, &adb, life);
+        // half at a random moment, half right as the master acknowledges a batch
+        let death = if life % 2 == 0 {
+            Death::After(Duration::from_millis(rng.range(100, 1500)))
+        } else {
+            Death::AtAck(&mut m)
+        };
+        agent_life(&fake, &mut world, &mut rng, &adb, death);
         kill(&mut a);
     }
     let mut a = agent(&adb, fake.addr.port(), mport, "router-1");
@@ -572,8 +614,10 @@ fn agent_sigkilled_20_times_at_random_moments_loses_and_duplicates_nothing() {
     assert_traffic_matches_totals(&rows);
     assert_traffic_matches_totals(&stored(&adb));
     assert_times_ordered(&mdb);
+    m.drain();
+    let batches = count_lines(&m.seen, "ingest: stored") - count_lines(&m.seen, "stored 0 ");
     eprintln!(
-        "20 SIGKILLs, {} connections, {:.1} s",
+        "20 SIGKILLs, {batches} batches with rows stored by the master, {} connections, {:.1} s",
         rows.len(),
         started.elapsed().as_secs_f64()
     );
