@@ -6,6 +6,7 @@ mod binary;
 mod cross;
 mod dashboard;
 mod fake_mihomo;
+mod fuzz_corpus;
 mod metrics;
 mod standalone;
 mod support;
