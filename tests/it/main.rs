@@ -7,6 +7,7 @@ mod cross;
 mod dashboard;
 mod fake_mihomo;
 mod fuzz_corpus;
+mod hostile;
 mod metrics;
 mod standalone;
 mod support;
