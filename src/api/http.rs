@@ -475,6 +475,12 @@ impl<'a> Conn<'a> {
 
     /// Answers an error and closes.
     fn fail(&mut self, status: u16, message: &str) {
+        let peer = self
+            .stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        crate::debug!("api: refused a request from {peer}: {status} {message}");
         let reply = Reply::error(&super::params::ApiError::status(status, message));
         if self.respond(&reply, false, true) {
             self.linger();

@@ -199,6 +199,34 @@ fn worker(
     }
 }
 
+/// The request target for the log, with the values of `token`, `secret` and `key` parameters hidden: the API
+/// takes its token in a header only, but a client may still put one in the URL.
+pub fn redact(target: &str) -> std::borrow::Cow<'_, str> {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.into();
+    };
+    let secret = |k: &str| {
+        let k = k.to_ascii_lowercase();
+        ["token", "secret", "key", "password"]
+            .iter()
+            .any(|s| k.contains(s))
+    };
+    if !query
+        .split('&')
+        .any(|kv| secret(kv.split('=').next().unwrap_or("")))
+    {
+        return target.into();
+    }
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if secret(k) => format!("{k}=<hidden>"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{path}?{}", parts.join("&")).into()
+}
+
 fn serve(
     job: http::Job,
     shared: &Shared,
@@ -228,7 +256,7 @@ fn serve(
     crate::debug!(
         "api: {} {} -> {} in {} ms",
         rq.method,
-        rq.target,
+        redact(&rq.target),
         reply.status,
         started.elapsed().as_millis()
     );

@@ -5,6 +5,9 @@
 use crate::binary::Proc;
 use crate::fake_mihomo::FakeMihomo;
 use crate::support::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 /// One connection of a hand-made frame: the id as JSON text, and the raw JSON of its counters.
 fn conn(id_json: &str, up: &str, down: &str) -> String {
@@ -296,4 +299,445 @@ fn hostile_frames_from_mihomo_leave_the_good_data_exact() {
         peak < 64 * 1024,
         "peak RSS {peak} KiB: the huge frame was buffered"
     );
+}
+
+/// The API address from the "listening on http://ADDR/api/v1" line.
+pub fn api_addr(p: &mut Proc) -> SocketAddr {
+    let line = p.wait_line("api: listening on http://");
+    let rest = &line[line.find("http://").unwrap() + 7..];
+    rest[..rest.find('/').unwrap()].parse().unwrap()
+}
+
+/// A request with `Connection: close` (so the answer ends with the connection).
+pub fn req(method: &str, target: &[u8], headers: &[&[u8]], body: &[u8]) -> Vec<u8> {
+    let mut r = Vec::new();
+    r.extend_from_slice(method.as_bytes());
+    r.push(b' ');
+    r.extend_from_slice(target);
+    r.extend_from_slice(b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for h in headers {
+        r.extend_from_slice(h);
+        r.extend_from_slice(b"\r\n");
+    }
+    if !body.is_empty() {
+        r.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+    }
+    r.extend_from_slice(b"\r\n");
+    r.extend_from_slice(body);
+    r
+}
+
+/// Sends `raw` on a fresh connection and reads the answer to the end: (status, head, body).
+pub fn call(addr: SocketAddr, raw: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    // the server may answer (and stop reading) before a huge request is all written
+    let _ = s.write_all(raw);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+const TOKEN: &str = "hostile-T0ken-5e1f";
+
+#[test]
+fn hostile_http_clients_get_clear_answers_and_never_tie_up_the_server() {
+    let dir = TempDir::new("hostile-http");
+    let db = dir.path("t.db");
+    let mut p = Proc::spawn(&[
+        "master",
+        "--database",
+        db.to_str().unwrap(),
+        "--listen-port",
+        "0",
+        "--api-token",
+        TOKEN,
+        "--max-body-bytes",
+        "1000",
+        "--log-level",
+        "debug",
+    ]);
+    let addr = api_addr(&mut p);
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let auth = auth.as_bytes();
+    let big_token = format!("Authorization: Bearer {}", "t".repeat(1 << 20));
+    let near_token = format!("Authorization: Bearer {TOKEN}x");
+    let prefix_token = format!("Authorization: Bearer {}", &TOKEN[..TOKEN.len() - 1]);
+    let big_body = vec![b'{'; 2000];
+    let stats = b"/api/v1/stats?type=summary";
+    let cases: Vec<(&str, Vec<u8>, &[u16])> = vec![
+        ("no token", req("GET", stats, &[], b""), &[401]),
+        (
+            "wrong token",
+            req("GET", stats, &[b"Authorization: Bearer nope"], b""),
+            &[401],
+        ),
+        (
+            "token plus a byte",
+            req("GET", stats, &[near_token.as_bytes()], b""),
+            &[401],
+        ),
+        (
+            "token minus a byte",
+            req("GET", stats, &[prefix_token.as_bytes()], b""),
+            &[401],
+        ),
+        (
+            "Basic scheme",
+            req("GET", stats, &[b"Authorization: Basic aG9zdGlsZQ=="], b""),
+            &[401],
+        ),
+        (
+            "1 MiB token",
+            req("GET", stats, &[big_token.as_bytes()], b""),
+            &[431],
+        ),
+        ("the right token", req("GET", stats, &[auth], b""), &[200]),
+        (
+            "body over the limit",
+            req("POST", b"/api/v1/sync", &[auth], &big_body),
+            &[413],
+        ),
+        (
+            "chunked body over the limit",
+            [
+                &b"POST /api/v1/sync HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"[..],
+                auth,
+                b"\r\n\r\n7d0\r\n",
+                &big_body,
+                b"\r\n0\r\n\r\n",
+            ]
+            .concat(),
+            &[413],
+        ),
+        (
+            "body that is not UTF-8",
+            req(
+                "POST",
+                b"/api/v1/sync",
+                &[auth],
+                b"{\"agent_id\":\"\xff\xfe\"}",
+            ),
+            &[400],
+        ),
+        (
+            "body that is not JSON",
+            req("POST", b"/api/v1/sync", &[auth], b"\x00\x01\x02"),
+            &[400],
+        ),
+        (
+            "path not UTF-8",
+            req("GET", b"/api/v1/\xff\xfe", &[auth], b""),
+            &[400],
+        ),
+        (
+            "query not UTF-8",
+            req("GET", b"/api/v1/stats?host=\xc3\x28", &[auth], b""),
+            &[400],
+        ),
+        (
+            "query escape not UTF-8",
+            req("GET", b"/api/v1/stats?host=%c3%28", &[auth], b""),
+            &[400],
+        ),
+        (
+            "header not UTF-8",
+            req("GET", stats, &[b"Authorization: Bearer \xff\xfe"], b""),
+            &[400],
+        ),
+        (
+            "traversal /../",
+            req("GET", b"/../../../../etc/passwd", &[auth], b""),
+            &[404],
+        ),
+        (
+            "traversal %2e%2e",
+            req("GET", b"/%2e%2e/%2e%2e/etc/passwd", &[auth], b""),
+            &[404],
+        ),
+        (
+            "traversal //etc/passwd",
+            req("GET", b"//etc/passwd", &[auth], b""),
+            &[404],
+        ),
+        (
+            "traversal after a dashboard file",
+            req("GET", b"/dashboard.js/../../etc/passwd", &[auth], b""),
+            &[404],
+        ),
+        (
+            "traversal %2f",
+            req("GET", b"/..%2f..%2fetc%2fpasswd", &[auth], b""),
+            &[404],
+        ),
+        (
+            "traversal without the token",
+            req("GET", b"/../etc/passwd", &[], b""),
+            &[401],
+        ),
+        (
+            "unknown method",
+            req("BREW", b"/api/v1/stats", &[auth], b""),
+            &[405],
+        ),
+        (
+            "DELETE",
+            req("DELETE", b"/api/v1/connections", &[auth], b""),
+            &[405],
+        ),
+        ("TRACE", req("TRACE", b"/", &[auth], b""), &[405]),
+        (
+            "OPTIONS preflight",
+            req(
+                "OPTIONS",
+                stats,
+                &[
+                    b"Origin: http://evil.example",
+                    b"Access-Control-Request-Method: GET",
+                ],
+                b"",
+            ),
+            &[401],
+        ),
+        (
+            "CONNECT",
+            req("CONNECT", b"example.com:443", &[auth], b""),
+            &[404],
+        ),
+        ("HTTP/0.9", b"GET /\r\n\r\n".to_vec(), &[400]),
+        (
+            "HTTP/2 preface",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+            &[505],
+        ),
+        (
+            "TLS hello",
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n".to_vec(),
+            &[400],
+        ),
+        (
+            "smuggling: both lengths",
+            req(
+                "POST",
+                b"/api/v1/sync",
+                &[auth, b"Transfer-Encoding: chunked"],
+                b"0\r\n\r\n",
+            ),
+            &[400],
+        ),
+    ];
+    for (name, raw, want) in &cases {
+        let (status, head, body) = call(addr, raw);
+        assert!(want.contains(&status), "{name}: {status} {head}\n{body}");
+        assert!(!body.contains("root:"), "{name}: {body}");
+        // the error envelope, never SQL or a stack
+        if status >= 400 {
+            assert!(
+                body.contains(r#""status":"error""#) && !body.contains("SQL"),
+                "{name}: {body}"
+            );
+        }
+        // same-origin dashboard: no CORS header, for anyone
+        assert!(
+            !head.to_ascii_lowercase().contains("access-control-"),
+            "{name}: {head}"
+        );
+    }
+    // what the connection layer refuses is logged too (at debug, with the client's address)
+    p.wait_line("413 request body larger than 1000 bytes");
+
+    // SQL-injection strings in every parameter of every endpoint: 200 or 400, never 500, nothing changes.
+    let params = [
+        "from",
+        "to",
+        "agent_id",
+        "network",
+        "rule",
+        "process",
+        "destination",
+        "host",
+        "source_ip",
+        "policy",
+        "node",
+        "inbound",
+        "destination_port",
+        "geoip",
+        "limit",
+        "offset",
+        "sort_by",
+        "sort_order",
+        "type",
+        "group_by",
+        "interval",
+        "metric",
+        "filter_type",
+        "query",
+        "format",
+        "state",
+    ];
+    let payloads = [
+        "%27%20OR%201%3D1--",
+        "1%3B%20DROP%20TABLE%20connections%3B--",
+        "%22%20OR%20%22%22%3D%22",
+        "x%27)%20UNION%20SELECT%20name%2C1%2C1%2C1%20FROM%20sqlite_master--",
+    ];
+    let endpoints = [
+        "/api/v1/stats?type=summary&",
+        "/api/v1/stats?type=group&group_by=host&",
+        "/api/v1/stats?type=timeseries&interval=hour&",
+        "/api/v1/connections?",
+        "/api/v1/filter-options?filter_type=host&",
+        "/api/v1/agents?",
+        "/api/v1/agents/x%27--/status?",
+    ];
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut asked = 0;
+    for e in endpoints {
+        for k in params {
+            for v in payloads {
+                // one keep-alive connection for all of them
+                let target = format!("{e}{k}={v}");
+                let raw = format!(
+                    "GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+                );
+                s.write_all(raw.as_bytes()).unwrap();
+                let (status, body) = read_one(&mut s);
+                assert!(
+                    matches!(status, 200 | 400 | 404),
+                    "{target}: {status} {body}"
+                );
+                asked += 1;
+            }
+        }
+    }
+    assert_eq!(asked, 7 * 26 * 4);
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM connections", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0, "the connections table is there and untouched");
+    assert!(p.child.try_wait().unwrap().is_none());
+}
+
+/// Reads one keep-alive answer: (status, body).
+fn read_one(s: &mut TcpStream) -> (u16, String) {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut b).unwrap(),
+            1,
+            "answer cut: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap();
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    (
+        head[9..12].parse().unwrap(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[test]
+fn slow_idle_and_kept_alive_clients_never_block_a_normal_request() {
+    let dir = TempDir::new("hostile-slow");
+    let db = dir.path("t.db");
+    let mut p = Proc::spawn(&[
+        "master",
+        "--database",
+        db.to_str().unwrap(),
+        "--listen-port",
+        "0",
+        "--workers",
+        "2",
+    ]);
+    let addr = api_addr(&mut p);
+    let health = || req("GET", b"/api/v1/health", &[], b"");
+    // answered within a generous bound, polling: never waits for a slow client to give up
+    let answered_promptly = |what: &str| {
+        let started = Instant::now();
+        let (status, head, _) = call(addr, &health());
+        assert_eq!(status, 200, "{what}: {head}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{what}: {:?}",
+            started.elapsed()
+        );
+    };
+    // The old tiny_http fault: a burst of keep-alive connections, then a new one went unanswered.
+    let mut kept: Vec<TcpStream> = (0..12).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    for s in &mut kept {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+    }
+    for s in &mut kept {
+        assert_eq!(read_one(s).0, 200);
+    }
+    answered_promptly("12 keep-alive connections open");
+    // 20 clients sending their head a byte at a time, and 20 that connect and say nothing
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let trickle = {
+        let stop = stop.clone();
+        let mut socks: Vec<TcpStream> = slow.iter().map(|s| s.try_clone().unwrap()).collect();
+        std::thread::spawn(move || {
+            let head = b"GET /api/v1/health HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+            for b in head.iter().cycle() {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                for s in &mut socks {
+                    let _ = s.write_all(&[*b]);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let idle: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    answered_promptly("20 slow, 20 idle and 12 kept-alive clients");
+    // beyond the connection limit (64): refused at once with 503, not left hanging
+    let mut extra = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let (status, head, body) = call(addr, &health());
+        match status {
+            200 => extra.push(TcpStream::connect(addr).unwrap()),
+            503 => break (head, body),
+            other => panic!("{other} {head}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never refused with {} connections",
+            52 + extra.len()
+        );
+    };
+    assert!(refused.1.contains("too many connections"), "{refused:?}");
+    p.wait_line("refusing");
+    // and once they go, everyone is served again
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    trickle.join().unwrap();
+    drop((slow, idle, kept, extra));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(addr, &health()).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "still refused after the clients left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(p.child.try_wait().unwrap().is_none());
 }

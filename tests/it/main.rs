@@ -9,6 +9,7 @@ mod fake_mihomo;
 mod fuzz_corpus;
 mod hostile;
 mod metrics;
+mod security;
 mod standalone;
 mod support;
 mod sync;
