@@ -43,6 +43,11 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// How long a request may wait for a worker and its answer: `503` beyond.
     pub answer_timeout: Duration,
+    /// Request bodies held in memory at once, all connections together: `503` beyond.
+    pub max_body_in_flight: usize,
+    /// With a token, a request that has a body must carry `Authorization: Bearer <token>` before its body
+    /// is read (`401` otherwise): only clients that know the token can make the server buffer bodies.
+    pub token: Option<String>,
 }
 
 impl Default for Limits {
@@ -56,6 +61,8 @@ impl Default for Limits {
             max_head_bytes: 16 * 1024,
             max_body_bytes: 32 << 20,
             answer_timeout: Duration::from_secs(120),
+            max_body_in_flight: 64 << 20,
+            token: None,
         }
     }
 }
@@ -105,7 +112,10 @@ impl Server {
         let (s, l) = (Arc::clone(&stop), Arc::clone(&live));
         let acceptor = std::thread::Builder::new()
             .name("api-accept".into())
-            .spawn(move || accept_loop(&listener, &Arc::new(limits), &jobs, &s, &l))?;
+            .spawn(move || {
+                let budget = AtomicUsize::new(limits.max_body_in_flight);
+                accept_loop(&listener, &Arc::new((limits, budget)), &jobs, &s, &l)
+            })?;
         Ok(Server {
             addr,
             stop,
@@ -172,7 +182,7 @@ impl Throttle {
 
 fn accept_loop(
     listener: &TcpListener,
-    limits: &Arc<Limits>,
+    policy: &Arc<(Limits, AtomicUsize)>,
     jobs: &SyncSender<Job>,
     stop: &Arc<AtomicBool>,
     live: &Arc<AtomicUsize>,
@@ -185,6 +195,7 @@ fn accept_loop(
         last: None,
         every: Duration::from_secs(10),
     };
+    let limits = &policy.0;
     while !stop.load(Ordering::SeqCst) {
         let (stream, peer) = match listener.accept() {
             Ok(s) => s,
@@ -214,8 +225,8 @@ fn accept_loop(
             continue;
         }
         live.fetch_add(1, Ordering::SeqCst);
-        let (lim, tx, stp, lv) = (
-            Arc::clone(limits),
+        let (pol, tx, stp, lv) = (
+            Arc::clone(policy),
             jobs.clone(),
             Arc::clone(stop),
             Arc::clone(live),
@@ -224,7 +235,7 @@ fn accept_loop(
             .name("api-conn".into())
             .stack_size(CONN_STACK)
             .spawn(move || {
-                let mut conn = Conn::new(stream, &lim, &stp);
+                let mut conn = Conn::new(stream, &pol.0, &pol.1, &stp);
                 conn.serve(&tx);
                 lv.fetch_sub(1, Ordering::SeqCst);
             });
@@ -279,16 +290,44 @@ struct Conn<'a> {
     stream: TcpStream,
     buf: Vec<u8>,
     limits: &'a Limits,
+    /// Body bytes that may still be buffered, all connections together.
+    budget: &'a AtomicUsize,
     stop: &'a AtomicBool,
 }
 
+/// Body bytes taken from the shared budget, given back on drop.
+struct Reserved<'a>(&'a AtomicUsize, usize);
+
+impl<'a> Reserved<'a> {
+    fn take(budget: &'a AtomicUsize, n: usize) -> Option<Reserved<'a>> {
+        budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(n)
+            })
+            .ok()
+            .map(|_| Reserved(budget, n))
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(self.1, Ordering::SeqCst);
+    }
+}
+
 impl<'a> Conn<'a> {
-    fn new(stream: TcpStream, limits: &'a Limits, stop: &'a AtomicBool) -> Conn<'a> {
+    fn new(
+        stream: TcpStream,
+        limits: &'a Limits,
+        budget: &'a AtomicUsize,
+        stop: &'a AtomicBool,
+    ) -> Conn<'a> {
         let _ = stream.set_nodelay(true);
         Conn {
             stream,
             buf: Vec::new(),
             limits,
+            budget,
             stop,
         }
     }
@@ -542,6 +581,21 @@ impl<'a> Conn<'a> {
                 return self.fail(413, &format!("request body larger than {max} bytes"));
             }
             let has_body = head.chunked || head.content_length.is_some_and(|n| n > 0);
+            let mut _reserved = None;
+            if has_body {
+                if limits.token.is_some()
+                    && !super::handler::authorized(
+                        limits.token.as_deref(),
+                        head.authorization.as_deref(),
+                    )
+                {
+                    return self.fail(401, super::handler::UNAUTHORIZED);
+                }
+                match Reserved::take(self.budget, head.content_length.unwrap_or(max)) {
+                    Some(r) => _reserved = Some(r),
+                    None => return self.fail(503, "too many uploads in progress; retry later"),
+                }
+            }
             if has_body && head.expect_continue {
                 let deadline = Instant::now() + limits.write_timeout;
                 if !self.write(b"HTTP/1.1 100 Continue\r\n\r\n", deadline) {

@@ -99,7 +99,7 @@ pub fn start_with_body_timeout(
     start_with_limits(cfg, writer, limits)
 }
 
-/// [`start`] with other client limits (`limits.max_body_bytes` is taken from `cfg`).
+/// [`start`] with other client limits (`max_body_bytes` and `token` are taken from `cfg`).
 pub fn start_with_limits(
     cfg: ApiConfig,
     writer: Option<SyncSender<WriteCmd>>,
@@ -119,6 +119,8 @@ pub fn start_with_limits(
     let listener = std::net::TcpListener::bind(cfg.listen)
         .map_err(|e| Error::Http(format!("cannot listen on {}: {e}", cfg.listen)))?;
     limits.max_body_bytes = cfg.max_body_bytes;
+    limits.max_body_in_flight = limits.max_body_in_flight.max(cfg.max_body_bytes);
+    limits.token.clone_from(&cfg.token);
     limits.max_connections = limits.max_connections.max(1);
     // One slot per connection: a connection has at most one request in flight.
     let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel::<http::Job>(limits.max_connections);

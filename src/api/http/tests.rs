@@ -81,6 +81,8 @@ fn small() -> Limits {
         max_head_bytes: 1024,
         max_body_bytes: 100,
         answer_timeout: Duration::from_secs(5),
+        max_body_in_flight: 1000,
+        token: None,
     }
 }
 
@@ -342,4 +344,49 @@ fn stop_closes_idle_connections_and_the_listener() {
     );
     assert!(closed(&mut idle));
     assert!(TcpStream::connect(addr).is_err());
+}
+
+#[test]
+fn bodies_need_the_token_first_and_share_a_memory_budget() {
+    let e = Echo::start(Limits {
+        token: Some("t0k".into()),
+        max_body_in_flight: 150,
+        body_timeout: Duration::from_secs(10),
+        ..small()
+    });
+    // no token (or a wrong one): 401 before a byte of the body is read
+    for auth in ["", "Authorization: Bearer nope\r\n"] {
+        let raw = format!("POST /s HTTP/1.1\r\n{auth}Content-Length: 100\r\n\r\n");
+        let (st, head, _) = one(&e, raw.as_bytes());
+        assert_eq!(st, 401, "{auth}: {head}");
+        assert!(head.contains("WWW-Authenticate: Bearer"), "{head}");
+    }
+    // requests without a body still reach the handler, which decides (the dashboard, /health)
+    assert_eq!(one(&e, b"GET /h HTTP/1.1\r\n\r\n").0, 200);
+    // one upload in progress holds 100 of the 150 bytes: a second one must wait its turn
+    let mut first = e.connect();
+    first
+        .write_all(
+            b"POST /s HTTP/1.1\r\nAuthorization: Bearer t0k\r\nContent-Length: 100\r\n\r\nabc",
+        )
+        .unwrap();
+    let second = b"POST /s HTTP/1.1\r\nAuthorization: Bearer t0k\r\nContent-Length: 100\r\n\r\n";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = e.connect();
+        s.write_all(second).unwrap();
+        let (st, _, body) = response(&mut s);
+        if st == 503 {
+            assert!(body.contains("too many uploads"), "{body}");
+            break;
+        }
+        // (the first head may not be read yet)
+        assert!(Instant::now() < deadline, "never refused: {st} {body}");
+    }
+    first.write_all(&[b'x'; 97]).unwrap();
+    assert_eq!(response(&mut first).0, 200);
+    let mut s = e.connect();
+    s.write_all(second).unwrap();
+    s.write_all(&[b'y'; 100]).unwrap();
+    assert_eq!(response(&mut s).0, 200, "the budget came back");
 }
