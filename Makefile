@@ -19,7 +19,7 @@ DEMO_SIM_PORT := 19090
 DEMO_API_PORT := 18080
 DEMO_CONNECTIONS := 300
 
-.PHONY: help test musl cross demo bench fmt clippy clean
+.PHONY: help test musl cross demo bench fuzz fmt clippy clean
 
 help:
 	@echo "Targets:"
@@ -29,6 +29,8 @@ help:
 	@echo "  make demo     simulated mihomo on 127.0.0.1:$(DEMO_SIM_PORT) + master on http://127.0.0.1:$(DEMO_API_PORT); Ctrl-C stops both"
 	@echo "  make bench    release build (musl when possible) and every performance figure with its target"
 	@echo "                (MCT_BENCH_SECS=N shortens the 60 s tracking run)"
+	@echo "  make fuzz     each cargo-fuzz target (tests/fuzz) for FUZZ_SECS=$(FUZZ_SECS) s on nightly (installs cargo-fuzz if missing);"
+	@echo "                a crash is saved under tests/fuzz/artifacts/: add it to tests/fuzz/corpus/<target>/ and fix"
 	@echo "  make fmt      cargo fmt"
 	@echo "  make clippy   cargo clippy on every target, warnings are errors"
 	@echo "  make clean    cargo clean"
@@ -112,6 +114,20 @@ bench:
 		if [ -f $$f ]; then echo "binary size, $$t (make cross): $$(stat -c %s $$f) bytes"; \
 		else echo "binary size, $$t: not built (make cross)"; fi; done; \
 	MCT_BIN=$$(realpath $$bin) $(CARGO) bench $(LOCKED) --bench figures
+
+# Fuzzing: the snapshot parser + diff and the API's query parameters (tests/fuzz, a crate of its own). New inputs
+# go to target/fuzz-corpus/; the committed corpus (tests/fuzz/corpus/) seeds each run and `make test` replays it.
+FUZZ_SECS ?= 60
+FUZZ_TARGETS := snapshot params
+
+fuzz:
+	@rustup toolchain list | grep -q '^nightly' || { echo "+ rustup toolchain install nightly"; rustup toolchain install nightly --profile minimal; }
+	@command -v cargo-fuzz >/dev/null || { echo "+ cargo install cargo-fuzz"; $(CARGO) install cargo-fuzz --locked; }
+	@for t in $(FUZZ_TARGETS); do mkdir -p target/fuzz-corpus/$$t; \
+		echo "+ cargo +nightly fuzz run $$t for $(FUZZ_SECS) s"; \
+		$(CARGO) +nightly fuzz run $$t --fuzz-dir tests/fuzz target/fuzz-corpus/$$t tests/fuzz/corpus/$$t \
+			-- -max_total_time=$(FUZZ_SECS) -max_len=4096; \
+	done
 
 fmt:
 	$(CARGO) fmt --all

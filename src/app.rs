@@ -159,6 +159,13 @@ impl Running {
     }
 }
 
+/// The warning for an API reachable from the network without a token; `None` on loopback or with a token.
+pub fn exposure_warning(addr: std::net::SocketAddr, has_token: bool) -> Option<String> {
+    (!addr.ip().is_loopback() && !has_token).then(|| {
+        format!("api: listening on {addr}, reachable from the network, without --api-token: anyone there can read your history")
+    })
+}
+
 /// Starts a master: the API, and in standalone mode (`--mihomo-host`) a collector of its own.
 pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
     let (mut running, tracker, agent_id) = Running::start_writer(
@@ -191,8 +198,8 @@ pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
     };
     let addr = api.addr();
     crate::info!("api: listening on http://{addr}/api/v1");
-    if !addr.ip().is_loopback() && cfg.api_token.is_none() {
-        crate::warn!("api: listening on {addr}, reachable from the network, without --api-token: anyone there can read your history");
+    if let Some(w) = exposure_warning(addr, cfg.api_token.is_some()) {
+        crate::warn!("{w}");
     }
     running.api_addr = Some(addr);
     running.stoppers.push(Box::new(move || api.stop()));

@@ -104,10 +104,19 @@ impl Tracker {
             let id: &str = &e.id;
             if let Some(t) = self.open.get_mut(id) {
                 if t.generation == gen {
+                    crate::debug!("duplicate id {id} in one push; the larger counters win");
                     // duplicate within this snapshot: only let larger counters through
                     if e.bytes.upload <= t.bytes.upload && e.bytes.download <= t.bytes.download {
                         continue;
                     }
+                } else if e.bytes.upload < t.bytes.upload || e.bytes.download < t.bytes.download {
+                    crate::debug!(
+                        "counters of {id} went down (up {} -> {}, down {} -> {}); keeping the larger",
+                        t.bytes.upload,
+                        e.bytes.upload,
+                        t.bytes.download,
+                        e.bytes.download
+                    );
                 }
                 let delta = Bytes {
                     upload: e.bytes.upload.saturating_sub(t.bytes.upload),

@@ -21,7 +21,8 @@
 //!   against the open set and sends [`model::ConnectionDiff`]s (opened, byte deltas, closed).
 //! - `writer` ([`store::writer`]): the only thread that writes the database. It coalesces diffs and commits
 //!   them in one transaction every `--commit-interval-ms` (2 s); other writes arrive as closures.
-//! - `http-N` ([`api`]): a pool of tiny_http workers, each with its own read-only connection; handlers are
+//! - `http-N` ([`api`]): a pool of workers, each with its own read-only connection, fed by a bounded HTTP/1.1
+//!   server of our own ([`api::http`]: one thread per connection, limits on every byte and second); handlers are
 //!   plain functions from a parsed request to a reply. `POST /sync` is parsed and validated in the worker and
 //!   applied by the writer in one transaction ([`ingest`]).
 //! - `sync` ([`sync`], agent only): pushes rows whose change counter passed the acknowledged cursor.

@@ -915,7 +915,11 @@ fn rejection(req: &Request, secret: Option<&str>) -> Option<ErrorResponse> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
-    let ok = by_query.as_deref() == Some(secret) || by_header.as_deref() == Some(secret);
+    let matches = |given: Option<String>| {
+        given
+            .is_some_and(|g| crate::api::handler::constant_time_eq(g.as_bytes(), secret.as_bytes()))
+    };
+    let ok = matches(by_query) | matches(by_header);
     (!ok).then(|| reject(401, "Unauthorized"))
 }
 

@@ -88,7 +88,12 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-fn authorized(token: Option<&str>, header: Option<&str>) -> bool {
+/// The answer to a request without the right token.
+pub const UNAUTHORIZED: &str =
+    "missing or wrong bearer token: send 'Authorization: Bearer <api token>'";
+
+/// Whether `header` (the `Authorization` value) carries `token` (always, without a token).
+pub fn authorized(token: Option<&str>, header: Option<&str>) -> bool {
     let Some(token) = token else { return true };
     let given = header
         .and_then(|h| {
@@ -131,10 +136,7 @@ pub fn handle(ctx: &Ctx<'_>, req: &ApiRequest<'_>) -> Reply {
         };
     }
     if !authorized(ctx.token, req.authorization) {
-        return Reply::error(&ApiError::status(
-            401,
-            "missing or wrong bearer token: send 'Authorization: Bearer <api token>'",
-        ));
+        return Reply::error(&ApiError::status(401, UNAUTHORIZED));
     }
     match route(ctx, req, path) {
         Ok(reply) => reply,

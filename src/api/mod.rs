@@ -1,7 +1,8 @@
-//! The master's HTTP API (`/api/v1/...`, see API-COMPAT): a tiny_http server shared by N named worker
-//! threads, each with its own read-only database connection, calling `recv()` in a loop. Handlers are plain
-//! functions ([`handler::handle`]) from a parsed request to a [`handler::Reply`]; this module only moves
-//! bytes: it reads a body of at most `max_body_bytes` (413 beyond), and writes the reply.
+//! The master's HTTP API (`/api/v1/...`, see API-COMPAT): our own small HTTP/1.1 server ([`http`]: one
+//! thread per connection, bounded, with limits on every byte and second a client controls) hands complete
+//! requests over a bounded channel to N named worker threads, each with its own read-only database
+//! connection. Handlers are plain functions ([`handler::handle`]) from a parsed request to a
+//! [`handler::Reply`]; workers never touch a socket, so no client can hold one.
 //!
 //! Queries live one module per endpoint ([`stats`], [`connections`], [`agents`], [`options`]); parameters
 //! are parsed once into typed values ([`params`]) before any SQL exists, and SQL only binds values. Unfiltered
@@ -9,11 +10,13 @@
 //!
 //! `GET /metrics` (also `/api/v1/metrics`) answers the Prometheus text format ([`metrics`]).
 //!
-//! Stop: [`ApiServer::stop`] sets the stop flag and calls `unblock()` once per worker, then joins them.
+//! Stop: [`ApiServer::stop`] closes the listener and lets the connection threads finish the request in hand;
+//! when the last one is gone the job channel disconnects and the workers end; all are joined.
 
 pub mod agents;
 pub mod connections;
 pub mod handler;
+pub mod http;
 pub mod metrics;
 pub mod options;
 pub mod params;
@@ -23,14 +26,11 @@ pub mod table;
 
 use crate::error::{Error, Result};
 use crate::store::{Access, WriteCmd};
-use handler::{ApiRequest, Ctx, Reply};
-use params::ApiError;
-use std::io::Read;
+use handler::{ApiRequest, Ctx};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::SyncSender;
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -53,24 +53,24 @@ pub struct ApiConfig {
 
 /// A running server.
 pub struct ApiServer {
-    server: Arc<tiny_http::Server>,
+    http: http::Server,
     workers: Vec<JoinHandle<()>>,
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
 }
 
 impl ApiServer {
     /// The bound address (the real port when port 0 was asked).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.http.addr()
     }
 
-    /// Stops accepting requests, lets each worker finish its current one, and joins them all.
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.http.connections()
+    }
+
+    /// Stops accepting requests, lets each connection finish its current one, and joins every worker.
     pub fn stop(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for _ in &self.workers {
-            self.server.unblock();
-        }
+        self.http.stop();
         for w in self.workers {
             if w.join().is_err() {
                 crate::error!("api: a worker thread panicked");
@@ -92,6 +92,19 @@ pub fn start_with_body_timeout(
     writer: Option<SyncSender<WriteCmd>>,
     body_timeout: Duration,
 ) -> Result<ApiServer> {
+    let limits = http::Limits {
+        body_timeout,
+        ..http::Limits::default()
+    };
+    start_with_limits(cfg, writer, limits)
+}
+
+/// [`start`] with other client limits (`max_body_bytes` and `token` are taken from `cfg`).
+pub fn start_with_limits(
+    cfg: ApiConfig,
+    writer: Option<SyncSender<WriteCmd>>,
+    mut limits: http::Limits,
+) -> Result<ApiServer> {
     let workers = cfg.workers.max(1);
     let mut conns = Vec::with_capacity(workers);
     for _ in 0..workers {
@@ -103,61 +116,63 @@ pub fn start_with_body_timeout(
             "api: database has no rollup tables; unfiltered aggregates will scan (slower)"
         );
     }
-    let server = tiny_http::Server::http(cfg.listen)
+    let listener = std::net::TcpListener::bind(cfg.listen)
         .map_err(|e| Error::Http(format!("cannot listen on {}: {e}", cfg.listen)))?;
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| Error::Http(format!("{} is not an IP listener", cfg.listen)))?;
-    let server = Arc::new(server);
-    let stop = Arc::new(AtomicBool::new(false));
+    limits.max_body_bytes = cfg.max_body_bytes;
+    limits.max_body_in_flight = limits.max_body_in_flight.max(cfg.max_body_bytes);
+    limits.token.clone_from(&cfg.token);
+    limits.max_connections = limits.max_connections.max(1);
+    // One slot per connection: a connection has at most one request in flight.
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel::<http::Job>(limits.max_connections);
+    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
     let shared = Arc::new(Shared {
         token: cfg.token,
-        max_body: cfg.max_body_bytes,
         rollups,
-        body_readers: Arc::new(AtomicUsize::new(0)),
-        body_timeout,
         devices: cfg.devices,
         metrics: metrics::MetricsState::new(cfg.metrics),
     });
     let mut handles = Vec::with_capacity(workers);
     for (i, db) in conns.into_iter().enumerate() {
-        let (srv, stp, shared) = (Arc::clone(&server), Arc::clone(&stop), Arc::clone(&shared));
+        let (rx, shared) = (Arc::clone(&jobs_rx), Arc::clone(&shared));
         let writer = writer.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("api-{i}"))
-            .spawn(move || worker(&srv, &stp, &shared, &db, writer.as_ref()));
+            .spawn(move || worker(&rx, &shared, &db, writer.as_ref()));
         match spawned {
             Ok(h) => handles.push(h),
             Err(e) => {
-                let partial = ApiServer {
-                    server,
-                    workers: handles,
-                    addr,
-                    stop,
-                };
-                partial.stop();
+                // dropping the sender ends the workers already started
+                drop(jobs_tx);
+                for h in handles {
+                    let _ = h.join();
+                }
                 return Err(Error::Http(format!("cannot start worker thread: {e}")));
             }
         }
     }
-    crate::info!("api: listening on http://{addr}/api/v1 with {workers} workers");
+    let server = match http::Server::start(listener, limits, jobs_tx) {
+        Ok(s) => s,
+        Err(e) => {
+            for h in handles {
+                let _ = h.join();
+            }
+            return Err(Error::Http(format!("cannot start the accept thread: {e}")));
+        }
+    };
+    crate::info!(
+        "api: listening on http://{}/api/v1 with {workers} workers",
+        server.addr()
+    );
     Ok(ApiServer {
-        server,
+        http: server,
         workers: handles,
-        addr,
-        stop,
     })
 }
 
 /// Settings every worker reads.
 struct Shared {
     token: Option<String>,
-    max_body: usize,
     rollups: bool,
-    /// Body reads in progress (see [`read_body_bounded`]).
-    body_readers: Arc<AtomicUsize>,
-    body_timeout: Duration,
     devices: Option<Arc<crate::devices::Devices>>,
     /// Shared by every worker, so counters stay monotonic whichever worker answers a scrape.
     metrics: metrics::MetricsState,
@@ -165,166 +180,90 @@ struct Shared {
 
 /// How long a client may take to send its body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// The most body reads at once; beyond, `503`. Bounds the threads a stalled client can hold.
-pub const MAX_BODY_READERS: usize = 16;
 
+/// Answers jobs until the channel disconnects (the server stopped and every connection is gone).
 fn worker(
-    server: &tiny_http::Server,
-    stop: &AtomicBool,
+    jobs: &Mutex<Receiver<http::Job>>,
     shared: &Shared,
     db: &rusqlite::Connection,
     writer: Option<&SyncSender<WriteCmd>>,
 ) {
-    while !stop.load(Ordering::SeqCst) {
-        let rq = match server.recv() {
-            Ok(rq) => rq,
-            Err(e) => {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                crate::debug!("api: receive failed: {e}");
-                continue;
-            }
+    loop {
+        let job = {
+            let Ok(rx) = jobs.lock() else { return };
+            rx.recv_timeout(Duration::from_secs(1))
         };
-        serve(rq, shared, db, writer);
-    }
-}
-
-fn header<'a>(rq: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
-    rq.headers()
-        .iter()
-        .find(|h| h.field.equiv(name))
-        .map(|h| h.value.as_str())
-}
-
-fn body_too_big(max: usize) -> ApiError {
-    ApiError::status(413, format!("request body larger than {max} bytes"))
-}
-
-/// Reads at most `max + 1` bytes of the body (a chunked body has no length to check first): `413` when it
-/// is longer than `max`.
-fn read_body(rq: &mut tiny_http::Request, max: usize) -> std::result::Result<Vec<u8>, ApiError> {
-    let mut body = Vec::new();
-    rq.as_reader()
-        .take(max as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| ApiError::status(400, format!("cannot read request body: {e}")))?;
-    if body.len() > max {
-        return Err(body_too_big(max));
-    }
-    Ok(body)
-}
-
-/// Reads the body on a helper thread and waits at most the body timeout ([`BODY_TIMEOUT`]): tiny_http 0.12 sets no socket
-/// timeouts, so a client that stalls mid-body would otherwise hold this worker forever. On timeout the helper
-/// keeps the request (it is dropped, and the connection closed, when the client finally goes away) and the
-/// worker moves on; `None` means there is nothing left to answer.
-fn read_body_bounded(
-    mut rq: tiny_http::Request,
-    shared: &Shared,
-) -> Option<(tiny_http::Request, std::result::Result<Vec<u8>, ApiError>)> {
-    // Refused by Content-Length before reading anything.
-    if rq.body_length().is_some_and(|n| n > shared.max_body) {
-        return Some((rq, Err(body_too_big(shared.max_body))));
-    }
-    if shared.body_readers.fetch_add(1, Ordering::SeqCst) >= MAX_BODY_READERS {
-        shared.body_readers.fetch_sub(1, Ordering::SeqCst);
-        return Some((
-            rq,
-            Err(ApiError::status(
-                503,
-                "too many uploads in progress; retry later",
-            )),
-        ));
-    }
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let readers = Arc::clone(&shared.body_readers);
-    let max = shared.max_body;
-    let spawned = std::thread::Builder::new()
-        .name("api-body".into())
-        .spawn(move || {
-            let body = read_body(&mut rq, max);
-            readers.fetch_sub(1, Ordering::SeqCst);
-            let _ = tx.send((rq, body));
-        });
-    if let Err(e) = spawned {
-        shared.body_readers.fetch_sub(1, Ordering::SeqCst);
-        crate::error!("api: cannot start a body reader: {e}");
-        return None;
-    }
-    match rx.recv_timeout(shared.body_timeout) {
-        Ok(done) => Some(done),
-        Err(_) => {
-            crate::warn!(
-                "api: a client sent no complete body within {} ms; dropped",
-                shared.body_timeout.as_millis()
-            );
-            None
+        match job {
+            Ok(job) => serve(job, shared, db, writer),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
         }
     }
 }
 
+/// The request target for the log, with the values of `token`, `secret` and `key` parameters hidden: the API
+/// takes its token in a header only, but a client may still put one in the URL.
+pub fn redact(target: &str) -> std::borrow::Cow<'_, str> {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.into();
+    };
+    let secret = |k: &str| {
+        let k = k.to_ascii_lowercase();
+        ["token", "secret", "key", "password"]
+            .iter()
+            .any(|s| k.contains(s))
+    };
+    if !query
+        .split('&')
+        .any(|kv| secret(kv.split('=').next().unwrap_or("")))
+    {
+        return target.into();
+    }
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if secret(k) => format!("{k}=<hidden>"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{path}?{}", parts.join("&")).into()
+}
+
 fn serve(
-    rq: tiny_http::Request,
+    job: http::Job,
     shared: &Shared,
     db: &rusqlite::Connection,
     writer: Option<&SyncSender<WriteCmd>>,
 ) {
     let started = std::time::Instant::now();
-    let method = rq.method().as_str().to_ascii_uppercase();
-    let url = rq.url().to_string();
-    // Only POST carries a body we use; others are not read (tiny_http discards them).
-    let (rq, body) = if method == "POST" {
-        match read_body_bounded(rq, shared) {
-            Some(done) => done,
-            None => return,
-        }
-    } else {
-        (rq, Ok(Vec::new()))
+    let rq = &job.request;
+    let (path, query) = rq.target.split_once('?').unwrap_or((&rq.target, ""));
+    let req = ApiRequest {
+        method: &rq.method,
+        path,
+        query,
+        body: &rq.body,
+        authorization: rq.authorization.as_deref(),
     };
-    let reply = match body {
-        Err(e) => Reply::error(&e),
-        Ok(body) => {
-            let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-            let auth = header(&rq, "Authorization").map(str::to_string);
-            let req = ApiRequest {
-                method: &method,
-                path,
-                query,
-                body: &body,
-                authorization: auth.as_deref(),
-            };
-            let ctx = Ctx {
-                db,
-                rollups: shared.rollups,
-                token: shared.token.as_deref(),
-                writer,
-                now_ms: crate::timefmt::now_ms(),
-                devices: shared.devices.as_deref(),
-                metrics: Some(&shared.metrics),
-            };
-            handler::handle(&ctx, &req)
-        }
+    let ctx = Ctx {
+        db,
+        rollups: shared.rollups,
+        token: shared.token.as_deref(),
+        writer,
+        now_ms: crate::timefmt::now_ms(),
+        devices: shared.devices.as_deref(),
+        metrics: Some(&shared.metrics),
     };
+    let reply = handler::handle(&ctx, &req);
     crate::debug!(
-        "api: {method} {url} -> {} in {} ms",
+        "api: {} {} -> {} in {} ms",
+        rq.method,
+        redact(&rq.target),
         reply.status,
         started.elapsed().as_millis()
     );
-    let mut resp = tiny_http::Response::from_data(reply.body)
-        .with_status_code(reply.status)
-        .with_header(
-            tiny_http::Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes())
-                .expect("static header is valid"),
-        );
-    for (k, v) in reply.headers {
-        if let Ok(h) = tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()) {
-            resp.add_header(h);
-        }
-    }
-    if let Err(e) = rq.respond(resp) {
-        crate::debug!("api: cannot send reply: {e}");
-    }
+    // the connection may have given up waiting: nothing to do then
+    let _ = job.reply.send(reply);
 }
 
 #[cfg(test)]

@@ -62,6 +62,10 @@ pub fn percent_decode(s: &str) -> Option<String> {
             b'+' => out.push(b' '),
             b'%' => {
                 let hex = b.get(i + 1..i + 3)?;
+                // two hex digits: from_str_radix alone would also take a sign ("%+1")
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
                 let hex = std::str::from_utf8(hex).ok()?;
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 2;
@@ -464,6 +468,7 @@ mod tests {
         assert_eq!(p.get("d"), None);
         assert!(Params::parse("a=%zz").is_err());
         assert!(Params::parse("a=%ff").is_err()); // not UTF-8
+        assert!(Params::parse("a=%+1").is_err() && Params::parse("a=%-1").is_err());
     }
 
     #[test]

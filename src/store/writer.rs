@@ -156,6 +156,13 @@ impl Pending {
         for (meta, bytes) in diff.opened {
             self.opened.push((meta, bytes, at));
         }
+        if !diff.reopened.is_empty() && !self.closed.is_empty() {
+            // Closed by an earlier diff and back in this one, both before the commit: the commit applies
+            // reopens before closes, so the stale close would leave an open connection closed.
+            let back: std::collections::HashSet<&str> =
+                diff.reopened.iter().map(String::as_str).collect();
+            self.closed.retain(|c| !back.contains(c.id.as_str()));
+        }
         self.reopened
             .extend(diff.reopened.into_iter().map(|id| (id, at)));
         for Flow {
@@ -760,5 +767,71 @@ mod tests {
         assert_eq!(spread(600_000, 0, b(1, 2)), vec![(0, b(1, 2))]);
         // within one minute
         assert_eq!(spread(60_001, 119_999, b(1, 2)), vec![(1, b(1, 2))]);
+    }
+
+    #[test]
+    fn closed_then_reopened_before_a_commit_stays_open() {
+        let dir = std::env::temp_dir().join(format!("mct-writer-reopen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.db");
+        let w = Writer::new(
+            crate::store::open(&path, crate::store::Access::Write).unwrap(),
+            WriterConfig::default(),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let h = std::thread::spawn(move || w.run(rx));
+        let meta = ConnMeta {
+            id: "a".into(),
+            start_ms: 1_000,
+            ..ConnMeta::default()
+        };
+        let flow = |at: i64, totals: Bytes, delta: Bytes| Flow {
+            id: "a".into(),
+            totals,
+            delta,
+            from_ms: at - 1_000,
+            to_ms: at,
+        };
+        // all three in one commit window (2 s): opened, closed by an empty push, back in the next one
+        let diffs = [
+            ConnectionDiff {
+                at_ms: 2_000,
+                opened: vec![(meta, b(1, 10))],
+                flows: vec![flow(2_000, b(1, 10), b(1, 10))],
+                ..ConnectionDiff::default()
+            },
+            ConnectionDiff {
+                at_ms: 3_000,
+                closed: vec![Closed {
+                    id: "a".into(),
+                    end_ms: 3_000,
+                    totals: b(1, 10),
+                }],
+                ..ConnectionDiff::default()
+            },
+            ConnectionDiff {
+                at_ms: 4_000,
+                reopened: vec!["a".into()],
+                flows: vec![flow(4_000, b(2, 20), b(1, 10))],
+                ..ConnectionDiff::default()
+            },
+        ];
+        for d in diffs {
+            tx.send(WriteCmd::Diff(d)).unwrap();
+        }
+        drop(tx);
+        h.join().unwrap().unwrap();
+        let c = Connection::open(&path).unwrap();
+        let row: (Option<i64>, i64, i64) = c
+            .query_row(
+                "SELECT end_ms, upload, download FROM connections WHERE id = 'a'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(row, (None, 2, 20));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -27,6 +27,9 @@ pub enum Event {
 
 enum Cmd {
     Push(String),
+    Binary(Vec<u8>),
+    /// Bytes written straight to the socket (a hand-made frame header), then this many zero bytes.
+    Raw(Vec<u8>, usize),
     Drop,
 }
 
@@ -143,6 +146,28 @@ impl FakeMihomo {
                             }
                             let _ = ev_tx.send(Event::Pushed);
                         }
+                        Ok(Cmd::Binary(data)) => {
+                            if ws.send(Message::binary(data)).is_err() {
+                                break;
+                            }
+                            let _ = ev_tx.send(Event::Pushed);
+                        }
+                        Ok(Cmd::Raw(head, zeros)) => {
+                            use std::io::Write;
+                            let sock = ws.get_mut();
+                            let mut ok = sock.write_all(&head).is_ok();
+                            let chunk = vec![0u8; 64 * 1024];
+                            let mut left = zeros;
+                            while ok && left > 0 {
+                                let n = left.min(chunk.len());
+                                ok = sock.write_all(&chunk[..n]).is_ok();
+                                left -= n;
+                            }
+                            let _ = ev_tx.send(Event::Pushed);
+                            if !ok {
+                                break;
+                            }
+                        }
                         Ok(Cmd::Drop) => break,
                         Err(RecvTimeoutError::Timeout) if !stop2.load(Ordering::Relaxed) => {}
                         Err(_) => return,
@@ -163,6 +188,19 @@ impl FakeMihomo {
     pub fn push(&self, frame: impl Into<String>) {
         self.cmds.send(Cmd::Push(frame.into())).unwrap();
         self.expect(|e| *e == Event::Pushed, "push written");
+    }
+
+    /// Queues one binary push.
+    pub fn push_binary(&self, data: Vec<u8>) {
+        self.cmds.send(Cmd::Binary(data)).unwrap();
+        self.expect(|e| *e == Event::Pushed, "binary push written");
+    }
+
+    /// Writes `head` and then `zeros` zero bytes straight to the client's socket (stops early when the
+    /// client hangs up): hand-made frames the WebSocket library would not send.
+    pub fn push_raw(&self, head: Vec<u8>, zeros: usize) {
+        self.cmds.send(Cmd::Raw(head, zeros)).unwrap();
+        self.expect(|e| *e == Event::Pushed, "raw bytes written");
     }
 
     /// Cuts the current client's socket without a close frame.

@@ -1,0 +1,820 @@
+//! The HTTP/1.1 server under the API, built for hostile clients on a router with little memory: it owns the
+//! listening socket, one thread per connection up to [`Limits::max_connections`] (beyond: an immediate `503`),
+//! and bounds everything a client controls: the request head (size and total time, however slowly it
+//! trickles in), the body (size and time), the wait between keep-alive requests, and every write. Connection
+//! threads only move bytes; requests go over a bounded channel to the API workers ([`Job`]), so a slow client
+//! never holds a worker or its database connection.
+//!
+//! Why not tiny_http 0.12's own server (still used by tests as a fake master): its accept thread ends for
+//! good on the first `accept()` error (e.g. `EMFILE` under many connections), after which nothing is ever
+//! answered again; it sets no socket timeouts and has no connection limit, so every idle keep-alive or
+//! byte-a-minute client holds a thread forever; a header line has no length limit (memory); and its thread
+//! pool can queue a new connection behind busy keep-alive ones when several arrive at once (a new
+//! connection went unanswered while more than 4 keep-alive connections were open). Setting `SO_RCVTIMEO` on
+//! the listening socket (accepted sockets inherit it on Linux) does not rescue it: `accept()` honours that
+//! timeout too, and its first timeout would end the accept thread.
+
+use super::handler::Reply;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// What one client may take.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections open at once; one more is answered `503` and closed.
+    pub max_connections: usize,
+    /// A request head (request line and headers) must be complete this long after the connection opened, or
+    /// after its first byte on a kept-alive connection: `408` otherwise.
+    pub head_timeout: Duration,
+    /// A kept-alive connection with no new request for this long is closed.
+    pub idle_timeout: Duration,
+    /// The body must be complete this long after the head: `408` otherwise.
+    pub body_timeout: Duration,
+    /// The whole response must be written within this.
+    pub write_timeout: Duration,
+    /// Largest request head: `431` beyond.
+    pub max_head_bytes: usize,
+    /// Largest request body: `413` beyond, refused by `Content-Length` before reading it.
+    pub max_body_bytes: usize,
+    /// How long a request may wait for a worker and its answer: `503` beyond.
+    pub answer_timeout: Duration,
+    /// Request bodies held in memory at once, all connections together: `503` beyond.
+    pub max_body_in_flight: usize,
+    /// With a token, a request that has a body must carry `Authorization: Bearer <token>` before its body
+    /// is read (`401` otherwise): only clients that know the token can make the server buffer bodies.
+    pub token: Option<String>,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 64,
+            head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(15),
+            body_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            max_head_bytes: 16 * 1024,
+            max_body_bytes: 32 << 20,
+            answer_timeout: Duration::from_secs(120),
+            max_body_in_flight: 64 << 20,
+            token: None,
+        }
+    }
+}
+
+/// A complete request, handed to a worker.
+#[derive(Debug)]
+pub struct Request {
+    /// Upper-cased.
+    pub method: String,
+    /// The request target as sent (path and query, still percent-encoded).
+    pub target: String,
+    /// The `Authorization` header, when it is valid UTF-8.
+    pub authorization: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// A request and where its answer goes.
+pub struct Job {
+    pub request: Request,
+    pub reply: SyncSender<Reply>,
+}
+
+/// Blocking calls wake this often to notice the stop flag.
+const POLL: Duration = Duration::from_millis(250);
+/// Connection threads only parse and copy bytes.
+const CONN_STACK: usize = 128 * 1024;
+
+/// The accept thread and what it shares with the connection threads.
+pub struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    live: Arc<AtomicUsize>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Takes over `listener` and starts accepting. Requests go to `jobs`, which must hold at least
+    /// `limits.max_connections` (each connection has at most one request in flight).
+    pub fn start(
+        listener: TcpListener,
+        limits: Limits,
+        jobs: SyncSender<Job>,
+    ) -> std::io::Result<Server> {
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let live = Arc::new(AtomicUsize::new(0));
+        let (s, l) = (Arc::clone(&stop), Arc::clone(&live));
+        let acceptor = std::thread::Builder::new()
+            .name("api-accept".into())
+            .spawn(move || {
+                let budget = AtomicUsize::new(limits.max_body_in_flight);
+                accept_loop(&listener, &Arc::new((limits, budget)), &jobs, &s, &l)
+            })?;
+        Ok(Server {
+            addr,
+            stop,
+            live,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listening socket and waits (2 s at most) for the connection threads, which finish the
+    /// request in hand and close. Their job senders go with them, so the workers' channel then disconnects.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // accept() has no timeout: wake it with a connection of our own.
+        let wake = match self.addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), self.addr.port())
+            }
+            IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), self.addr.port())
+            }
+            _ => self.addr,
+        };
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        if let Some(a) = self.acceptor.take() {
+            if a.join().is_err() {
+                crate::error!("api: the accept thread panicked");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.live.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Logs at most one line per `every` for a recurring problem.
+struct Throttle {
+    last: Option<Instant>,
+    every: Duration,
+}
+
+impl Throttle {
+    fn ready(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
+fn accept_loop(
+    listener: &TcpListener,
+    policy: &Arc<(Limits, AtomicUsize)>,
+    jobs: &SyncSender<Job>,
+    stop: &Arc<AtomicBool>,
+    live: &Arc<AtomicUsize>,
+) {
+    let mut full = Throttle {
+        last: None,
+        every: Duration::from_secs(10),
+    };
+    let mut failing = Throttle {
+        last: None,
+        every: Duration::from_secs(10),
+    };
+    let limits = &policy.0;
+    while !stop.load(Ordering::SeqCst) {
+        let (stream, peer) = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                // Out of file descriptors and the like: never give up on accepting, but do not spin.
+                if failing.ready() {
+                    crate::warn!("api: cannot accept a connection: {e}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        if live.load(Ordering::SeqCst) >= limits.max_connections {
+            if full.ready() {
+                crate::warn!(
+                    "api: {} connections open, the most allowed; refusing {peer} with 503",
+                    limits.max_connections
+                );
+            }
+            refuse(stream);
+            continue;
+        }
+        live.fetch_add(1, Ordering::SeqCst);
+        let (pol, tx, stp, lv) = (
+            Arc::clone(policy),
+            jobs.clone(),
+            Arc::clone(stop),
+            Arc::clone(live),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("api-conn".into())
+            .stack_size(CONN_STACK)
+            .spawn(move || {
+                let mut conn = Conn::new(stream, &pol.0, &pol.1, &stp);
+                conn.serve(&tx);
+                lv.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            live.fetch_sub(1, Ordering::SeqCst);
+            if failing.ready() {
+                crate::warn!("api: cannot start a connection thread: {e}");
+            }
+        }
+    }
+}
+
+/// Answers `503` without waiting for anything (the socket's send buffer is empty) and closes.
+fn refuse(stream: TcpStream) {
+    let _ = stream.set_nonblocking(true);
+    let body = super::table::error("too many connections; retry later");
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = (&stream).write_all(head.as_bytes());
+    let _ = (&stream).write_all(body.as_bytes());
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// Why reading stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    /// The peer closed, or we are stopping: nothing to answer.
+    Closed,
+    /// Too slow: `408` when a request was under way.
+    Timeout,
+    /// Over a size limit.
+    TooLarge,
+}
+
+/// The parsed head of one request.
+#[derive(Debug)]
+struct Head {
+    method: String,
+    target: String,
+    http10: bool,
+    close: bool,
+    authorization: Option<String>,
+    content_length: Option<usize>,
+    chunked: bool,
+    expect_continue: bool,
+}
+
+/// One connection: the socket, bytes read ahead, and the limits.
+struct Conn<'a> {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    limits: &'a Limits,
+    /// Body bytes that may still be buffered, all connections together.
+    budget: &'a AtomicUsize,
+    stop: &'a AtomicBool,
+}
+
+/// Body bytes taken from the shared budget, given back on drop.
+struct Reserved<'a>(&'a AtomicUsize, usize);
+
+impl<'a> Reserved<'a> {
+    fn take(budget: &'a AtomicUsize, n: usize) -> Option<Reserved<'a>> {
+        budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(n)
+            })
+            .ok()
+            .map(|_| Reserved(budget, n))
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(self.1, Ordering::SeqCst);
+    }
+}
+
+impl<'a> Conn<'a> {
+    fn new(
+        stream: TcpStream,
+        limits: &'a Limits,
+        budget: &'a AtomicUsize,
+        stop: &'a AtomicBool,
+    ) -> Conn<'a> {
+        let _ = stream.set_nodelay(true);
+        Conn {
+            stream,
+            buf: Vec::new(),
+            limits,
+            budget,
+            stop,
+        }
+    }
+
+    /// Reads more bytes into `buf` before `deadline`.
+    fn fill(&mut self, deadline: Instant) -> Result<(), Stop> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return Err(Stop::Closed);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Stop::Timeout);
+            }
+            let _ = self.stream.set_read_timeout(Some(left.min(POLL)));
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(Stop::Closed),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(());
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => return Err(Stop::Closed),
+            }
+        }
+    }
+
+    /// The bytes of the next request head (without the blank line), removed from `buf`. Before the first
+    /// byte the wait is `idle`; from the first byte on, the head has [`Limits::head_timeout`] in total.
+    fn read_head(&mut self, idle: Duration) -> Result<Vec<u8>, Stop> {
+        // Blank lines before a request are allowed (RFC 9112 2.2).
+        skip_blank(&mut self.buf);
+        let mut deadline = Instant::now() + idle;
+        let mut started = !self.buf.is_empty();
+        if started {
+            deadline = Instant::now() + self.limits.head_timeout;
+        }
+        let mut scanned = 0;
+        loop {
+            if let Some(end) = head_end(&self.buf, scanned) {
+                if end > self.limits.max_head_bytes {
+                    return Err(Stop::TooLarge);
+                }
+                let rest = self.buf.split_off(end);
+                let head = std::mem::replace(&mut self.buf, rest);
+                return Ok(head);
+            }
+            scanned = self.buf.len().saturating_sub(3);
+            if self.buf.len() > self.limits.max_head_bytes {
+                return Err(Stop::TooLarge);
+            }
+            match self.fill(deadline) {
+                Ok(()) => {}
+                Err(Stop::Timeout) if !started => return Err(Stop::Closed),
+                Err(e) => return Err(e),
+            }
+            if !started {
+                skip_blank(&mut self.buf);
+                if !self.buf.is_empty() {
+                    started = true;
+                    deadline = deadline.min(Instant::now() + self.limits.head_timeout);
+                }
+            }
+        }
+    }
+
+    /// Reads a `Content-Length` body.
+    fn read_exact_body(&mut self, n: usize, deadline: Instant) -> Result<Vec<u8>, Stop> {
+        while self.buf.len() < n {
+            self.fill(deadline)?;
+        }
+        let rest = self.buf.split_off(n);
+        Ok(std::mem::replace(&mut self.buf, rest))
+    }
+
+    /// One line (without CRLF) of a chunked body, at most 4 KiB.
+    fn read_line(&mut self, deadline: Instant) -> Result<Vec<u8>, Stop> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let rest = self.buf.split_off(i + 1);
+                let mut line = std::mem::replace(&mut self.buf, rest);
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+            if self.buf.len() > 4096 {
+                return Err(Stop::TooLarge);
+            }
+            self.fill(deadline)?;
+        }
+    }
+
+    /// Decodes a chunked body of at most `max` bytes; `Err(None)` for a malformed one.
+    fn read_chunked(&mut self, max: usize, deadline: Instant) -> Result<Vec<u8>, Option<Stop>> {
+        let mut body = Vec::new();
+        loop {
+            let line = self.read_line(deadline).map_err(Some)?;
+            let size = std::str::from_utf8(&line)
+                .ok()
+                .map(|l| l.split(';').next().unwrap_or("").trim())
+                .filter(|s| !s.is_empty() && s.len() <= 16)
+                .and_then(|s| usize::from_str_radix(s, 16).ok())
+                .ok_or(None)?;
+            if size == 0 {
+                // trailers, up to the blank line
+                while !self.read_line(deadline).map_err(Some)?.is_empty() {}
+                return Ok(body);
+            }
+            if body.len().saturating_add(size) > max {
+                return Err(Some(Stop::TooLarge));
+            }
+            let data = self.read_exact_body(size, deadline).map_err(Some)?;
+            body.extend_from_slice(&data);
+            if !self.read_line(deadline).map_err(Some)?.is_empty() {
+                return Err(None);
+            }
+        }
+    }
+
+    /// Writes all of `bytes` before `deadline`, in slices that notice the stop flag.
+    fn write(&mut self, bytes: &[u8], deadline: Instant) -> bool {
+        let mut done = 0;
+        while done < bytes.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = self.stream.set_write_timeout(Some(left.min(POLL)));
+            match self.stream.write(&bytes[done..]) {
+                Ok(0) => return false,
+                Ok(n) => done += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) =>
+                {
+                    if self.stop.load(Ordering::SeqCst) {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Sends `reply`; `head_only` for `HEAD`. Returns false when the connection is unusable.
+    fn respond(&mut self, reply: &Reply, head_only: bool, close: bool) -> bool {
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
+            reply.status,
+            reason(reply.status),
+            reply.content_type,
+            reply.body.len()
+        );
+        for (k, v) in &reply.headers {
+            // our own values, but never let one split the head
+            if !v.contains(['\r', '\n']) {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+        }
+        if close {
+            head.push_str("Connection: close\r\n");
+        }
+        head.push_str("\r\n");
+        let deadline = Instant::now() + self.limits.write_timeout;
+        let mut out = head.into_bytes();
+        let body: &[u8] = if head_only { &[] } else { &reply.body };
+        // small answers in one write (one packet); large ones without copying
+        if body.len() <= 16 * 1024 {
+            out.extend_from_slice(body);
+            return self.write(&out, deadline);
+        }
+        self.write(&out, deadline) && self.write(body, deadline)
+    }
+
+    /// Answers an error and closes.
+    fn fail(&mut self, status: u16, message: &str) {
+        let peer = self
+            .stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        crate::debug!("api: refused a request from {peer}: {status} {message}");
+        let reply = Reply::error(&super::params::ApiError::status(status, message));
+        if self.respond(&reply, false, true) {
+            self.linger();
+        }
+    }
+
+    /// Closes our side, then reads and discards what the client is still sending (1 s, 4 MiB at most):
+    /// closing a socket with unread input sends a reset, which can destroy the answer before the client
+    /// reads it (a `413` or `431` the client never sees).
+    fn linger(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut left = 4usize << 20;
+        let mut chunk = [0u8; 4096];
+        while left > 0 {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if wait.is_zero() {
+                return;
+            }
+            let _ = self.stream.set_read_timeout(Some(wait));
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    }
+
+    /// Serves requests until the client closes, a limit is hit, or the server stops.
+    fn serve(&mut self, jobs: &SyncSender<Job>) {
+        let limits = self.limits;
+        let mut idle = limits.head_timeout;
+        loop {
+            let raw = match self.read_head(idle) {
+                Ok(raw) => raw,
+                Err(Stop::Closed) => return,
+                Err(Stop::Timeout) => {
+                    return self.fail(
+                        408,
+                        &format!(
+                            "request head not complete within {} ms",
+                            limits.head_timeout.as_millis()
+                        ),
+                    )
+                }
+                Err(Stop::TooLarge) => {
+                    return self.fail(
+                        431,
+                        &format!("request head larger than {} bytes", limits.max_head_bytes),
+                    )
+                }
+            };
+            idle = limits.idle_timeout;
+            let head = match parse_head(&raw) {
+                Ok(h) => h,
+                Err((status, msg)) => return self.fail(status, &msg),
+            };
+            let max = limits.max_body_bytes;
+            if head.content_length.is_some_and(|n| n > max) {
+                return self.fail(413, &format!("request body larger than {max} bytes"));
+            }
+            let has_body = head.chunked || head.content_length.is_some_and(|n| n > 0);
+            let mut _reserved = None;
+            if has_body {
+                if limits.token.is_some()
+                    && !super::handler::authorized(
+                        limits.token.as_deref(),
+                        head.authorization.as_deref(),
+                    )
+                {
+                    return self.fail(401, super::handler::UNAUTHORIZED);
+                }
+                match Reserved::take(self.budget, head.content_length.unwrap_or(max)) {
+                    Some(r) => _reserved = Some(r),
+                    None => return self.fail(503, "too many uploads in progress; retry later"),
+                }
+            }
+            if has_body && head.expect_continue {
+                let deadline = Instant::now() + limits.write_timeout;
+                if !self.write(b"HTTP/1.1 100 Continue\r\n\r\n", deadline) {
+                    return;
+                }
+            }
+            let deadline = Instant::now() + limits.body_timeout;
+            let body = if head.chunked {
+                match self.read_chunked(max, deadline) {
+                    Ok(b) => b,
+                    Err(None) => return self.fail(400, "malformed chunked request body"),
+                    Err(Some(Stop::TooLarge)) => {
+                        return self.fail(413, &format!("request body larger than {max} bytes"))
+                    }
+                    Err(Some(Stop::Timeout)) => return self.body_timed_out(),
+                    Err(Some(Stop::Closed)) => return,
+                }
+            } else {
+                match self.read_exact_body(head.content_length.unwrap_or(0), deadline) {
+                    Ok(b) => b,
+                    Err(Stop::Timeout) => return self.body_timed_out(),
+                    Err(_) => return,
+                }
+            };
+            let head_only = head.method == "HEAD";
+            let close = head.close || head.http10 || self.stop.load(Ordering::SeqCst);
+            let reply = self.ask(jobs, head, body);
+            if !self.respond(&reply, head_only, close) {
+                return;
+            }
+            if close {
+                return self.linger();
+            }
+        }
+    }
+
+    fn body_timed_out(&mut self) {
+        crate::warn!(
+            "api: a client sent no complete body within {} ms; dropped",
+            self.limits.body_timeout.as_millis()
+        );
+        self.fail(
+            408,
+            &format!(
+                "request body not complete within {} ms",
+                self.limits.body_timeout.as_millis()
+            ),
+        );
+    }
+
+    /// Hands the request to a worker and waits for its answer.
+    fn ask(&mut self, jobs: &SyncSender<Job>, head: Head, body: Vec<u8>) -> Reply {
+        let busy = |msg: &str| Reply::error(&super::params::ApiError::status(503, msg));
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let job = Job {
+            request: Request {
+                method: head.method,
+                target: head.target,
+                authorization: head.authorization,
+                body,
+            },
+            reply: tx,
+        };
+        match jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return busy("server busy; retry later"),
+            Err(TrySendError::Disconnected(_)) => return busy("server stopping"),
+        }
+        wait_answer(&rx, self.limits.answer_timeout)
+            .unwrap_or_else(|| busy("no answer in time; retry later"))
+    }
+}
+
+fn wait_answer(rx: &Receiver<Reply>, timeout: Duration) -> Option<Reply> {
+    rx.recv_timeout(timeout).ok()
+}
+
+/// Drops the CR and LF bytes at the front of `buf`.
+fn skip_blank(buf: &mut Vec<u8>) {
+    let n = buf
+        .iter()
+        .take_while(|b| **b == b'\r' || **b == b'\n')
+        .count();
+    buf.drain(..n);
+}
+
+/// Where the head ends (after its blank line), searching from `from`.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            if buf.get(i + 1) == Some(&b'\n') {
+                return Some(i + 2);
+            }
+            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Parses a request head; `Err((status, message))` for a request to refuse.
+fn parse_head(raw: &[u8]) -> Result<Head, (u16, String)> {
+    let bad = |m: &str| (400, m.to_string());
+    let text = std::str::from_utf8(raw).map_err(|_| {
+        bad("request line or headers are not valid UTF-8 (percent-encode the path and query)")
+    })?;
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let line = lines.next().unwrap_or("");
+    let mut parts = line.split(' ');
+    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(m), Some(t), Some(v), None) => (m, t, v),
+        _ => return Err(bad("malformed request line")),
+    };
+    if !is_token(method) || method.len() > 32 {
+        return Err(bad("malformed method"));
+    }
+    if target.is_empty() || target.bytes().any(|b| b.is_ascii_control()) {
+        return Err(bad("malformed request target"));
+    }
+    let http10 = match version {
+        "HTTP/1.1" => false,
+        "HTTP/1.0" => true,
+        v if v.starts_with("HTTP/") => {
+            return Err((
+                505,
+                format!("{} is not supported; use HTTP/1.1", super::params::clip(v)),
+            ))
+        }
+        _ => return Err(bad("malformed request line")),
+    };
+    let mut head = Head {
+        method: method.to_ascii_uppercase(),
+        target: target.to_string(),
+        http10,
+        close: false,
+        authorization: None,
+        content_length: None,
+        chunked: false,
+        expect_continue: false,
+    };
+    let mut transfer_encoding = false;
+    for l in lines {
+        if l.is_empty() {
+            continue;
+        }
+        if l.starts_with([' ', '\t']) {
+            return Err(bad("folded header lines are not accepted"));
+        }
+        let (name, value) = l
+            .split_once(':')
+            .ok_or_else(|| bad("malformed header line"))?;
+        if !is_token(name) {
+            return Err(bad("malformed header name"));
+        }
+        let value = value.trim_matches([' ', '\t']);
+        if name.eq_ignore_ascii_case("content-length") {
+            let n: usize = value
+                .parse()
+                .ok()
+                .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| bad("Content-Length is not a number"))?;
+            if head.content_length.is_some_and(|m| m != n) {
+                return Err(bad("conflicting Content-Length headers"));
+            }
+            head.content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoding = true;
+            if !value.eq_ignore_ascii_case("chunked") {
+                return Err((
+                    501,
+                    "only the chunked Transfer-Encoding is supported".to_string(),
+                ));
+            }
+            head.chunked = true;
+        } else if name.eq_ignore_ascii_case("connection") {
+            head.close |= value.to_ascii_lowercase().contains("close");
+        } else if name.eq_ignore_ascii_case("authorization") {
+            head.authorization = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("expect") {
+            if !value.eq_ignore_ascii_case("100-continue") {
+                return Err((417, "only 'Expect: 100-continue' is supported".to_string()));
+            }
+            head.expect_continue = true;
+        }
+    }
+    if transfer_encoding && head.content_length.is_some() {
+        // the classic request-smuggling ambiguity: refuse rather than guess
+        return Err(bad("both Content-Length and Transfer-Encoding"));
+    }
+    Ok(head)
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        417 => "Expectation Failed",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        _ => "Status",
+    }
+}
+
+#[cfg(test)]
+mod tests;
