@@ -5,7 +5,6 @@ use super::table::{Answer, Table};
 use rusqlite::types::Value as Sql;
 use rusqlite::Connection;
 use serde_json::json;
-use std::collections::BTreeSet;
 
 /// `GET /filter-options?filter_type=F&query=Q&limit=N`.
 pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
@@ -82,7 +81,7 @@ fn geo_options(db: &Connection, query: Option<&str>, limit: i64) -> ApiResult<An
     let query = query.map(str::to_ascii_lowercase);
     let mut stmt = db.prepare("SELECT DISTINCT destination_geoip FROM connections")?;
     let mut rows = stmt.query([])?;
-    let mut found = BTreeSet::new();
+    let mut found = Vec::new();
     while let Some(r) = rows.next()? {
         for v in super::stats::geo_keys(&r.get::<_, String>(0)?) {
             let wanted = match &query {
@@ -90,12 +89,16 @@ fn geo_options(db: &Connection, query: Option<&str>, limit: i64) -> ApiResult<An
                 None => true,
             };
             if wanted && !v.is_empty() {
-                found.insert(v);
+                found.push(v);
             }
         }
     }
+    // All ranked equal: sorted by value (the API's one sort, see `rank`).
+    let mut sorted: Vec<(&String, i64)> = found.iter().map(|v| (v, 0)).collect();
+    super::stats::rank(&mut sorted);
+    sorted.dedup();
     let mut table = Table::new(["field", "label", "value"]);
-    for v in found.into_iter().take(limit as usize) {
+    for (v, _) in sorted.into_iter().take(limit as usize) {
         table.rows.push(vec![json!("geoip"), json!(v), json!(v)]);
     }
     Ok(Answer::Data(table.to_json()))
