@@ -77,7 +77,7 @@ impl DimState {
             now.count < before.count || now.upload < before.upload || now.download < before.download
         });
         let mut order: Vec<(&String, i64)> = raw.iter().map(|(k, t)| (k, t.total())).collect();
-        order.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        super::stats::rank(&mut order);
         let top: Vec<String> = order.iter().take(max).map(|(k, _)| (*k).clone()).collect();
         let in_top: HashSet<&str> = top.iter().map(String::as_str).collect();
         for (label, now) in &raw {

@@ -8,7 +8,7 @@ use serde_json::json;
 
 /// `GET /filter-options?filter_type=F&query=Q&limit=N`.
 pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
-    // (name, SQL expression of the value, needs the geoip join)
+    // (name, SQL expression of the value, is the geoip array)
     let (field, expr, geo) = p.choice(
         "filter_type",
         &[
@@ -26,7 +26,7 @@ pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
                     false,
                 ),
             ),
-            ("geoip", ("geoip", "CAST(g.value AS TEXT)", true)),
+            ("geoip", ("geoip", "c.destination_geoip", true)),
             ("source_ip", ("source_ip", "c.source_ip", false)),
             ("policy", ("policy", "c.policy", false)),
             ("node", ("node", "c.node", false)),
@@ -45,12 +45,9 @@ pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
         ));
     }
     let limit = p.uint("limit", 100, 1, MAX_ROWS)? as i64;
-    let from = if geo {
-        "connections c, json_each(CASE WHEN json_valid(c.destination_geoip) AND \
-         json_type(c.destination_geoip) = 'array' THEN c.destination_geoip ELSE '[]' END) g"
-    } else {
-        "connections c"
-    };
+    if geo {
+        return geo_options(db, p.get("query"), limit);
+    }
     let mut vals = Vec::new();
     let query = match p.get("query") {
         Some(q) => {
@@ -65,7 +62,7 @@ pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
         format!("SELECT host AS v FROM rollup_host WHERE conns > 0 AND v <> ''{query} ORDER BY v LIMIT ?")
     } else {
         format!(
-            "SELECT DISTINCT {expr} AS v FROM {from} WHERE v IS NOT NULL AND v <> ''{query} ORDER BY v LIMIT ?"
+            "SELECT DISTINCT {expr} AS v FROM connections c WHERE v IS NOT NULL AND v <> ''{query} ORDER BY v LIMIT ?"
         )
     };
     let mut stmt = db.prepare(&sql)?;
@@ -74,6 +71,35 @@ pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
     while let Some(r) = rows.next()? {
         let v: String = r.get(0)?;
         table.rows.push(vec![json!(field), json!(v), json!(v)]);
+    }
+    Ok(Answer::Data(table.to_json()))
+}
+
+/// The countries of every `destination_geoip` array (see [`super::stats::geo_keys`]), in byte order, those
+/// containing `query` (ASCII case-insensitive, as SQLite's `lower`) when given.
+fn geo_options(db: &Connection, query: Option<&str>, limit: i64) -> ApiResult<Answer> {
+    let query = query.map(str::to_ascii_lowercase);
+    let mut stmt = db.prepare("SELECT DISTINCT destination_geoip FROM connections")?;
+    let mut rows = stmt.query([])?;
+    let mut found = Vec::new();
+    while let Some(r) = rows.next()? {
+        for v in super::stats::geo_keys(&r.get::<_, String>(0)?) {
+            let wanted = match &query {
+                Some(q) => v.to_ascii_lowercase().contains(q.as_str()),
+                None => true,
+            };
+            if wanted && !v.is_empty() {
+                found.push(v);
+            }
+        }
+    }
+    // All ranked equal: sorted by value (the API's one sort, see `rank`).
+    let mut sorted: Vec<(&String, i64)> = found.iter().map(|v| (v, 0)).collect();
+    super::stats::rank(&mut sorted);
+    sorted.dedup();
+    let mut table = Table::new(["field", "label", "value"]);
+    for (v, _) in sorted.into_iter().take(limit as usize) {
+        table.rows.push(vec![json!("geoip"), json!(v), json!(v)]);
     }
     Ok(Answer::Data(table.to_json()))
 }

@@ -13,7 +13,7 @@ use crate::timefmt::{self, Interval, DAY_MS, MINUTE_MS};
 use rusqlite::types::Value as Sql;
 use rusqlite::Connection;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The most points one time series may have.
 pub const MAX_POINTS: i64 = 20_000;
@@ -265,9 +265,29 @@ pub struct Dim {
 /// Accepted `group_by` values, for messages and docs.
 pub const GROUP_KEYS: &str = "network|process|destination|host|rule|chains|node|policy|geoip|source_ip|inbound|agent_id|destination_port";
 
-const GEO_EXPR: &str = "coalesce(CAST(g.value AS TEXT), '')";
-const GEO_JOIN: &str = " LEFT JOIN json_each(CASE WHEN json_valid(c.destination_geoip) AND \
-    json_type(c.destination_geoip) = 'array' THEN c.destination_geoip ELSE '[]' END) g ON 1";
+/// The geoip key in SQL is the whole JSON array; [`geo_keys`] splits it (SQLite is built without its JSON
+/// functions, 31 KB of the router binary).
+const GEO_EXPR: &str = "c.destination_geoip";
+
+/// The group keys of one `destination_geoip` array, as `json_each` over it gave them: one per element
+/// (duplicates included), "" for a null element, and one "" when the text is not a JSON array or is empty.
+/// Strings are unescaped, `true`/`false` are 1/0, numbers and nested values their JSON text (as serde_json
+/// writes it: `1e300` and the key order of an object differ from SQLite; mihomo writes country codes).
+pub(super) fn geo_keys(raw: &str) -> Vec<String> {
+    let items = match serde_json::from_str::<Value>(raw) {
+        Ok(Value::Array(items)) if !items.is_empty() => items,
+        _ => return vec![String::new()],
+    };
+    items
+        .into_iter()
+        .map(|v| match v {
+            Value::String(s) => s,
+            Value::Null => String::new(),
+            Value::Bool(b) => u8::from(b).to_string(),
+            other => other.to_string(),
+        })
+        .collect()
+}
 
 /// Parses one `group_by` word.
 pub fn dim(word: &str) -> Option<Dim> {
@@ -361,16 +381,11 @@ fn group_sql(f: &Filters, dims: &[Dim]) -> (String, Vec<Sql>) {
     let outer = outer.join(", ");
     let by: Vec<String> = (1..=dims.len()).map(|i| i.to_string()).collect();
     let by = by.join(", ");
-    let geo = if dims.iter().any(|d| d.expr == GEO_EXPR) {
-        GEO_JOIN
-    } else {
-        ""
-    };
     let w = Where::from_filters(f, Match::Exact);
     if !f.has_range() {
         let sql = format!(
             "SELECT {keys}, count(*) AS n, coalesce(sum(c.upload), 0) AS up, coalesce(sum(c.download), 0) AS down
-             FROM connections c{geo} WHERE {} GROUP BY {by}",
+             FROM connections c WHERE {} GROUP BY {by}",
             w.sql()
         );
         return (sql, w.values);
@@ -378,10 +393,10 @@ fn group_sql(f: &Filters, dims: &[Dim]) -> (String, Vec<Sql>) {
     let (lo, hi) = f.range();
     let sql = format!(
         "SELECT {outer}, sum(n) AS n, sum(up) AS up, sum(down) AS down FROM (
-            SELECT {keys}, 1 AS n, 0 AS up, 0 AS down FROM connections c{geo}
+            SELECT {keys}, 1 AS n, 0 AS up, 0 AS down FROM connections c
             WHERE {w} AND c.start_ms >= ? AND c.start_ms < ?
             UNION ALL
-            SELECT {keys}, 0, t.upload, t.download FROM traffic t CROSS JOIN connections c ON c.pk = t.conn{geo}
+            SELECT {keys}, 0, t.upload, t.download FROM traffic t CROSS JOIN connections c ON c.pk = t.conn
             WHERE {w} AND t.minute >= ? AND t.minute < ?
          ) GROUP BY {by}",
         w = w.sql()
@@ -415,27 +430,18 @@ fn group(
     let other = p.flag("other")?;
     let format = Format::parse(p)?;
 
-    let by_host_only = dims.len() == 1 && dims[0].field == "host";
-    let (base, mut vals) = if rollups && by_host_only && !f.has_range() && !f.has_row_filters() {
-        // Same rows as group_sql, from the per-host rollup instead of a million connections.
-        (
-            "SELECT host AS k0, conns AS n, upload AS up, download AS down FROM rollup_host WHERE conns > 0"
-                .to_string(),
-            Vec::new(),
-        )
-    } else {
-        group_sql(f, &dims)
+    let k = dims.len();
+    // (keys, totals) of at most `limit + 1` groups, in answer order; with geoip also the sum of all groups.
+    let (groups, geo_all) = match dims.iter().position(|d| d.expr == GEO_EXPR) {
+        Some(g) => {
+            let (groups, all) = geo_groups(db, f, &dims, g, sort, order)?;
+            (
+                groups.into_iter().take(limit as usize + 1).collect(),
+                Some(all),
+            )
+        }
+        None => (sql_groups(db, rollups, f, &dims, sort, order, limit)?, None),
     };
-    let by: Vec<String> = (1..=dims.len()).map(|i| i.to_string()).collect();
-    // Sorted outside: in the ranged query `up`/`down` are also the inner columns, and SQLite would take
-    // an ORDER BY expression's names from there (one arbitrary row) instead of from the sums.
-    let sql = format!(
-        "SELECT * FROM ({base}) ORDER BY {} {}, {} LIMIT ?",
-        sort.sql(),
-        order.sql(),
-        by.join(", ")
-    );
-    vals.push(Sql::Integer(limit + 1));
     let mut columns: Vec<&str> = Vec::new();
     for d in &dims {
         columns.push(d.field);
@@ -446,24 +452,11 @@ fn group(
     columns.extend(["count", "download", "upload", "total"]);
     let mut table = Table::new(columns);
     let mut shown = Totals::default();
-    let mut stmt = db.prepare(&sql)?;
-    let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
-    let mut truncated = false;
-    while let Some(r) = rows.next()? {
-        if table.rows.len() as i64 == limit {
-            truncated = true;
-            break;
-        }
-        let k = dims.len();
-        let t = Totals {
-            count: r.get(k)?,
-            upload: r.get(k + 1)?,
-            download: r.get(k + 2)?,
-        };
+    let truncated = groups.len() as i64 > limit;
+    for (keys, t) in groups.into_iter().take(limit as usize) {
         shown.add(t);
         let mut row: Vec<Value> = Vec::with_capacity(k + 4);
-        for (i, d) in dims.iter().enumerate() {
-            let key = r.get::<_, Option<String>>(i)?.unwrap_or_default();
+        for (key, d) in keys.into_iter().zip(&dims) {
             let device = match (&names, d.field) {
                 (Some(names), "source_ip") => Some(names.get(&key).cloned().unwrap_or_default()),
                 _ => None,
@@ -481,25 +474,18 @@ fn group(
         ]);
         table.rows.push(row);
     }
-    drop(rows);
     if other && truncated {
-        let all = if dims.iter().any(|d| d.expr == GEO_EXPR) {
+        let all = match geo_all {
             // A connection with several countries is in several groups: sum the groups, not the connections.
-            let (base, vals) = group_sql(f, &dims);
-            totals_row(
-                db,
-                &format!("SELECT coalesce(sum(n), 0), coalesce(sum(up), 0), coalesce(sum(down), 0) FROM ({base})"),
-                vals,
-            )?
-        } else {
-            summary(db, rollups, f)?
+            Some(all) => all,
+            None => summary(db, rollups, f)?,
         };
         let rest = Totals {
             count: all.count - shown.count,
             upload: all.upload - shown.upload,
             download: all.download - shown.download,
         };
-        let keys = dims.len() + if names.is_some() { 2 } else { 0 };
+        let keys = k + if names.is_some() { 2 } else { 0 };
         let mut row: Vec<Value> = vec![Value::Null; keys];
         row.extend([
             json!(rest.count),
@@ -517,6 +503,120 @@ fn group(
             total_count: None,
         },
     })
+}
+
+/// The keys of one group (one per dimension) and its totals.
+type Group = (Vec<String>, Totals);
+
+/// The group keys and totals of one row of a grouping query.
+fn group_row(r: &rusqlite::Row, k: usize) -> rusqlite::Result<Group> {
+    let mut keys = Vec::with_capacity(k);
+    for i in 0..k {
+        keys.push(r.get::<_, Option<String>>(i)?.unwrap_or_default());
+    }
+    let t = Totals {
+        count: r.get(k)?,
+        upload: r.get(k + 1)?,
+        download: r.get(k + 2)?,
+    };
+    Ok((keys, t))
+}
+
+/// The first `limit + 1` groups, sorted and cut by SQLite.
+fn sql_groups(
+    db: &Connection,
+    rollups: bool,
+    f: &Filters,
+    dims: &[Dim],
+    sort: Metric,
+    order: Order,
+    limit: i64,
+) -> ApiResult<Vec<Group>> {
+    let by_host_only = dims.len() == 1 && dims[0].field == "host";
+    let (base, mut vals) = if rollups && by_host_only && !f.has_range() && !f.has_row_filters() {
+        // Same rows as group_sql, from the per-host rollup instead of a million connections.
+        (
+            "SELECT host AS k0, conns AS n, upload AS up, download AS down FROM rollup_host WHERE conns > 0"
+                .to_string(),
+            Vec::new(),
+        )
+    } else {
+        group_sql(f, dims)
+    };
+    let by: Vec<String> = (1..=dims.len()).map(|i| i.to_string()).collect();
+    // Sorted outside: in the ranged query `up`/`down` are also the inner columns, and SQLite would take
+    // an ORDER BY expression's names from there (one arbitrary row) instead of from the sums.
+    let sql = format!(
+        "SELECT * FROM ({base}) ORDER BY {} {}, {} LIMIT ?",
+        sort.sql(),
+        order.sql(),
+        by.join(", ")
+    );
+    vals.push(Sql::Integer(limit + 1));
+    let mut stmt = db.prepare(&sql)?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(vals), |r| {
+        group_row(r, dims.len())
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Sorts (label, value) pairs by value, largest first, then by label in byte order (as SQLite compares
+/// text). Every ranking in the API sorts through this one function: each instantiation of the standard
+/// sort costs kilobytes of the router binary.
+pub(super) fn rank(pairs: &mut [(&String, i64)]) {
+    pairs.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+}
+
+/// Every group of a grouping with geoip (dimension `g`), sorted as [`sql_groups`] sorts (the metric, then
+/// the keys in byte order), and the sum of all groups. SQLite groups by the whole array; each of its
+/// countries then gets the array's totals.
+fn geo_groups(
+    db: &Connection,
+    f: &Filters,
+    dims: &[Dim],
+    g: usize,
+    sort: Metric,
+    order: Order,
+) -> ApiResult<(Vec<Group>, Totals)> {
+    let (sql, vals) = group_sql(f, dims);
+    let mut stmt = db.prepare(&sql)?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
+    // Keyed by the keys joined with NUL (which sorts before any other byte, so the joined keys sort as the
+    // keys do): the same map type as the metrics scan, which keeps the binary smaller.
+    let mut groups: HashMap<String, Totals> = HashMap::new();
+    let mut all = Totals::default();
+    while let Some(r) = rows.next()? {
+        let (keys, t) = group_row(r, dims.len())?;
+        for country in geo_keys(&keys[g]) {
+            let mut key = String::new();
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    key.push('\0');
+                }
+                key.push_str(if i == g { &country } else { k });
+            }
+            groups.entry(key).or_default().add(t);
+            all.add(t);
+        }
+    }
+    let mut ranked: Vec<(&String, i64)> = groups
+        .iter()
+        .map(|(k, t)| {
+            let m = match sort {
+                Metric::Count => t.count,
+                Metric::Download => t.download,
+                Metric::Upload => t.upload,
+                Metric::Total => t.total(),
+            };
+            (k, if order == Order::Asc { -m } else { m })
+        })
+        .collect();
+    rank(&mut ranked);
+    let groups = ranked
+        .into_iter()
+        .map(|(k, _)| (k.split('\0').map(str::to_string).collect(), groups[k]))
+        .collect();
+    Ok((groups, all))
 }
 
 /// The approximate length of a bucket, to bound the number of points before querying.
