@@ -9,7 +9,14 @@
 //!
 //! `GET /metrics` (also `/api/v1/metrics`) answers the Prometheus text format ([`metrics`]).
 //!
-//! Stop: [`ApiServer::stop`] sets the stop flag and calls `unblock()` once per worker, then joins them.
+//! Two lanes: the N workers receive every request and serve what writes (`POST /sync`) themselves; reads (every
+//! other method) go over a bounded queue ([`QUERY_QUEUE`], `503` when full) to N/2 query threads (at least
+//! one). A read can take seconds of CPU (a ranged `group_by` scans its traffic rows); in one shared lane a few
+//! dashboards filled every worker and agents' syncs waited behind them until they timed out (the load test:
+//! 9 of 10 syncs failed). Query threads also cap the cores that queries take from the writer.
+//!
+//! Stop: [`ApiServer::stop`] sets the stop flag and calls `unblock()` once per worker, then joins them (query
+//! threads notice the flag within 100 ms).
 
 pub mod agents;
 pub mod connections;
@@ -29,8 +36,8 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::SyncSender;
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -93,8 +100,9 @@ pub fn start_with_body_timeout(
     body_timeout: Duration,
 ) -> Result<ApiServer> {
     let workers = cfg.workers.max(1);
-    let mut conns = Vec::with_capacity(workers);
-    for _ in 0..workers {
+    let query_threads = (workers / 2).max(1);
+    let mut conns = Vec::with_capacity(workers + query_threads);
+    for _ in 0..workers + query_threads {
         conns.push(crate::store::open(&cfg.db_path, Access::Read)?);
     }
     let rollups = rollup::has_rollups(&conns[0]);
@@ -120,13 +128,23 @@ pub fn start_with_body_timeout(
         devices: cfg.devices,
         metrics: metrics::MetricsState::new(cfg.metrics),
     });
-    let mut handles = Vec::with_capacity(workers);
+    let mut handles = Vec::with_capacity(workers + query_threads);
+    let (query_tx, query_rx) = std::sync::mpsc::sync_channel(QUERY_QUEUE);
+    let query_rx = Arc::new(Mutex::new(query_rx));
     for (i, db) in conns.into_iter().enumerate() {
         let (srv, stp, shared) = (Arc::clone(&server), Arc::clone(&stop), Arc::clone(&shared));
         let writer = writer.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("api-{i}"))
-            .spawn(move || worker(&srv, &stp, &shared, &db, writer.as_ref()));
+        let spawned = if i < workers {
+            let queries = query_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("api-{i}"))
+                .spawn(move || worker(&srv, &stp, &shared, &db, writer.as_ref(), &queries))
+        } else {
+            let rx = Arc::clone(&query_rx);
+            std::thread::Builder::new()
+                .name(format!("api-query-{}", i - workers))
+                .spawn(move || query_worker(&rx, &stp, &shared, &db))
+        };
         match spawned {
             Ok(h) => handles.push(h),
             Err(e) => {
@@ -141,7 +159,9 @@ pub fn start_with_body_timeout(
             }
         }
     }
-    crate::info!("api: listening on http://{addr}/api/v1 with {workers} workers");
+    crate::info!(
+        "api: listening on http://{addr}/api/v1 with {workers} workers and {query_threads} query threads"
+    );
     Ok(ApiServer {
         server,
         workers: handles,
@@ -163,6 +183,9 @@ struct Shared {
     metrics: metrics::MetricsState,
 }
 
+/// Reads waiting for a query thread; one more is answered `503`.
+pub const QUERY_QUEUE: usize = 64;
+
 /// How long a client may take to send its body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most body reads at once; beyond, `503`. Bounds the threads a stalled client can hold.
@@ -174,6 +197,7 @@ fn worker(
     shared: &Shared,
     db: &rusqlite::Connection,
     writer: Option<&SyncSender<WriteCmd>>,
+    queries: &SyncSender<tiny_http::Request>,
 ) {
     while !stop.load(Ordering::SeqCst) {
         let rq = match server.recv() {
@@ -186,7 +210,38 @@ fn worker(
                 continue;
             }
         };
-        serve(rq, shared, db, writer);
+        if *rq.method() == tiny_http::Method::Post {
+            serve(rq, shared, db, writer);
+            continue;
+        }
+        match queries.try_send(rq) {
+            Ok(()) => {}
+            Err(TrySendError::Full(rq)) => {
+                let e = ApiError::status(503, "too many queries waiting; retry later");
+                respond(rq, Reply::error(&e));
+            }
+            Err(TrySendError::Disconnected(rq)) => serve(rq, shared, db, writer),
+        }
+    }
+}
+
+/// A query thread: serves the reads the workers queue, until the stop flag.
+fn query_worker(
+    queries: &Mutex<Receiver<tiny_http::Request>>,
+    stop: &AtomicBool,
+    shared: &Shared,
+    db: &rusqlite::Connection,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let next = match queries.lock() {
+            Ok(rx) => rx.recv_timeout(Duration::from_millis(100)),
+            Err(_) => return,
+        };
+        match next {
+            Ok(rq) => serve(rq, shared, db, None),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
     }
 }
 
@@ -311,6 +366,10 @@ fn serve(
         reply.status,
         started.elapsed().as_millis()
     );
+    respond(rq, reply);
+}
+
+fn respond(rq: tiny_http::Request, reply: Reply) {
     let mut resp = tiny_http::Response::from_data(reply.body)
         .with_status_code(reply.status)
         .with_header(

@@ -6,6 +6,8 @@ mod binary;
 mod cross;
 mod dashboard;
 mod fake_mihomo;
+mod load;
+mod load_gen;
 mod metrics;
 mod standalone;
 mod support;
