@@ -1352,6 +1352,12 @@ fn figure_load(r: &mut Report, bin: &Path) -> Res<()> {
         "<= 64 MB",
         rss <= 64_000_000,
     );
+    // Other work on the machine slows the master down: say how busy it was.
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    r.info(
+        "  machine load average over the last minute (2 cores; includes this harness)",
+        loadavg.split_whitespace().next().unwrap_or("?"),
+    );
     let check = load_gen::check_master(&db, "load-", &res.expected)?;
     let history: u64 = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .and_then(|c| {
