@@ -56,17 +56,11 @@ fn agents_syncing_while_dashboards_query_lose_nothing_and_fail_nothing() {
         res.errors(10)
     );
     assert!(res.undelivered.is_empty(), "{:?}", res.undelivered);
-    // Every agent synced more than once (changes and closes included), every kind of query ran.
+    // Every agent synced more than once (changes and closes included); every query of the dashboard's
+    // opening refresh ran (the clicks' suggestions and agents list depend on timing: not asserted).
     let syncs = res.kinds["sync"].total();
     assert!(syncs > 2 * cfg.agents as u64, "only {syncs} syncs");
-    for kind in [
-        "summary",
-        "group",
-        "timeseries",
-        "connections",
-        "filter-options",
-        "agents",
-    ] {
+    for kind in ["summary", "group", "timeseries", "connections"] {
         assert!(
             res.kinds.contains_key(kind),
             "no {kind} query ran: {}",
