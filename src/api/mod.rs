@@ -9,11 +9,11 @@
 //!
 //! `GET /metrics` (also `/api/v1/metrics`) answers the Prometheus text format ([`metrics`]).
 //!
-//! Two lanes: the N workers receive every request and serve what writes (`POST /sync`) themselves; reads (every
-//! other method) go over a bounded queue ([`QUERY_QUEUE`], `503` when full) to N/4 query threads (at least
-//! one). A read can take seconds of CPU (a ranged `group_by` scans its traffic rows); in one shared lane a few
-//! dashboards filled every worker and agents' syncs waited behind them until they timed out (the load test:
-//! 9 of 10 syncs failed). Query threads also cap the cores that queries take from the writer (with two
+//! Two lanes: the N workers receive every request and serve writes (`POST /sync`) and `/health` themselves;
+//! other requests (reads) go over a bounded queue ([`QUERY_QUEUE`], `503` when full) to N/4 query threads (at
+//! least one). A read can take seconds of CPU (a ranged `group_by` scans its traffic rows); in one shared lane
+//! a few dashboards filled every worker and agents' syncs waited behind them until they timed out (the load
+//! test: 9 of 10 syncs failed). Query threads also cap the cores that queries take from the writer (with two
 //! query threads instead of one, the load test ingested 20 % less and peaked 20 MB higher). A read that
 //! waited longer than [`QUERY_MAX_WAIT`] is answered `503` without running: its client has likely gone.
 //!
@@ -215,7 +215,9 @@ fn worker(
                 continue;
             }
         };
-        if *rq.method() == tiny_http::Method::Post {
+        // Writes, and the health check (which must answer even while queries queue), stay here.
+        let health = matches!(rq.url(), "/health" | "/api/v1/health");
+        if *rq.method() == tiny_http::Method::Post || health {
             serve(rq, shared, db, writer);
             continue;
         }
