@@ -28,7 +28,7 @@ help:
 	@echo "  make cross    static aarch64 binary (+ armv7 via CROSS_TARGETS; cargo-zigbuild), the aarch64 one tested under qemu-aarch64"
 	@echo "  make demo     simulated mihomo on 127.0.0.1:$(DEMO_SIM_PORT) + master on http://127.0.0.1:$(DEMO_API_PORT); Ctrl-C stops both"
 	@echo "  make bench    release build (musl when possible) and every performance figure with its target"
-	@echo "                (MCT_BENCH_SECS=N shortens the 60 s tracking run)"
+	@echo "                (MCT_BENCH_SECS=N shortens the 60 s tracking and load runs)"
 	@echo "  make fuzz     each cargo-fuzz target (tests/fuzz) for FUZZ_SECS=$(FUZZ_SECS) s on nightly (installs cargo-fuzz if missing);"
 	@echo "                a crash is saved under tests/fuzz/artifacts/: add it to tests/fuzz/corpus/<target>/ and fix"
 	@echo "  make fmt      cargo fmt"

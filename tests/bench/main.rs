@@ -7,7 +7,8 @@
 //! has a deadline and every child is killed on the way out, panics included ([`Proc`]'s `Drop`).
 //!
 //! Environment: `MCT_BIN` (binary to run), `MCT_SIZE_BIN` (the stripped static musl binary, for the size
-//! figure), `MCT_BENCH_SECS` (length of the tracking run, default 60; CPU target scales with it).
+//! figure), `MCT_BENCH_SECS` (length of the tracking and load runs, default 60; CPU target scales with it),
+//! `MCT_BENCH_LOG` (the masters' `--log-level`, default `warn`; `debug` logs every request with its time).
 
 use mihomo_connections_tracker::simulate::{self, Rng, SimConfig, SimModel};
 use mihomo_connections_tracker::store::{self, Access};
@@ -26,6 +27,10 @@ use std::time::{Duration, Instant};
 compile_error!("the benchmark harness needs panic = \"unwind\"");
 
 type Res<T> = std::result::Result<T, String>;
+
+// The load generator is shared with the smoke test `it::load`.
+#[path = "../it/load_gen.rs"]
+mod load_gen;
 
 // ---------------------------------------------------------------------------------------------------------
 // Reporting
@@ -336,7 +341,7 @@ fn start_master(
         "--listen-port".into(),
         port.to_string(),
         "--log-level".into(),
-        "warn".into(),
+        std::env::var("MCT_BENCH_LOG").unwrap_or("warn".into()),
     ]);
     args.extend(extra.iter().cloned());
     let mut proc = Proc::spawn("master", bin, &args, log)?;
@@ -389,18 +394,23 @@ fn has_program_header(elf: &[u8], kind: u32) -> Res<bool> {
     Ok(false)
 }
 
+/// `MCT_BENCH_SECS`: length of the tracking and load runs (default 60).
+fn bench_secs() -> Res<u64> {
+    match std::env::var("MCT_BENCH_SECS") {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| format!("MCT_BENCH_SECS: expected whole seconds, got '{v}'")),
+        Err(_) => Ok(60),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // b + c. tracking the simulator: memory, CPU, then a clean SIGTERM that keeps the last push
 
 const TRACK_CONNS: usize = 2500;
 
 fn figure_tracking(r: &mut Report, bin: &Path) -> Res<()> {
-    let secs: u64 = match std::env::var("MCT_BENCH_SECS") {
-        Ok(v) => v
-            .parse()
-            .map_err(|_| format!("MCT_BENCH_SECS: expected whole seconds, got '{v}'"))?,
-        Err(_) => 60,
-    };
+    let secs = bench_secs()?;
     let dir = bench_dir()?;
     let sim = simulate::start(SimConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -1240,6 +1250,192 @@ fn figure_catch_up(r: &mut Report, bin: &Path) -> Res<()> {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// h. load: 50 agents syncing and 20 dashboard users at once against one master
+
+const LOAD_AGENTS: usize = 50;
+const LOAD_CLIENTS: usize = 20;
+/// Connections already in the master when the load starts (10 other agents, 30 days).
+const LOAD_HISTORY: u64 = 100_000;
+
+fn figure_load(r: &mut Report, bin: &Path) -> Res<()> {
+    let secs = bench_secs()?;
+    let dir = bench_dir()?;
+    let db = dir.join("load.db");
+    let t = Instant::now();
+    let end = timefmt::now_ms();
+    generate(&db, |conn| {
+        let agents: Vec<String> = (1..=10).map(|i| format!("router-{i:02}")).collect();
+        Gen::new(13).insert(conn, LOAD_HISTORY, &agents, end, 30 * DAY_MS)
+    })?;
+    println!(
+        "  (history of {} connections generated in {:.1} s)",
+        thousands(LOAD_HISTORY),
+        t.elapsed().as_secs_f64()
+    );
+    let (mut master, base) = start_master(bin, &db, &dir.join("load-master.log"), &[], true)?;
+    let cfg = load_gen::LoadConfig {
+        base,
+        agents: LOAD_AGENTS,
+        agent_prefix: "load-".into(),
+        conns: (100, 400),
+        churn_percent: 1.0,
+        sync_interval: Duration::from_secs(5),
+        stats_clients: LOAD_CLIENTS,
+        clicks: (Duration::from_secs(5), Duration::from_secs(25)),
+        duration: Duration::from_secs(secs),
+        seed: 6,
+    };
+    // The master's writer maps the database file (`mmap_size`): mapped pages count in RSS but are the
+    // kernel's page cache, not the master's heap; sample both kinds while the load runs.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (pid, done) = (master.pid(), std::sync::Arc::clone(&done));
+        std::thread::spawn(move || {
+            let (mut anon, mut file) = (0u64, 0u64);
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let kb = |key: &str| {
+                    status
+                        .lines()
+                        .find(|l| l.starts_with(key))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                        * 1024
+                };
+                anon = anon.max(kb("RssAnon:"));
+                file = file.max(kb("RssFile:"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (anon, file)
+        })
+    };
+    let res = load_gen::run(&cfg);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    master.alive()?;
+    let pid = master.pid();
+    let rss = peak_rss(pid)?;
+    let cpu = cpu_seconds(pid)?;
+    let label = format!(
+        "load, {LOAD_AGENTS} agents syncing every 5 s + {LOAD_CLIENTS} dashboard users, {secs} s"
+    );
+    let errors = res.errors(3);
+    r.line(
+        &format!("{label}: failed requests"),
+        &format!(
+            "{} of {} ({}){}",
+            res.failed(),
+            thousands(res.total()),
+            res.by_kind(),
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", errors.join("; "))
+            }
+        ),
+        "0",
+        res.failed() == 0,
+    );
+    let stats = res.stats_latencies();
+    let q = |v: &[Duration], x: f64| ms(load_gen::quantile(v, x));
+    r.info(
+        "  stats queries (summary, group, timeseries, connections, filter-options, agents)",
+        &format!(
+            "{} requests, p50 {}, p99 {}, max {}",
+            thousands(stats.len() as u64),
+            q(&stats, 0.5),
+            q(&stats, 0.99),
+            q(&stats, 1.0)
+        ),
+    );
+    for (kind, k) in &res.kinds {
+        r.info(
+            &format!("    {kind}"),
+            &format!(
+                "{} requests, p50 {}, p99 {}, max {}",
+                thousands(k.total()),
+                q(&k.latencies, 0.5),
+                q(&k.latencies, 0.99),
+                q(&k.latencies, 1.0)
+            ),
+        );
+    }
+    r.info(
+        "  ingested",
+        &format!(
+            "{} records acknowledged, {} rows/s",
+            thousands(res.rows_acked),
+            thousands((res.rows_acked as f64 / res.elapsed.as_secs_f64()) as u64)
+        ),
+    );
+    let (anon, file) = sampler
+        .join()
+        .map_err(|_| "the RSS sampler panicked".to_string())?;
+    r.info(
+        "  master RSS peaks, sampled every 100 ms",
+        &format!(
+            "{:.1} MB anonymous (heap, stacks), {:.1} MB file-backed (the writer's mmap of the database, the binary)",
+            anon as f64 / 1e6,
+            file as f64 / 1e6
+        ),
+    );
+    r.line(
+        &format!("{label}: master peak RSS"),
+        &format!(
+            "{:.1} MB (CPU {cpu:.1} s, {:.0} % of one core)",
+            rss as f64 / 1e6,
+            cpu * 100.0 / res.elapsed.as_secs_f64()
+        ),
+        "<= 64 MB",
+        rss <= 64_000_000,
+    );
+    // Other work on the machine slows the master down: say how busy it was.
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    r.info(
+        "  machine load average over the last minute (2 cores; includes this harness)",
+        loadavg.split_whitespace().next().unwrap_or("?"),
+    );
+    let check = load_gen::check_master(&db, "load-", &res.expected)?;
+    let history: u64 = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|c| {
+            c.query_row(
+                "SELECT count(*) FROM connections WHERE agent_id NOT LIKE 'load-%'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .map_err(|e| format!("count rows in {}: {e}", db.display()))? as u64;
+    let exact = check.wrong_count == 0
+        && check.rows == res.expected.len() as u64
+        && history == LOAD_HISTORY
+        && res.undelivered.is_empty();
+    r.line(
+        &format!("{label}: master rows"),
+        &format!(
+            "{} of {} acknowledged connections exact (totals, end, traffic sums), {} history rows untouched{}{}",
+            thousands(res.expected.len() as u64 - check.wrong_count.min(res.expected.len() as u64)),
+            thousands(res.expected.len() as u64),
+            thousands(history),
+            check
+                .wrong
+                .first()
+                .map(|w| format!("; e.g. {w}"))
+                .unwrap_or_default(),
+            if res.undelivered.is_empty() {
+                String::new()
+            } else {
+                format!("; undelivered: {:?}", res.undelivered)
+            }
+        ),
+        "all",
+        exact,
+    );
+    let _ = master.terminate(Duration::from_secs(20));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
 
 fn main() {
     // `cargo bench` passes `--bench`; a name filter selects figures (`cargo bench --bench figures -- stats`).
@@ -1258,6 +1454,7 @@ fn main() {
         ("ingest", true, Box::new(figure_ingest)),
         ("stats", true, Box::new(figure_stats)),
         ("catch-up", true, Box::new(figure_catch_up)),
+        ("load", true, Box::new(figure_load)),
     ];
     for (name, needs_bin, run) in figures {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {

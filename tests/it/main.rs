@@ -9,6 +9,8 @@ mod fake_mihomo;
 mod faults;
 mod fuzz_corpus;
 mod hostile;
+mod load;
+mod load_gen;
 mod metrics;
 mod security;
 mod standalone;
