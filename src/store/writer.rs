@@ -98,7 +98,7 @@ pub fn spread(from_ms: i64, to_ms: i64, delta: Bytes) -> Vec<(i64, Bytes)> {
 /// Diffs received but not yet committed, coalesced.
 #[derive(Default)]
 struct Pending {
-    opened: Vec<(ConnMeta, Bytes, i64)>,
+    opened: Vec<(PackedMeta, Bytes, i64)>,
     reopened: Vec<(String, i64)>,
     /// Per connection: one entry (and one copy of its id) however many minutes its bytes spread over.
     flows: HashMap<String, PendingFlow>,
@@ -125,8 +125,9 @@ impl Pending {
         crate::metrics::add(&crate::metrics::CLOSED, diff.closed.len());
         self.changes +=
             diff.opened.len() + diff.reopened.len() + diff.flows.len() + diff.closed.len();
+        self.opened.reserve_exact(diff.opened.len());
         for (meta, bytes) in diff.opened {
-            self.opened.push((meta, bytes, at));
+            self.opened.push((PackedMeta::new(&meta), bytes, at));
         }
         self.reopened
             .extend(diff.reopened.into_iter().map(|id| (id, at)));
@@ -163,6 +164,117 @@ impl Pending {
 
     fn is_empty(&self) -> bool {
         self.changes == 0
+    }
+}
+
+/// A new connection waiting in the pending batch, packed into one allocation: its id, `start_ms` and rollup
+/// key, then the values of [`ConnMeta::SQL_COLUMNS`] (`u32` length + text, or a tag and 8 bytes). A start
+/// next to 2,500 connections holds them all until the first commit, and that commit is the largest: about
+/// 4 MB as `ConnMeta`s (33 strings each), a third of that packed.
+struct PackedMeta(Box<[u8]>);
+
+/// How [`PackedMeta`] tags a value.
+const PACKED_TEXT: u8 = 0;
+const PACKED_INT: u8 = 1;
+const PACKED_REAL: u8 = 2;
+const PACKED_NULL: u8 = 3;
+const PACKED_BLOB: u8 = 4;
+
+impl PackedMeta {
+    fn new(m: &ConnMeta) -> PackedMeta {
+        use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+        let mut out = Vec::with_capacity(512);
+        // (a value longer than 4 GiB cannot come in: frames and request bodies are limited far below)
+        let text = |out: &mut Vec<u8>, t: &[u8]| {
+            out.extend_from_slice(&(t.len() as u32).to_le_bytes());
+            out.extend_from_slice(t);
+        };
+        text(&mut out, m.id.as_bytes());
+        out.extend_from_slice(&m.start_ms.to_le_bytes());
+        text(&mut out, host_key(&m.host, &m.destination_ip).as_bytes());
+        for v in m.sql_values() {
+            let v = v.to_sql().unwrap_or(ToSqlOutput::Owned(Value::Null));
+            let v = match &v {
+                ToSqlOutput::Borrowed(v) => *v,
+                ToSqlOutput::Owned(v) => ValueRef::from(v),
+                // not produced by ConnMeta's fields (strings and integers)
+                _ => ValueRef::Null,
+            };
+            match v {
+                ValueRef::Text(t) => {
+                    out.push(PACKED_TEXT);
+                    text(&mut out, t);
+                }
+                ValueRef::Blob(t) => {
+                    out.push(PACKED_BLOB);
+                    text(&mut out, t);
+                }
+                ValueRef::Integer(i) => {
+                    out.push(PACKED_INT);
+                    out.extend_from_slice(&i.to_le_bytes());
+                }
+                ValueRef::Real(f) => {
+                    out.push(PACKED_REAL);
+                    out.extend_from_slice(&f.to_le_bytes());
+                }
+                ValueRef::Null => out.push(PACKED_NULL),
+            }
+        }
+        PackedMeta(out.into_boxed_slice())
+    }
+
+    /// The text at `at` and where the next field starts.
+    fn text_at(&self, at: usize) -> (&[u8], usize) {
+        let len = u32::from_le_bytes(self.0[at..at + 4].try_into().unwrap_or_default()) as usize;
+        (&self.0[at + 4..at + 4 + len], at + 4 + len)
+    }
+
+    fn id(&self) -> &str {
+        std::str::from_utf8(self.text_at(0).0).unwrap_or_default()
+    }
+
+    fn start_ms(&self) -> i64 {
+        let at = self.text_at(0).1;
+        i64::from_le_bytes(self.0[at..at + 8].try_into().unwrap_or_default())
+    }
+
+    fn host_key(&self) -> &str {
+        let at = self.text_at(0).1 + 8;
+        std::str::from_utf8(self.text_at(at).0).unwrap_or_default()
+    }
+
+    /// The id and the values to bind, in [`ConnMeta::SQL_COLUMNS`] order (borrowed: nothing is copied).
+    fn unpack(&self) -> (&str, Vec<rusqlite::types::ToSqlOutput<'_>>) {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        let mut at = self.text_at(self.text_at(0).1 + 8).1;
+        let mut values = Vec::with_capacity(32);
+        while at < self.0.len() {
+            let tag = self.0[at];
+            at += 1;
+            let v = match tag {
+                PACKED_TEXT | PACKED_BLOB => {
+                    let (t, next) = self.text_at(at);
+                    at = next;
+                    if tag == PACKED_TEXT {
+                        ValueRef::Text(t)
+                    } else {
+                        ValueRef::Blob(t)
+                    }
+                }
+                PACKED_INT | PACKED_REAL => {
+                    let b: [u8; 8] = self.0[at..at + 8].try_into().unwrap_or_default();
+                    at += 8;
+                    if tag == PACKED_INT {
+                        ValueRef::Integer(i64::from_le_bytes(b))
+                    } else {
+                        ValueRef::Real(f64::from_le_bytes(b))
+                    }
+                }
+                _ => ValueRef::Null,
+            };
+            values.push(ToSqlOutput::Borrowed(v));
+        }
+        (self.id(), values)
     }
 }
 
@@ -363,31 +475,35 @@ impl Writer {
                 )
                 .map_err(Error::db("prepare reopen"))?;
             for (m, b, at) in &p.opened {
+                let (id, values) = m.unpack();
                 let (up, down) = (clamp(b.upload), clamp(b.download));
-                if let Some(mut l) = find(&m.id, live)? {
+                if let Some(mut l) = find(id, live)? {
                     // known already (a glitch hid it, or it came through another path): reopen the same row
                     raise(&mut l, up, down, &mut rollup);
                     reopen
                         .execute(params![l.pk, l.upload, l.download, at, seq])
                         .map_err(Error::db("reopen connection"))?;
-                    live.insert(m.id.clone(), l);
+                    live.insert(id.to_string(), l);
                     continue;
                 }
                 let head: [&dyn rusqlite::ToSql; 7] =
-                    [&agent, &m.id, &rusqlite::types::Null, at, &up, &down, &seq];
+                    [&agent, &id, &rusqlite::types::Null, at, &up, &down, &seq];
                 let pk: i64 = insert
                     .query_row(
-                        rusqlite::params_from_iter(head.into_iter().chain(m.sql_values())),
+                        rusqlite::params_from_iter(
+                            head.into_iter()
+                                .chain(values.iter().map(|v| v as &dyn rusqlite::ToSql)),
+                        ),
                         |r| r.get(0),
                     )
-                    .map_err(|e| Error::Db(format!("insert connection {}", m.id), e))?;
-                let key = host_key(&m.host, &m.destination_ip);
-                rollup.conn(agent, m.start_ms, key, 1, up, down);
+                    .map_err(|e| Error::Db(format!("insert connection {id}"), e))?;
+                let key = m.host_key();
+                rollup.conn(agent, m.start_ms(), key, 1, up, down);
                 live.insert(
-                    m.id.clone(),
+                    id.to_string(),
                     Live {
                         pk,
-                        start_ms: m.start_ms,
+                        start_ms: m.start_ms(),
                         host_key: key.into(),
                         upload: up,
                         download: down,
@@ -496,6 +612,46 @@ mod tests {
 
     fn b(upload: u64, download: u64) -> Bytes {
         Bytes { upload, download }
+    }
+
+    #[test]
+    fn packed_meta_gives_back_every_value() {
+        use rusqlite::types::{ToSqlOutput, Value};
+        let owned = |v: &ToSqlOutput<'_>| match v {
+            ToSqlOutput::Borrowed(v) => Value::try_from(*v).unwrap(),
+            ToSqlOutput::Owned(v) => v.clone(),
+            _ => Value::Null,
+        };
+        let full = ConnMeta {
+            id: "c-1".into(),
+            start_ms: -5,
+            network: "tcp".into(),
+            source_ip: "10.0.0.2".into(),
+            destination_ip: "203.0.113.9".into(),
+            host: "example.org".into(),
+            uid: i64::MAX,
+            dscp: 46,
+            chains: r#"["a","é"]"#.into(),
+            rule_payload: "x".repeat(300),
+            ..ConnMeta::default()
+        };
+        let no_host = ConnMeta {
+            host: String::new(),
+            ..full.clone()
+        };
+        for (m, key) in [(&full, "example.org"), (&no_host, "203.0.113.9")] {
+            let p = PackedMeta::new(m);
+            let (id, values) = p.unpack();
+            assert_eq!((id, p.start_ms(), p.host_key()), ("c-1", -5, key));
+            let want: Vec<Value> = m
+                .sql_values()
+                .iter()
+                .map(|v| owned(&v.to_sql().unwrap()))
+                .collect();
+            let got: Vec<Value> = values.iter().map(owned).collect();
+            assert_eq!(got, want);
+            assert_eq!(got.len(), ConnMeta::SQL_COLUMNS.split(',').count());
+        }
     }
 
     #[test]
