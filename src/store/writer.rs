@@ -61,20 +61,28 @@ pub const MAX_SPREAD_BUCKETS: i64 = 60;
 /// of several minutes when the span is longer than [`MAX_SPREAD_BUCKETS`] minutes), with exact integer sums.
 /// An empty or backwards span puts everything in the minute of `to_ms`.
 pub fn spread(from_ms: i64, to_ms: i64, delta: Bytes) -> Vec<(i64, Bytes)> {
+    let mut out = Vec::new();
+    spread_each(from_ms, to_ms, delta, |minute, share| {
+        out.push((minute, share))
+    });
+    out
+}
+
+/// [`spread`], handing each `(minute, share)` to `f` instead of collecting them.
+fn spread_each(from_ms: i64, to_ms: i64, delta: Bytes, mut f: impl FnMut(i64, Bytes)) {
     let from_ms = from_ms.max(to_ms - MAX_SPREAD_MS);
     if to_ms <= from_ms {
-        return vec![(to_ms.div_euclid(MINUTE_MS), delta)];
+        return f(to_ms.div_euclid(MINUTE_MS), delta);
     }
     let first = from_ms.div_euclid(MINUTE_MS);
     // the minute holding the span's last instant (`to_ms` itself is excluded)
     let last = (to_ms - 1).div_euclid(MINUTE_MS);
     if first == last {
-        return vec![(last, delta)];
+        return f(last, delta);
     }
     let minutes = last - first + 1;
     let step = (minutes + MAX_SPREAD_BUCKETS - 1) / MAX_SPREAD_BUCKETS;
     let span = (to_ms - from_ms) as u128;
-    let mut out = Vec::with_capacity((minutes / step + 1) as usize);
     let (mut done_up, mut done_down) = (0u64, 0u64);
     let mut minute = first;
     while minute <= last {
@@ -88,11 +96,10 @@ pub fn spread(from_ms: i64, to_ms: i64, delta: Bytes) -> Vec<(i64, Bytes)> {
         };
         (done_up, done_down) = (up, down);
         if share != Bytes::default() {
-            out.push((minute, share));
+            f(minute, share);
         }
         minute += step;
     }
-    out
 }
 
 /// Diffs received but not yet committed, coalesced.
@@ -107,12 +114,17 @@ struct Pending {
     changes: usize,
 }
 
-/// A connection's latest totals and the bytes per minute not yet written.
+/// A connection's latest totals and the byte deltas not yet written. The deltas are kept as they came
+/// (`from_ms`, `to_ms`, bytes) and spread over minutes only at commit, one connection at a time: the first
+/// push after a start spreads every connection over up to 60 minutes, and holding those buckets here took
+/// 1.5 KB per connection until the commit (and left the allocator fragmented after it).
 #[derive(Default)]
 struct PendingFlow {
     totals: Bytes,
     at_ms: i64,
-    buckets: Vec<(i64, Bytes)>,
+    spans: Vec<(i64, i64, Bytes)>,
+    /// The last minute counted in [`Pending::changes`].
+    counted: Option<i64>,
 }
 
 impl Pending {
@@ -141,19 +153,15 @@ impl Pending {
         {
             let f = self.flows.entry(id).or_default();
             if delta != Bytes::default() {
-                for (minute, share) in spread(from_ms, to_ms, delta) {
-                    // a connection's pending minutes are few (one or two while tracking live): a scan is cheap
-                    match f.buckets.iter_mut().find(|(m, _)| *m == minute) {
-                        Some((_, b)) => {
-                            b.upload += share.upload;
-                            b.download += share.download;
-                        }
-                        None => {
-                            f.buckets.push((minute, share));
-                            self.changes += 1;
-                        }
+                // count the traffic rows this adds: minutes after those already counted (deltas come in
+                // time order)
+                spread_each(from_ms, to_ms, delta, |minute, _| {
+                    if f.counted.map_or(true, |c| minute > c) {
+                        f.counted = Some(minute);
+                        self.changes += 1;
                     }
-                }
+                });
+                f.spans.push((from_ms, to_ms, delta));
             }
             f.totals.upload = f.totals.upload.max(totals.upload);
             f.totals.download = f.totals.download.max(totals.download);
@@ -535,6 +543,7 @@ impl Writer {
                         download = download + excluded.download, seq = excluded.seq",
                 )
                 .map_err(Error::db("prepare traffic"))?;
+            let mut buckets: Vec<(i64, Bytes)> = Vec::new();
             for (id, f) in &p.flows {
                 let Some(mut l) = find(id, live)? else {
                     crate::warn!("writer: traffic for unknown connection {id} ignored");
@@ -549,7 +558,20 @@ impl Writer {
                 totals
                     .execute(params![l.pk, l.upload, l.download, f.at_ms, seq])
                     .map_err(Error::db("update totals"))?;
-                for (minute, b) in &f.buckets {
+                buckets.clear();
+                for &(from_ms, to_ms, delta) in &f.spans {
+                    spread_each(from_ms, to_ms, delta, |minute, share| {
+                        // a connection's pending minutes are few (one or two while tracking live)
+                        match buckets.iter_mut().find(|(m, _)| *m == minute) {
+                            Some((_, b)) => {
+                                b.upload += share.upload;
+                                b.download += share.download;
+                            }
+                            None => buckets.push((minute, share)),
+                        }
+                    });
+                }
+                for (minute, b) in &buckets {
                     let (up, down) = (clamp(b.upload), clamp(b.download));
                     bucket
                         .execute(params![l.pk, minute, up, down, seq])
