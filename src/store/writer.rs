@@ -137,7 +137,7 @@ impl Pending {
         crate::metrics::add(&crate::metrics::CLOSED, diff.closed.len());
         self.changes +=
             diff.opened.len() + diff.reopened.len() + diff.flows.len() + diff.closed.len();
-        self.opened.reserve_exact(diff.opened.len());
+        self.opened.reserve(diff.opened.len());
         for (meta, bytes) in diff.opened {
             self.opened.push((PackedMeta::new(&meta), bytes, at));
         }
