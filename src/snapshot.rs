@@ -34,7 +34,19 @@ pub struct Snapshot<'a> {
 pub struct Entry<'a> {
     pub id: Cow<'a, str>,
     pub bytes: Bytes,
-    raw: RawEntry<'a>,
+    raw: RawRest<'a>,
+}
+
+/// What [`Entry::meta`] decodes later. Only these are kept per connection (not the raw id and counters):
+/// a frame's entries are as many as its connections, and this keeps them small (memory).
+#[derive(Debug, Default)]
+struct RawRest<'a> {
+    metadata: Option<&'a RawValue>,
+    start: Option<&'a RawValue>,
+    chains: Option<&'a RawValue>,
+    provider_chains: Option<&'a RawValue>,
+    rule: Option<&'a RawValue>,
+    rule_payload: Option<&'a RawValue>,
 }
 
 #[derive(Debug, Default)]
@@ -126,7 +138,66 @@ struct RawFrame<'a> {
     #[serde(rename = "uploadTotal", borrow, default)]
     upload_total: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    connections: Option<Vec<RawEntry<'a>>>,
+    connections: Option<Connections<'a>>,
+}
+
+/// The `connections` array, turned into [`Entry`]s as it is read: one vector, not a vector of raw entries
+/// and then another of entries (memory: a 10,000-connection frame has 10,000 of them).
+#[derive(Default)]
+struct Connections<'a> {
+    list: Vec<Entry<'a>>,
+    skipped: usize,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Connections<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Connections<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of connections")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut c = Connections::default();
+                while let Some(e) = seq.next_element::<RawEntry<'de>>()? {
+                    match entry(e) {
+                        Some(e) => c.list.push(e),
+                        None => c.skipped += 1,
+                    }
+                }
+                Ok(c)
+            }
+        }
+        d.deserialize_seq(V(std::marker::PhantomData))
+    }
+}
+
+/// The entry of a raw connection, `None` when it has no usable id.
+fn entry(e: RawEntry<'_>) -> Option<Entry<'_>> {
+    let id = if e.valid {
+        e.id.map(text).unwrap_or_default()
+    } else {
+        Cow::Borrowed("")
+    };
+    if id.is_empty() || id.len() > 256 {
+        return None;
+    }
+    let bytes = Bytes {
+        upload: e.upload.and_then(number).unwrap_or(0),
+        download: e.download.and_then(number).unwrap_or(0),
+    };
+    let raw = RawRest {
+        metadata: e.metadata,
+        start: e.start,
+        chains: e.chains,
+        provider_chains: e.provider_chains,
+        rule: e.rule,
+        rule_payload: e.rule_payload,
+    };
+    Some(Entry { id, bytes, raw })
 }
 
 /// Parses one frame. Errors only when the frame as a whole is unusable.
@@ -142,31 +213,13 @@ pub fn parse(frame: &[u8]) -> Result<Snapshot<'_>> {
         .map_err(|e| Error::Frame(format!("not UTF-8: {e} (frame of {} bytes)", frame.len())))?;
     let raw: RawFrame = serde_json::from_str(utf8)
         .map_err(|e| Error::Frame(format!("{e} (frame of {} bytes)", frame.len())))?;
-    let mut snap = Snapshot {
+    let conns = raw.connections.unwrap_or_default();
+    Ok(Snapshot {
         download_total: raw.download_total.and_then(number),
         upload_total: raw.upload_total.and_then(number),
-        connections: Vec::new(),
-        skipped: 0,
-    };
-    let list = raw.connections.unwrap_or_default();
-    snap.connections.reserve(list.len());
-    for e in list {
-        let id = if e.valid {
-            e.id.map(text).unwrap_or_default()
-        } else {
-            Cow::Borrowed("")
-        };
-        if id.is_empty() || id.len() > 256 {
-            snap.skipped += 1;
-            continue;
-        }
-        let bytes = Bytes {
-            upload: e.upload.and_then(number).unwrap_or(0),
-            download: e.download.and_then(number).unwrap_or(0),
-        };
-        snap.connections.push(Entry { id, bytes, raw: e });
-    }
-    Ok(snap)
+        connections: conns.list,
+        skipped: conns.skipped,
+    })
 }
 
 /// A non-negative integer from a JSON number or numeric string; negatives and garbage are `None`.

@@ -89,20 +89,28 @@ pub const MAX_SPREAD_BUCKETS: i64 = 60;
 /// of several minutes when the span is longer than [`MAX_SPREAD_BUCKETS`] minutes), with exact integer sums.
 /// An empty or backwards span puts everything in the minute of `to_ms`.
 pub fn spread(from_ms: i64, to_ms: i64, delta: Bytes) -> Vec<(i64, Bytes)> {
+    let mut out = Vec::new();
+    spread_each(from_ms, to_ms, delta, |minute, share| {
+        out.push((minute, share))
+    });
+    out
+}
+
+/// [`spread`], handing each `(minute, share)` to `f` instead of collecting them.
+fn spread_each(from_ms: i64, to_ms: i64, delta: Bytes, mut f: impl FnMut(i64, Bytes)) {
     let from_ms = from_ms.max(to_ms - MAX_SPREAD_MS);
     if to_ms <= from_ms {
-        return vec![(to_ms.div_euclid(MINUTE_MS), delta)];
+        return f(to_ms.div_euclid(MINUTE_MS), delta);
     }
     let first = from_ms.div_euclid(MINUTE_MS);
     // the minute holding the span's last instant (`to_ms` itself is excluded)
     let last = (to_ms - 1).div_euclid(MINUTE_MS);
     if first == last {
-        return vec![(last, delta)];
+        return f(last, delta);
     }
     let minutes = last - first + 1;
     let step = (minutes + MAX_SPREAD_BUCKETS - 1) / MAX_SPREAD_BUCKETS;
     let span = (to_ms - from_ms) as u128;
-    let mut out = Vec::with_capacity((minutes / step + 1) as usize);
     let (mut done_up, mut done_down) = (0u64, 0u64);
     let mut minute = first;
     while minute <= last {
@@ -116,17 +124,16 @@ pub fn spread(from_ms: i64, to_ms: i64, delta: Bytes) -> Vec<(i64, Bytes)> {
         };
         (done_up, done_down) = (up, down);
         if share != Bytes::default() {
-            out.push((minute, share));
+            f(minute, share);
         }
         minute += step;
     }
-    out
 }
 
 /// Diffs received but not yet committed, coalesced.
 #[derive(Default)]
 struct Pending {
-    opened: Vec<(ConnMeta, Bytes, i64)>,
+    opened: Vec<(PackedMeta, Bytes, i64)>,
     reopened: Vec<(String, i64)>,
     /// Per connection: one entry (and one copy of its id) however many minutes its bytes spread over.
     flows: HashMap<String, PendingFlow>,
@@ -135,12 +142,17 @@ struct Pending {
     changes: usize,
 }
 
-/// A connection's latest totals and the bytes per minute not yet written.
+/// A connection's latest totals and the byte deltas not yet written. The deltas are kept as they came
+/// (`from_ms`, `to_ms`, bytes) and spread over minutes only at commit, one connection at a time: the first
+/// push after a start spreads every connection over up to 60 minutes, and holding those buckets here took
+/// 1.5 KB per connection until the commit (and left the allocator fragmented after it).
 #[derive(Default)]
 struct PendingFlow {
     totals: Bytes,
     at_ms: i64,
-    buckets: Vec<(i64, Bytes)>,
+    spans: Vec<(i64, i64, Bytes)>,
+    /// The last minute counted in [`Pending::changes`].
+    counted: Option<i64>,
 }
 
 impl Pending {
@@ -153,8 +165,9 @@ impl Pending {
         crate::metrics::add(&crate::metrics::CLOSED, diff.closed.len());
         self.changes +=
             diff.opened.len() + diff.reopened.len() + diff.flows.len() + diff.closed.len();
+        self.opened.reserve(diff.opened.len());
         for (meta, bytes) in diff.opened {
-            self.opened.push((meta, bytes, at));
+            self.opened.push((PackedMeta::new(&meta), bytes, at));
         }
         if !diff.reopened.is_empty() && !self.closed.is_empty() {
             // Closed by an earlier diff and back in this one, both before the commit: the commit applies
@@ -175,19 +188,15 @@ impl Pending {
         {
             let f = self.flows.entry(id).or_default();
             if delta != Bytes::default() {
-                for (minute, share) in spread(from_ms, to_ms, delta) {
-                    // a connection's pending minutes are few (one or two while tracking live): a scan is cheap
-                    match f.buckets.iter_mut().find(|(m, _)| *m == minute) {
-                        Some((_, b)) => {
-                            b.upload += share.upload;
-                            b.download += share.download;
-                        }
-                        None => {
-                            f.buckets.push((minute, share));
-                            self.changes += 1;
-                        }
+                // count the traffic rows this adds: minutes after those already counted (deltas come in
+                // time order)
+                spread_each(from_ms, to_ms, delta, |minute, _| {
+                    if f.counted.map_or(true, |c| minute > c) {
+                        f.counted = Some(minute);
+                        self.changes += 1;
                     }
-                }
+                });
+                f.spans.push((from_ms, to_ms, delta));
             }
             f.totals.upload = f.totals.upload.max(totals.upload);
             f.totals.download = f.totals.download.max(totals.download);
@@ -208,7 +217,7 @@ impl Pending {
             + self
                 .flows
                 .values()
-                .map(|f| 1 + f.buckets.len())
+                .map(|f| 1 + f.spans.len())
                 .sum::<usize>()
     }
 }
@@ -222,6 +231,117 @@ struct Failing {
     dropped: u64,
     /// Times a connection's per-minute buckets were merged into one to save memory.
     merged: u64,
+}
+
+/// A new connection waiting in the pending batch, packed into one allocation: its id, `start_ms` and rollup
+/// key, then the values of [`ConnMeta::SQL_COLUMNS`] (`u32` length + text, or a tag and 8 bytes). A start
+/// next to 2,500 connections holds them all until the first commit, and that commit is the largest: about
+/// 4 MB as `ConnMeta`s (33 strings each), a third of that packed.
+struct PackedMeta(Box<[u8]>);
+
+/// How [`PackedMeta`] tags a value.
+const PACKED_TEXT: u8 = 0;
+const PACKED_INT: u8 = 1;
+const PACKED_REAL: u8 = 2;
+const PACKED_NULL: u8 = 3;
+const PACKED_BLOB: u8 = 4;
+
+impl PackedMeta {
+    fn new(m: &ConnMeta) -> PackedMeta {
+        use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+        let mut out = Vec::with_capacity(512);
+        // (a value longer than 4 GiB cannot come in: frames and request bodies are limited far below)
+        let text = |out: &mut Vec<u8>, t: &[u8]| {
+            out.extend_from_slice(&(t.len() as u32).to_le_bytes());
+            out.extend_from_slice(t);
+        };
+        text(&mut out, m.id.as_bytes());
+        out.extend_from_slice(&m.start_ms.to_le_bytes());
+        text(&mut out, host_key(&m.host, &m.destination_ip).as_bytes());
+        for v in m.sql_values() {
+            let v = v.to_sql().unwrap_or(ToSqlOutput::Owned(Value::Null));
+            let v = match &v {
+                ToSqlOutput::Borrowed(v) => *v,
+                ToSqlOutput::Owned(v) => ValueRef::from(v),
+                // not produced by ConnMeta's fields (strings and integers)
+                _ => ValueRef::Null,
+            };
+            match v {
+                ValueRef::Text(t) => {
+                    out.push(PACKED_TEXT);
+                    text(&mut out, t);
+                }
+                ValueRef::Blob(t) => {
+                    out.push(PACKED_BLOB);
+                    text(&mut out, t);
+                }
+                ValueRef::Integer(i) => {
+                    out.push(PACKED_INT);
+                    out.extend_from_slice(&i.to_le_bytes());
+                }
+                ValueRef::Real(f) => {
+                    out.push(PACKED_REAL);
+                    out.extend_from_slice(&f.to_le_bytes());
+                }
+                ValueRef::Null => out.push(PACKED_NULL),
+            }
+        }
+        PackedMeta(out.into_boxed_slice())
+    }
+
+    /// The text at `at` and where the next field starts.
+    fn text_at(&self, at: usize) -> (&[u8], usize) {
+        let len = u32::from_le_bytes(self.0[at..at + 4].try_into().unwrap_or_default()) as usize;
+        (&self.0[at + 4..at + 4 + len], at + 4 + len)
+    }
+
+    fn id(&self) -> &str {
+        std::str::from_utf8(self.text_at(0).0).unwrap_or_default()
+    }
+
+    fn start_ms(&self) -> i64 {
+        let at = self.text_at(0).1;
+        i64::from_le_bytes(self.0[at..at + 8].try_into().unwrap_or_default())
+    }
+
+    fn host_key(&self) -> &str {
+        let at = self.text_at(0).1 + 8;
+        std::str::from_utf8(self.text_at(at).0).unwrap_or_default()
+    }
+
+    /// The id and the values to bind, in [`ConnMeta::SQL_COLUMNS`] order (borrowed: nothing is copied).
+    fn unpack(&self) -> (&str, Vec<rusqlite::types::ToSqlOutput<'_>>) {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        let mut at = self.text_at(self.text_at(0).1 + 8).1;
+        let mut values = Vec::with_capacity(32);
+        while at < self.0.len() {
+            let tag = self.0[at];
+            at += 1;
+            let v = match tag {
+                PACKED_TEXT | PACKED_BLOB => {
+                    let (t, next) = self.text_at(at);
+                    at = next;
+                    if tag == PACKED_TEXT {
+                        ValueRef::Text(t)
+                    } else {
+                        ValueRef::Blob(t)
+                    }
+                }
+                PACKED_INT | PACKED_REAL => {
+                    let b: [u8; 8] = self.0[at..at + 8].try_into().unwrap_or_default();
+                    at += 8;
+                    if tag == PACKED_INT {
+                        ValueRef::Integer(i64::from_le_bytes(b))
+                    } else {
+                        ValueRef::Real(f64::from_le_bytes(b))
+                    }
+                }
+                _ => ValueRef::Null,
+            };
+            values.push(ToSqlOutput::Borrowed(v));
+        }
+        (self.id(), values)
+    }
 }
 
 /// What the writer remembers of a connection it writes to: its row key, what the rollups group it by,
@@ -419,14 +539,15 @@ impl Writer {
             .is_some_and(|f| f.dropped + f.merged == 0);
         let (mut merged, mut dropped) = (0u64, 0u64);
         for f in self.pending.flows.values_mut() {
-            if f.buckets.len() > 1 {
-                let sum = f.buckets.iter().fold(Bytes::default(), |a, (_, b)| Bytes {
+            if f.spans.len() > 1 {
+                let sum = f.spans.iter().fold(Bytes::default(), |a, (_, _, b)| Bytes {
                     upload: a.upload + b.upload,
                     download: a.download + b.download,
                 });
-                let last = f.buckets.iter().map(|(m, _)| *m).max().unwrap_or(0);
-                self.pending.changes -= f.buckets.len() - 1;
-                f.buckets = vec![(last, sum)];
+                // all of it in the minute of the latest instant
+                let last = f.spans.iter().map(|s| s.1).max().unwrap_or(0);
+                self.pending.changes = self.pending.changes.saturating_sub(f.spans.len() - 1);
+                f.spans = vec![(last - 1, last, sum)];
                 merged += 1;
             }
         }
@@ -434,12 +555,12 @@ impl Writer {
             let mut cut: HashSet<String> = HashSet::new();
             let mut n = 0;
             while self.pending.changes > bound && n < self.pending.opened.len() {
-                let id = &self.pending.opened[n].0.id;
-                self.pending.changes -= 1;
+                let id = self.pending.opened[n].0.id();
+                self.pending.changes = self.pending.changes.saturating_sub(1);
                 if let Some(f) = self.pending.flows.remove(id) {
-                    self.pending.changes -= 1 + f.buckets.len();
+                    self.pending.changes = self.pending.changes.saturating_sub(1 + f.spans.len());
                 }
-                cut.insert(id.clone());
+                cut.insert(id.to_string());
                 n += 1;
             }
             self.pending.opened.drain(..n);
@@ -599,33 +720,37 @@ impl Writer {
                 )
                 .map_err(Error::db("prepare reopen"))?;
             for (m, b, at) in &p.opened {
+                let (id, values) = m.unpack();
                 let (up, down) = (clamp(b.upload), clamp(b.download));
-                if let Some(mut l) = find(&m.id, live)? {
+                if let Some(mut l) = find(id, live)? {
                     // known already (a glitch hid it, or it came through another path): reopen the same row
                     raise(&mut l, up, down, &mut rollup);
                     reopen
                         .execute(params![l.pk, l.upload, l.download, at, seq])
                         .map_err(Error::db("reopen connection"))?;
-                    live.insert(m.id.clone(), l);
+                    live.insert(id.to_string(), l);
                     continue;
                 }
                 // never updated before it started (a clock that went back)
-                let at = (*at).max(m.start_ms);
+                let at = (*at).max(m.start_ms());
                 let head: [&dyn rusqlite::ToSql; 7] =
-                    [&agent, &m.id, &rusqlite::types::Null, &at, &up, &down, &seq];
+                    [&agent, &id, &rusqlite::types::Null, &at, &up, &down, &seq];
                 let pk: i64 = insert
                     .query_row(
-                        rusqlite::params_from_iter(head.into_iter().chain(m.sql_values())),
+                        rusqlite::params_from_iter(
+                            head.into_iter()
+                                .chain(values.iter().map(|v| v as &dyn rusqlite::ToSql)),
+                        ),
                         |r| r.get(0),
                     )
-                    .map_err(|e| Error::Db(format!("insert connection {}", m.id), e))?;
-                let key = host_key(&m.host, &m.destination_ip);
-                rollup.conn(agent, m.start_ms, key, 1, up, down);
+                    .map_err(|e| Error::Db(format!("insert connection {id}"), e))?;
+                let key = m.host_key();
+                rollup.conn(agent, m.start_ms(), key, 1, up, down);
                 live.insert(
-                    m.id.clone(),
+                    id.to_string(),
                     Live {
                         pk,
-                        start_ms: m.start_ms,
+                        start_ms: m.start_ms(),
                         host_key: key.into(),
                         upload: up,
                         download: down,
@@ -657,6 +782,7 @@ impl Writer {
                         download = download + excluded.download, seq = excluded.seq",
                 )
                 .map_err(Error::db("prepare traffic"))?;
+            let mut buckets: Vec<(i64, Bytes)> = Vec::new();
             for (id, f) in &p.flows {
                 let Some(mut l) = find(id, live)? else {
                     crate::warn!("writer: traffic for unknown connection {id} ignored");
@@ -671,7 +797,20 @@ impl Writer {
                 totals
                     .execute(params![l.pk, l.upload, l.download, f.at_ms, seq])
                     .map_err(Error::db("update totals"))?;
-                for (minute, b) in &f.buckets {
+                buckets.clear();
+                for &(from_ms, to_ms, delta) in &f.spans {
+                    spread_each(from_ms, to_ms, delta, |minute, share| {
+                        // a connection's pending minutes are few (one or two while tracking live)
+                        match buckets.iter_mut().find(|(m, _)| *m == minute) {
+                            Some((_, b)) => {
+                                b.upload += share.upload;
+                                b.download += share.download;
+                            }
+                            None => buckets.push((minute, share)),
+                        }
+                    });
+                }
+                for (minute, b) in &buckets {
                     let (up, down) = (clamp(b.upload), clamp(b.download));
                     bucket
                         .execute(params![l.pk, minute, up, down, seq])
@@ -734,6 +873,46 @@ mod tests {
 
     fn b(upload: u64, download: u64) -> Bytes {
         Bytes { upload, download }
+    }
+
+    #[test]
+    fn packed_meta_gives_back_every_value() {
+        use rusqlite::types::{ToSqlOutput, Value};
+        let owned = |v: &ToSqlOutput<'_>| match v {
+            ToSqlOutput::Borrowed(v) => Value::try_from(*v).unwrap(),
+            ToSqlOutput::Owned(v) => v.clone(),
+            _ => Value::Null,
+        };
+        let full = ConnMeta {
+            id: "c-1".into(),
+            start_ms: -5,
+            network: "tcp".into(),
+            source_ip: "10.0.0.2".into(),
+            destination_ip: "203.0.113.9".into(),
+            host: "example.org".into(),
+            uid: i64::MAX,
+            dscp: 46,
+            chains: r#"["a","é"]"#.into(),
+            rule_payload: "x".repeat(300),
+            ..ConnMeta::default()
+        };
+        let no_host = ConnMeta {
+            host: String::new(),
+            ..full.clone()
+        };
+        for (m, key) in [(&full, "example.org"), (&no_host, "203.0.113.9")] {
+            let p = PackedMeta::new(m);
+            let (id, values) = p.unpack();
+            assert_eq!((id, p.start_ms(), p.host_key()), ("c-1", -5, key));
+            let want: Vec<Value> = m
+                .sql_values()
+                .iter()
+                .map(|v| owned(&v.to_sql().unwrap()))
+                .collect();
+            let got: Vec<Value> = values.iter().map(owned).collect();
+            assert_eq!(got, want);
+            assert_eq!(got.len(), ConnMeta::SQL_COLUMNS.split(',').count());
+        }
     }
 
     #[test]
