@@ -2,8 +2,9 @@
 //! connection records.
 //!
 //! The HTTP layer calls [`handle_sync`] from a worker thread. The whole body is parsed and validated there
-//! (nothing touches the database for a bad batch), then the batch travels to the writer thread as one
-//! [`WriteCmd::Run`] closure and is applied in ONE transaction: all or nothing.
+//! (nothing touches the database for a bad batch), then the batch travels to the writer thread as a
+//! [`WriteCmd::Grouped`] write: batches of several agents queued at the same time share one transaction (one
+//! commit), and each is still all or nothing (a failed group is retried batch by batch).
 //!
 //! # Wire format
 //! Body: `{"agent_id": "...", "timestamp": "<RFC 3339>", "connections": [Record, ...]}`; `connections` may be
@@ -36,7 +37,7 @@
 use crate::error::{Error, Result};
 use crate::model::{placeholders, Bytes, ConnMeta};
 use crate::store::rollup::{host_key, RollupDelta};
-use crate::store::writer::spread;
+use crate::store::writer::{spread, GroupedWrite};
 use crate::store::WriteCmd;
 use crate::timefmt::{parse_rfc3339, MINUTE_MS};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -180,11 +181,7 @@ pub fn handle_sync(
     let batch = parse_batch(body).map_err(|m| (400, m))?;
     let count = batch.rows.len();
     let agent = batch.agent_id.clone();
-    let stored = crate::sync::call_writer(
-        writer,
-        move |conn| apply_batch(conn, &batch, now_ms),
-        WRITER_TIMEOUT,
-    );
+    let stored = store_grouped(writer, batch, now_ms);
     match stored {
         Ok(Ok(n)) => {
             crate::debug!("ingest: stored {n} connections from agent {agent}");
@@ -202,6 +199,33 @@ pub fn handle_sync(
             Err((503, "database busy; retry later".into()))
         }
     }
+}
+
+/// Hands a batch to the writer for group commit (it may share its transaction with other agents' batches
+/// queued at the same time, each still all or nothing) and waits for the outcome, at most
+/// [`WRITER_TIMEOUT`]. The outer error: the writer is gone or too slow; the inner: storing failed.
+fn store_grouped(
+    writer: &SyncSender<WriteCmd>,
+    batch: IngestBatch,
+    now_ms: i64,
+) -> Result<std::result::Result<usize, String>> {
+    let deadline = std::time::Instant::now() + WRITER_TIMEOUT;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let n = batch.rows.len();
+    let cmd = WriteCmd::Grouped(GroupedWrite {
+        apply: Box::new(move |conn| store_batch(conn, &batch, now_ms)),
+        done: Box::new(move |outcome| {
+            let _ = tx.send(outcome.map(|()| n).map_err(|e| e.to_string()));
+        }),
+    });
+    crate::sync::send_to_writer(writer, cmd, deadline)?;
+    rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        .map_err(|e| match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => {
+                Error::Sync("writer did not answer in time".into())
+            }
+            std::sync::mpsc::RecvTimeoutError::Disconnected => Error::Stopped("writer"),
+        })
 }
 
 /// Parses and validates a sync body completely. The error names the bad field, e.g.
