@@ -164,9 +164,25 @@ pub fn call_writer<T: Send + 'static>(
 ) -> Result<T> {
     let deadline = Instant::now() + timeout;
     let (tx, rx) = sync_channel(1);
-    let mut cmd = WriteCmd::Run(Box::new(move |conn| {
+    let cmd = WriteCmd::Run(Box::new(move |conn| {
         let _ = tx.send(f(conn));
     }));
+    send_to_writer(writer, cmd, deadline)?;
+    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .map_err(|e| match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => {
+                Error::Sync("writer did not answer in time".into())
+            }
+            std::sync::mpsc::RecvTimeoutError::Disconnected => Error::Stopped("writer"),
+        })
+}
+
+/// Queues `cmd` for the writer, waiting for room until `deadline`.
+pub fn send_to_writer(
+    writer: &SyncSender<WriteCmd>,
+    mut cmd: WriteCmd,
+    deadline: Instant,
+) -> Result<()> {
     loop {
         match writer.try_send(cmd) {
             Ok(()) => break,
@@ -181,13 +197,7 @@ pub fn call_writer<T: Send + 'static>(
             Err(TrySendError::Disconnected(_)) => return Err(Error::Stopped("writer")),
         }
     }
-    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        .map_err(|e| match e {
-            std::sync::mpsc::RecvTimeoutError::Timeout => {
-                Error::Sync("writer did not answer in time".into())
-            }
-            std::sync::mpsc::RecvTimeoutError::Disconnected => Error::Stopped("writer"),
-        })
+    Ok(())
 }
 
 /// The sync endpoint for a `--master-url`: accepts `http://h:p`, `http://h:p/`, `http://h:p/api/v1[/]` and

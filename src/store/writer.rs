@@ -31,7 +31,28 @@ pub enum WriteCmd {
     Run(Box<dyn FnOnce(&mut Connection) + Send>),
     /// Commit everything pending now, then answer.
     Flush(SyncSender<()>),
+    /// A write that shares one transaction with the `Grouped` writes queued right behind it (group commit:
+    /// several agents' sync batches, one commit). See [`GroupedWrite`].
+    Grouped(GroupedWrite),
 }
+
+/// At most this many [`WriteCmd::Grouped`] writes share a transaction (their dirty pages stay in memory
+/// until the commit).
+pub const MAX_GROUP: usize = 4;
+
+/// A write for group commit. `apply` writes inside the shared transaction; `done` is told the outcome once
+/// that transaction committed or failed. When the group fails, each of its writes is retried alone in its own
+/// transaction (so `apply` may run twice) and told its own outcome: a bad write cannot fail its neighbours,
+/// and each write stays all or nothing.
+pub struct GroupedWrite {
+    pub apply: GroupApply,
+    pub done: GroupDone,
+}
+
+/// The write of a [`GroupedWrite`], run inside the group's transaction.
+pub type GroupApply = Box<dyn Fn(&Connection) -> Result<()> + Send>;
+/// Told the outcome of a [`GroupedWrite`] after its transaction.
+pub type GroupDone = Box<dyn FnOnce(std::result::Result<(), &Error>) + Send>;
 
 /// How the writer batches.
 #[derive(Clone, Debug)]
@@ -397,13 +418,20 @@ impl Writer {
     /// Runs until every sender is gone; commits what it holds before returning.
     pub fn run(mut self, rx: Receiver<WriteCmd>) -> Result<()> {
         let mut deadline: Option<Instant> = None;
+        let mut next: Option<WriteCmd> = None;
         loop {
-            let cmd = match deadline {
-                Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            let cmd = match (next.take(), deadline) {
+                (Some(c), _) => Ok(c),
+                (None, Some(d)) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+                (None, None) => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             self.apply_test_hooks();
             match cmd {
+                Ok(WriteCmd::Grouped(g)) => {
+                    self.flush_logged(true);
+                    next = self.group_commit(g, &rx);
+                    deadline = self.next_deadline();
+                }
                 Ok(WriteCmd::Diff(mut diff)) => {
                     if !self.dropped_ids.is_empty() {
                         self.forget_dropped(&mut diff);
@@ -442,6 +470,48 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Runs `first` and the [`WriteCmd::Grouped`] writes already queued behind it in one transaction, then
+    /// tells each its outcome. Returns the first other command taken from the queue, to run next.
+    fn group_commit(&mut self, first: GroupedWrite, rx: &Receiver<WriteCmd>) -> Option<WriteCmd> {
+        let mut group = vec![first];
+        let mut next = None;
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(WriteCmd::Grouped(g)) => group.push(g),
+                Ok(other) => {
+                    next = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let run = |conn: &mut Connection, writes: &[GroupedWrite]| -> Result<()> {
+            let tx = conn.transaction().map_err(Error::db("begin group"))?;
+            for w in writes {
+                (w.apply)(&tx)?;
+            }
+            tx.commit().map_err(Error::db("commit group"))
+        };
+        match run(&mut self.conn, &group) {
+            Ok(()) => group.into_iter().for_each(|w| (w.done)(Ok(()))),
+            Err(e) if group.len() == 1 => group.into_iter().for_each(|w| (w.done)(Err(&e))),
+            Err(e) => {
+                // (a full disk is said once, by whoever handed the writes over: not per group)
+                if !is_storage_error(&e) {
+                    crate::warn!(
+                        "writer: a group of {} writes failed ({e}); retrying them one by one",
+                        group.len()
+                    );
+                }
+                for w in group {
+                    let outcome = run(&mut self.conn, std::slice::from_ref(&w));
+                    (w.done)(outcome.as_ref().map(|_| ()));
+                }
+            }
+        }
+        next
     }
 
     /// When to try the next commit: never with nothing pending, at the retry time while failing.
@@ -1012,5 +1082,61 @@ mod tests {
             .unwrap();
         assert_eq!(row, (None, 2, 20));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Group commit: three sync-like writes queued together share a transaction; when one fails, the others
+    /// are still stored (retried alone) and the failed one stored nothing.
+    #[test]
+    fn a_failed_write_in_a_group_fails_alone() {
+        let dir = std::env::temp_dir().join(format!("mct-writer-group-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.db");
+        let writer = Writer::new(
+            crate::store::open(&path, crate::store::Access::Write).unwrap(),
+            WriterConfig::default(),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::sync_channel(8);
+        let (otx, orx) = std::sync::mpsc::channel();
+        for i in 0..3 {
+            let otx = otx.clone();
+            tx.send(WriteCmd::Grouped(GroupedWrite {
+                apply: Box::new(move |c| {
+                    c.execute(
+                        "INSERT INTO meta (key, value) VALUES (?1, 'x')",
+                        params![format!("k{i}")],
+                    )
+                    .map_err(Error::db("insert"))?;
+                    if i == 1 {
+                        return Err(Error::Schema("write 1 fails".into()));
+                    }
+                    Ok(())
+                }),
+                done: Box::new(move |r| otx.send((i, r.map_err(|e| e.to_string()))).unwrap()),
+            }))
+            .unwrap();
+        }
+        drop(tx);
+        writer.run(rx).unwrap();
+        let mut outcomes: Vec<_> = orx.try_iter().collect();
+        outcomes.sort_by_key(|o| o.0);
+        assert_eq!(
+            outcomes,
+            vec![
+                (0, Ok(())),
+                (1, Err("database: write 1 fails".to_string())),
+                (2, Ok(()))
+            ]
+        );
+        let c = Connection::open(&path).unwrap();
+        let keys: Vec<String> = c
+            .prepare("SELECT key FROM meta WHERE key LIKE 'k%' ORDER BY key")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(keys, ["k0", "k2"]);
     }
 }
