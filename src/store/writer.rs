@@ -778,7 +778,7 @@ impl Writer {
             let mut insert = tx
                 .prepare(&format!(
                     "INSERT INTO connections (agent_id, id, end_ms, last_updated_ms, upload, download, seq, {})
-                     VALUES ({}) RETURNING pk",
+                     VALUES ({})",
                     ConnMeta::SQL_COLUMNS,
                     placeholders(7 + ConnMeta::SQL_COLUMNS.split(',').count())
                 ))
@@ -805,15 +805,15 @@ impl Writer {
                 let at = (*at).max(m.start_ms());
                 let head: [&dyn rusqlite::ToSql; 7] =
                     [&agent, &id, &rusqlite::types::Null, &at, &up, &down, &seq];
-                let pk: i64 = insert
-                    .query_row(
-                        rusqlite::params_from_iter(
-                            head.into_iter()
-                                .chain(values.iter().map(|v| v as &dyn rusqlite::ToSql)),
-                        ),
-                        |r| r.get(0),
-                    )
+                // the new rowid, not `RETURNING pk`: that builds a temporary table per row (with musl, an
+                // mmap/munmap pair each), which cost more than the insert
+                insert
+                    .execute(rusqlite::params_from_iter(
+                        head.into_iter()
+                            .chain(values.iter().map(|v| v as &dyn rusqlite::ToSql)),
+                    ))
                     .map_err(|e| Error::Db(format!("insert connection {id}"), e))?;
+                let pk = tx.last_insert_rowid();
                 let key = m.host_key();
                 rollup.conn(agent, m.start_ms(), key, 1, up, down);
                 live.insert(
