@@ -437,14 +437,20 @@ fn group(
     let format = Format::parse(p)?;
 
     let k = dims.len();
-    // (keys, totals) of at most `limit + 1` groups, in answer order; with geoip also the sum of all groups.
-    let (groups, geo_all) = match dims.iter().position(|d| d.expr == GEO_EXPR) {
+    // (keys, totals) of at most `limit + 1` groups, in answer order; with geoip or a range also the sum of all
+    // groups.
+    let (groups, summed) = match dims.iter().position(|d| d.expr == GEO_EXPR) {
         Some(g) => {
             let (groups, all) = geo_groups(db, f, &dims, g, sort, order)?;
             (
                 groups.into_iter().take(limit as usize + 1).collect(),
                 Some(all),
             )
+        }
+        // Every connection is in exactly one group: their sum is the summary, without a second scan.
+        None if f.has_range() => {
+            let (groups, all) = ranged_groups(db, f, &dims, sort, order, limit)?;
+            (groups, Some(all))
         }
         None => (sql_groups(db, rollups, f, &dims, sort, order, limit)?, None),
     };
@@ -481,8 +487,9 @@ fn group(
         table.rows.push(row);
     }
     if other && truncated {
-        let all = match geo_all {
-            // A connection with several countries is in several groups: sum the groups, not the connections.
+        let all = match summed {
+            // With geoip a connection with several countries is in several groups: sum the groups, not the
+            // connections. A ranged grouping summed its groups already.
             Some(all) => all,
             None => summary(db, rollups, f)?,
         };
@@ -538,9 +545,6 @@ fn sql_groups(
     order: Order,
     limit: i64,
 ) -> ApiResult<Vec<Group>> {
-    if f.has_range() {
-        return ranged_groups(db, f, dims, sort, order, limit);
-    }
     let by_host_only = dims.len() == 1 && dims[0].field == "host";
     let (base, mut vals) = if rollups && by_host_only && !f.has_range() && !f.has_row_filters() {
         // Same rows as group_sql, from the per-host rollup instead of a million connections.
@@ -574,7 +578,8 @@ fn sql_groups(
 /// the covering `traffic_minute` index into per-connection sums, then each connection's keys are read once.
 /// SQLite would sort every traffic row (a 24 h range of a busy router: hundreds of thousands, half a second
 /// and tens of MB of sorter memory) to group them; here memory follows the connections in range, not
-/// their minutes. NULL keys stay apart from "" and sort first, as in SQL.
+/// their minutes. NULL keys stay apart from "" and sort first, as in SQL. Also returns the sum of all
+/// groups, which is the range's summary (each connection is in one group).
 fn ranged_groups(
     db: &Connection,
     f: &Filters,
@@ -582,7 +587,7 @@ fn ranged_groups(
     sort: Metric,
     order: Order,
     limit: i64,
-) -> ApiResult<Vec<Group>> {
+) -> ApiResult<(Vec<Group>, Totals)> {
     let (lo, hi) = f.range();
     // A BTreeMap grows a node at a time (a HashMap of 100,000 connections doubles into 6 MB, holding both
     // tables while it moves) and yields the leftovers in key order, for the lookups below.
@@ -644,6 +649,10 @@ fn ranged_groups(
         Metric::Upload => t.upload,
         Metric::Total => t.total(),
     };
+    let mut all = Totals::default();
+    for t in groups.values() {
+        all.add(*t);
+    }
     let mut out: Vec<(Vec<Option<String>>, Totals)> = groups.into_iter().collect();
     out.sort_unstable_by(|a, b| {
         let by = metric(&a.1).cmp(&metric(&b.1));
@@ -655,10 +664,11 @@ fn ranged_groups(
         by.then_with(|| a.0.cmp(&b.0))
     });
     out.truncate(usize::try_from(limit).unwrap_or(0).saturating_add(1));
-    Ok(out
+    let out = out
         .into_iter()
         .map(|(keys, t)| (keys.into_iter().map(Option::unwrap_or_default).collect(), t))
-        .collect())
+        .collect();
+    Ok((out, all))
 }
 
 /// The groups of `query` (a ranged `type=group` query string) from [`ranged_groups`] and from SQLite
@@ -672,7 +682,12 @@ pub(super) fn ranged_both_ways(db: &Connection, query: &str) -> (Vec<Group>, Vec
     let sort = p.choice("sort_by", SORT_CHOICES, Metric::Total).unwrap();
     let order = Order::parse(&p).unwrap();
     let limit = p.uint("limit", MAX_ROWS, 1, MAX_ROWS).unwrap() as i64;
-    let mine = ranged_groups(db, &f, &dims, sort, order, limit).unwrap();
+    let (mine, all) = ranged_groups(db, &f, &dims, sort, order, limit).unwrap();
+    assert_eq!(
+        all,
+        summary(db, false, &f).unwrap(),
+        "{query}: the sum of the groups"
+    );
     let (base, mut vals) = group_sql(&f, &dims);
     let by: Vec<String> = (1..=dims.len()).map(|i| i.to_string()).collect();
     let sql = format!(
