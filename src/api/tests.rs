@@ -1873,3 +1873,32 @@ fn ranged_groups_summed_in_rust_match_sqlite() {
     }
     assert!(compared > 500, "only {compared} non-empty comparisons");
 }
+
+#[test]
+fn filtered_traffic_sums_from_the_matching_set_equal_the_join() {
+    // stats::raw sums a filtered range's traffic through the set of matching connections, and joins each
+    // traffic row to its connection beyond a bound: both must give the same buckets.
+    let api = Api::new(&fixture("rawsets", false));
+    let mut compared = 0;
+    for filter in [
+        "network=udp",
+        "agent_id=router-a",
+        "policy=Proxy&source_ip=192.168.1.10",
+        "host=example.com",
+        "network=none-such",
+    ] {
+        for range in [
+            "from=2025-04-28&to=2025-04-29",
+            "from=2025-04-28T10:20:30Z&to=2025-04-28T12:00:01Z",
+            "from=2025-01-01",
+        ] {
+            for unit in [MINUTE_MS, HOUR_MS, 86_400_000] {
+                let q = format!("{filter}&{range}");
+                let (set, join) = super::stats::raw_both_ways(&api.db, &q, unit);
+                assert_eq!(set, join, "{q} per {unit} ms");
+                compared += usize::from(!join.is_empty());
+            }
+        }
+    }
+    assert!(compared >= 20, "only {compared} non-empty comparisons");
+}
