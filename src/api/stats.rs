@@ -726,6 +726,10 @@ fn ranged_groups(
     Ok((out, all))
 }
 
+/// A bucket's start, upload and download.
+#[cfg(test)]
+pub(super) type BucketBytes = (i64, i64, i64);
+
 /// The byte sums per `unit_ms` bucket of a filtered `query` from [`raw`] (the set of matching connections)
 /// and from [`raw_traffic_join`] (its fallback beyond [`MAX_MATCHING`]), for tests that they agree.
 #[cfg(test)]
@@ -733,12 +737,12 @@ pub(super) fn raw_both_ways(
     db: &Connection,
     query: &str,
     unit_ms: i64,
-) -> (Vec<(i64, i64, i64)>, Vec<(i64, i64, i64)>) {
+) -> (Vec<BucketBytes>, Vec<BucketBytes>) {
     let p = Params::parse(query).unwrap();
     let f = Filters::parse(&p).unwrap();
     let (lo, hi) = f.range();
     let (lo, hi) = (lo.max(0), hi.min(4_000_000_000_000));
-    let bytes = |m: BTreeMap<i64, Totals>| -> Vec<(i64, i64, i64)> {
+    let bytes = |m: BTreeMap<i64, Totals>| -> Vec<BucketBytes> {
         m.into_iter()
             .filter(|(_, t)| t.upload != 0 || t.download != 0)
             .map(|(b, t)| (b, t.upload, t.download))
