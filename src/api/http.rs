@@ -18,7 +18,7 @@ use super::handler::Reply;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,7 +41,8 @@ pub struct Limits {
     pub max_head_bytes: usize,
     /// Largest request body: `413` beyond, refused by `Content-Length` before reading it.
     pub max_body_bytes: usize,
-    /// How long a request may wait for a worker and its answer: `503` beyond.
+    /// How long a request may wait for a worker and its answer: `503` beyond. A connection whose client
+    /// closes while it waits is dropped at once (within [`POLL`]) and its job marked [`Job::gone`].
     pub answer_timeout: Duration,
     /// Request bodies held in memory at once, all connections together: `503` beyond.
     pub max_body_in_flight: usize,
@@ -53,14 +54,18 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            max_connections: 64,
+            // The load figure needs about 90 (50 agents, 2 per dashboard user); a connection thread costs
+            // about 20 KB resident (its 128 KiB stack is reserved, mostly untouched).
+            max_connections: 256,
             head_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(15),
             body_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
             max_head_bytes: 16 * 1024,
             max_body_bytes: 32 << 20,
-            answer_timeout: Duration::from_secs(120),
+            // Above the clients' own (agents 10 s, the dashboard 20 s): a client that gave up is noticed by its
+            // closed socket, so this only bounds clients that wait on.
+            answer_timeout: Duration::from_secs(30),
             max_body_in_flight: 64 << 20,
             token: None,
         }
@@ -83,6 +88,17 @@ pub struct Request {
 pub struct Job {
     pub request: Request,
     pub reply: SyncSender<Reply>,
+    /// When the connection handed it over.
+    pub queued: Instant,
+    /// Set when nobody waits for the answer any more (the client closed, or `answer_timeout` passed).
+    pub left: Arc<AtomicBool>,
+}
+
+impl Job {
+    /// Whether nobody waits for the answer any more: workers skip such a job instead of running it.
+    pub fn gone(&self) -> bool {
+        self.left.load(Ordering::SeqCst)
+    }
 }
 
 /// Blocking calls wake this often to notice the stop flag.
@@ -622,7 +638,10 @@ impl<'a> Conn<'a> {
             };
             let head_only = head.method == "HEAD";
             let close = head.close || head.http10 || self.stop.load(Ordering::SeqCst);
-            let reply = self.ask(jobs, head, body);
+            let Some(reply) = self.ask(jobs, head, body) else {
+                // the client closed while its request waited: nobody to answer
+                return;
+            };
             if !self.respond(&reply, head_only, close) {
                 return;
             }
@@ -646,10 +665,11 @@ impl<'a> Conn<'a> {
         );
     }
 
-    /// Hands the request to a worker and waits for its answer.
-    fn ask(&mut self, jobs: &SyncSender<Job>, head: Head, body: Vec<u8>) -> Reply {
+    /// Hands the request to a worker and waits for its answer; `None` when the client closed meanwhile.
+    fn ask(&mut self, jobs: &SyncSender<Job>, head: Head, body: Vec<u8>) -> Option<Reply> {
         let busy = |msg: &str| Reply::error(&super::params::ApiError::status(503, msg));
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let left = Arc::new(AtomicBool::new(false));
         let job = Job {
             request: Request {
                 method: head.method,
@@ -658,19 +678,52 @@ impl<'a> Conn<'a> {
                 body,
             },
             reply: tx,
+            queued: Instant::now(),
+            left: Arc::clone(&left),
         };
         match jobs.try_send(job) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => return busy("server busy; retry later"),
-            Err(TrySendError::Disconnected(_)) => return busy("server stopping"),
+            Err(TrySendError::Full(_)) => return Some(busy("server busy; retry later")),
+            Err(TrySendError::Disconnected(_)) => return Some(busy("server stopping")),
         }
-        wait_answer(&rx, self.limits.answer_timeout)
-            .unwrap_or_else(|| busy("no answer in time; retry later"))
+        let deadline = Instant::now() + self.limits.answer_timeout;
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now()).min(POLL);
+            match rx.recv_timeout(wait) {
+                Ok(reply) => return Some(reply),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Some(busy("no answer (server stopping); retry later"))
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= deadline {
+                left.store(true, Ordering::SeqCst);
+                return Some(busy("no answer in time; retry later"));
+            }
+            // A client that gave up (agents wait 10 s, the dashboard 20 s) frees its connection and its
+            // place in the queue now, not when an answer nobody reads is ready.
+            if self.peer_closed() {
+                left.store(true, Ordering::SeqCst);
+                return None;
+            }
+        }
     }
-}
 
-fn wait_answer(rx: &Receiver<Reply>, timeout: Duration) -> Option<Reply> {
-    rx.recv_timeout(timeout).ok()
+    /// Whether the client closed its side (or the connection broke). Bytes it sent ahead (pipelining) do
+    /// not count. A client that only half-closes (`shutdown(Write)`) and waits for its answer looks the
+    /// same and is dropped too, as nginx drops a request whose client closed.
+    fn peer_closed(&self) -> bool {
+        if self.stream.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let mut b = [0u8; 1];
+        let r = self.stream.peek(&mut b);
+        let _ = self.stream.set_nonblocking(false);
+        match r {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted),
+        }
+    }
 }
 
 /// Drops the CR and LF bytes at the front of `buf`.

@@ -1819,3 +1819,86 @@ fn geo_keys_split_arrays_as_json_each_did() {
         ["1", "0", "", "1", "2.5", "-3", "[1,2]", "\u{e9}"]
     );
 }
+
+#[test]
+fn ranged_groups_summed_in_rust_match_sqlite() {
+    // stats::ranged_groups sums a ranged grouping itself (SQLite would sort every traffic row): it must give
+    // SQLite's groups in SQLite's order, for every key, sort, filter and range edge.
+    let api = Api::new(&fixture("rangedrust", false));
+    let ranges = [
+        "from=2025-04-28&to=2025-04-29",
+        "from=2025-04-28T10:20:00Z&to=2025-04-28T11:00:00Z",
+        "from=2025-04-28T10:20:30Z&to=2025-04-28T12:00:01Z",
+        "from=2025-01-01",
+        "to=2025-04-28T11:00:00Z",
+    ];
+    let sorts = [
+        "",
+        "&sort_by=count",
+        "&sort_by=upload&sort_order=asc",
+        "&sort_by=download&limit=1",
+    ];
+    let filters = [
+        "",
+        "&network=udp",
+        "&agent_id=router-a",
+        "&policy=Proxy&source_ip=192.168.1.10",
+    ];
+    let mut compared = 0;
+    for by in [
+        "host",
+        "network",
+        "process",
+        "destination",
+        "rule",
+        "chains",
+        "policy",
+        "source_ip",
+        "inbound",
+        "agent_id",
+        "destination_port",
+        "host,network",
+        "source_ip,policy",
+    ] {
+        for range in ranges {
+            for sort in sorts {
+                for filter in filters {
+                    let q = format!("type=group&group_by={by}&{range}{sort}{filter}");
+                    let (mine, theirs) = super::stats::ranged_both_ways(&api.db, &q);
+                    assert_eq!(mine, theirs, "{q}");
+                    compared += usize::from(!theirs.is_empty());
+                }
+            }
+        }
+    }
+    assert!(compared > 500, "only {compared} non-empty comparisons");
+}
+
+#[test]
+fn filtered_traffic_sums_from_the_matching_set_equal_the_join() {
+    // stats::raw sums a filtered range's traffic through the set of matching connections, and joins each
+    // traffic row to its connection beyond a bound: both must give the same buckets.
+    let api = Api::new(&fixture("rawsets", false));
+    let mut compared = 0;
+    for filter in [
+        "network=udp",
+        "agent_id=router-a",
+        "policy=Proxy&source_ip=192.168.1.10",
+        "host=example.com",
+        "network=none-such",
+    ] {
+        for range in [
+            "from=2025-04-28&to=2025-04-29",
+            "from=2025-04-28T10:20:30Z&to=2025-04-28T12:00:01Z",
+            "from=2025-01-01",
+        ] {
+            for unit in [MINUTE_MS, HOUR_MS, 86_400_000] {
+                let q = format!("{filter}&{range}");
+                let (set, join) = super::stats::raw_both_ways(&api.db, &q, unit);
+                assert_eq!(set, join, "{q} per {unit} ms");
+                compared += usize::from(!join.is_empty());
+            }
+        }
+    }
+    assert!(compared >= 20, "only {compared} non-empty comparisons");
+}

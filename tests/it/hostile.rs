@@ -710,7 +710,7 @@ fn slow_idle_and_kept_alive_clients_never_block_a_normal_request() {
     };
     let idle: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
     answered_promptly("20 slow, 20 idle and 12 kept-alive clients");
-    // beyond the connection limit (64): refused at once with 503, not left hanging
+    // beyond the connection limit (256): refused at once with 503, not left hanging
     let mut extra = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     let refused = loop {

@@ -395,3 +395,55 @@ fn bodies_need_the_token_first_and_share_a_memory_budget() {
         assert!(Instant::now() < deadline, "the budget never came back");
     }
 }
+
+#[test]
+fn a_client_that_leaves_while_its_request_waits_frees_its_connection_and_the_job_is_marked_gone() {
+    // No worker: the test takes the jobs itself and answers when it likes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let limits = Limits {
+        answer_timeout: Duration::from_secs(60),
+        ..small()
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(limits.max_connections);
+    let server = Server::start(listener, limits, tx).unwrap();
+    let connect = || {
+        let s = TcpStream::connect(server.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let (mut a, mut b) = (connect(), connect());
+    a.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let job_a = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    b.write_all(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let job_b = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        (job_a.request.target.as_str(), job_b.request.target.as_str()),
+        ("/a", "/b")
+    );
+    assert!(!job_a.gone() && !job_b.gone());
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !job_a.gone() || server.connections() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "a client that left still holds its connection ({} open) or its job",
+            server.connections()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // the client that stayed (waiting longer than the one that left was) still gets its answer
+    assert!(!job_b.gone());
+    job_b
+        .reply
+        .send(Reply {
+            status: 200,
+            content_type: "text/plain",
+            body: b"late".to_vec(),
+            headers: Vec::new(),
+        })
+        .unwrap();
+    let (status, _, body) = response(&mut b);
+    assert_eq!((status, body.as_str()), (200, "late"));
+    drop(b);
+    server.stop();
+}

@@ -1,0 +1,267 @@
+//! A small cache of query answers: `GET` replies keyed by the request target (path and query exactly as sent,
+//! looked up only after the token was checked), kept for a few seconds, bounded in bytes, and single-flight:
+//! a request identical to one running waits for that one's answer instead of running the same SQL again.
+//!
+//! Why: the dashboard asks every user the same questions (its ranges are whole buckets, `to` the end of the
+//! current one, so 20 users on the 24 h view send byte-identical targets for an hour), and a ranged top list
+//! costs about a second of CPU; under load identical requests pile up in the query queue, and each used to
+//! run again. An answer may be up to [`TTL`] old; agents sync every few seconds anyway.
+
+use super::handler::Reply;
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long an answer is reused: shorter than the dashboard's 5 s refresh of the open connections.
+pub const TTL: Duration = Duration::from_secs(4);
+/// Bytes of answers (and their keys) kept at most.
+pub const MAX_BYTES: usize = 2 << 20;
+/// A request waits this long at most for an identical one to finish, then runs itself.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+enum Entry {
+    /// Some thread is computing it.
+    Running,
+    Done {
+        reply: Reply,
+        at: Instant,
+    },
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<String, Entry>,
+    /// Bytes of the `Done` entries (key and body).
+    bytes: usize,
+}
+
+/// The cache; shared by the query threads.
+pub struct Cache {
+    inner: Mutex<Inner>,
+    done: Condvar,
+    ttl: Duration,
+    max_bytes: usize,
+}
+
+fn size(key: &str, reply: &Reply) -> usize {
+    key.len() + reply.body.len() + 64
+}
+
+/// Takes the `Running` mark away if the computation panicked, so waiters run it themselves.
+struct Mark<'a> {
+    cache: &'a Cache,
+    key: &'a str,
+    armed: bool,
+}
+
+impl Drop for Mark<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Ok(mut inner) = self.cache.inner.lock() {
+                inner.entries.remove(self.key);
+            }
+            self.cache.done.notify_all();
+        }
+    }
+}
+
+impl Cache {
+    pub fn new(ttl: Duration, max_bytes: usize) -> Cache {
+        Cache {
+            inner: Mutex::new(Inner::default()),
+            done: Condvar::new(),
+            ttl,
+            max_bytes,
+        }
+    }
+
+    /// The fresh answer for `key`, waiting for a running identical request, or `run()`'s (kept when it is a
+    /// `200` small enough). The second value tells whether the answer came from the cache.
+    pub fn get_or_run(&self, key: &str, run: impl FnOnce() -> Reply) -> (Reply, bool) {
+        let waited_from = Instant::now();
+        {
+            let Ok(mut inner) = self.inner.lock() else {
+                return (run(), false);
+            };
+            loop {
+                match inner.entries.get(key) {
+                    Some(Entry::Done { reply, at }) if at.elapsed() < self.ttl => {
+                        return (reply.clone(), true);
+                    }
+                    Some(Entry::Running) if waited_from.elapsed() < MAX_WAIT => {
+                        let wait = MAX_WAIT.saturating_sub(waited_from.elapsed());
+                        inner = match self.done.wait_timeout(inner, wait) {
+                            Ok((g, _)) => g,
+                            Err(_) => return (run(), false),
+                        };
+                    }
+                    Some(Entry::Running) => return (run(), false),
+                    _ => break,
+                }
+            }
+            if let Some(Entry::Done { reply, .. }) = inner.entries.remove(key) {
+                inner.bytes -= size(key, &reply);
+            }
+            inner.entries.insert(key.to_string(), Entry::Running);
+        }
+        let mut mark = Mark {
+            cache: self,
+            key,
+            armed: true,
+        };
+        let reply = run();
+        mark.armed = false;
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.entries.remove(key);
+            let n = size(key, &reply);
+            if reply.status == 200 && n <= self.max_bytes / 8 {
+                self.make_room(&mut inner, n);
+                inner.bytes += n;
+                inner.entries.insert(
+                    key.to_string(),
+                    Entry::Done {
+                        reply: reply.clone(),
+                        at: Instant::now(),
+                    },
+                );
+            }
+        }
+        self.done.notify_all();
+        (reply, false)
+    }
+
+    /// Drops stale answers, then the oldest, until `n` more bytes fit.
+    fn make_room(&self, inner: &mut Inner, n: usize) {
+        let ttl = self.ttl;
+        let mut freed = 0;
+        inner.entries.retain(|k, e| match e {
+            Entry::Done { reply, at } if at.elapsed() >= ttl => {
+                freed += size(k, reply);
+                false
+            }
+            _ => true,
+        });
+        inner.bytes -= freed;
+        while inner.bytes + n > self.max_bytes {
+            let oldest = inner
+                .entries
+                .iter()
+                .filter_map(|(k, e)| match e {
+                    Entry::Done { at, .. } => Some((*at, k.clone())),
+                    Entry::Running => None,
+                })
+                .min();
+            let Some((_, k)) = oldest else { return };
+            if let Some(Entry::Done { reply, .. }) = inner.entries.remove(&k) {
+                inner.bytes -= size(&k, &reply);
+            }
+        }
+    }
+
+    /// Bytes held now (tests).
+    #[cfg(test)]
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().map(|i| i.bytes).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn reply(status: u16, body: &str) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            body: body.as_bytes().to_vec(),
+            headers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_fresh_answer_is_reused_and_a_stale_one_recomputed() {
+        let c = Cache::new(Duration::from_millis(200), 1 << 20);
+        let (a, hit) = c.get_or_run("/x?a=1", || reply(200, "one"));
+        assert_eq!((a.text(), hit), ("one", false));
+        let (b, hit) = c.get_or_run("/x?a=1", || reply(200, "two"));
+        assert_eq!((b.text(), hit), ("one", true));
+        // another key is another question
+        assert_eq!(
+            c.get_or_run("/x?a=2", || reply(200, "three")).0.text(),
+            "three"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.get_or_run("/x?a=1", || reply(200, "four")).0.text() != "four" {
+            assert!(Instant::now() < deadline, "never went stale");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn errors_and_large_answers_are_not_kept_and_the_bytes_stay_bounded() {
+        let c = Cache::new(Duration::from_secs(60), 8 * 1024);
+        c.get_or_run("/e", || reply(400, "bad"));
+        assert_eq!(c.get_or_run("/e", || reply(200, "ok")).0.text(), "ok");
+        let big = "x".repeat(2000);
+        assert!(!c.get_or_run("/big", || reply(200, &big)).1);
+        assert!(
+            !c.get_or_run("/big", || reply(200, &big)).1,
+            "kept over max/8"
+        );
+        for i in 0..100 {
+            c.get_or_run(&format!("/k{i}"), || reply(200, &"y".repeat(500)));
+            assert!(c.bytes() <= 8 * 1024, "{} bytes", c.bytes());
+        }
+        // the newest is still there
+        assert!(c.get_or_run("/k99", || reply(200, "z")).1);
+    }
+
+    #[test]
+    fn identical_requests_wait_for_the_one_running() {
+        let c = Arc::new(Cache::new(Duration::from_secs(60), 1 << 20));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
+        let (go_tx, go_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let first = {
+            let (c, runs) = (Arc::clone(&c), Arc::clone(&runs));
+            std::thread::spawn(move || {
+                c.get_or_run("/slow", || {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    started_tx.send(()).unwrap();
+                    go_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+                    reply(200, "answer")
+                })
+            })
+        };
+        started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let others: Vec<_> = (0..4)
+            .map(|_| {
+                let (c, runs) = (Arc::clone(&c), Arc::clone(&runs));
+                std::thread::spawn(move || {
+                    c.get_or_run("/slow", || {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        reply(200, "again")
+                    })
+                })
+            })
+            .collect();
+        go_tx.send(()).unwrap();
+        assert_eq!(first.join().unwrap().0.text(), "answer");
+        for o in others {
+            assert_eq!(o.join().unwrap().0.text(), "answer");
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_panicking_computation_lets_the_waiters_run_it() {
+        let c = Cache::new(Duration::from_secs(60), 1 << 20);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            c.get_or_run("/p", || panic!("boom"))
+        }));
+        assert!(r.is_err());
+        assert_eq!(c.get_or_run("/p", || reply(200, "ok")).0.text(), "ok");
+    }
+}
