@@ -81,6 +81,8 @@ pub struct Request {
     pub target: String,
     /// The `Authorization` header, when it is valid UTF-8.
     pub authorization: Option<String>,
+    /// `Cache-Control: no-cache` (or `Pragma: no-cache`): the client wants a fresh answer.
+    pub no_cache: bool,
     pub body: Vec<u8>,
 }
 
@@ -296,6 +298,7 @@ struct Head {
     http10: bool,
     close: bool,
     authorization: Option<String>,
+    no_cache: bool,
     content_length: Option<usize>,
     chunked: bool,
     expect_continue: bool,
@@ -675,6 +678,7 @@ impl<'a> Conn<'a> {
                 method: head.method,
                 target: head.target,
                 authorization: head.authorization,
+                no_cache: head.no_cache,
                 body,
             },
             reply: tx,
@@ -794,6 +798,7 @@ fn parse_head(raw: &[u8]) -> Result<Head, (u16, String)> {
         http10,
         close: false,
         authorization: None,
+        no_cache: false,
         content_length: None,
         chunked: false,
         expect_continue: false,
@@ -836,6 +841,9 @@ fn parse_head(raw: &[u8]) -> Result<Head, (u16, String)> {
             head.close |= value.to_ascii_lowercase().contains("close");
         } else if name.eq_ignore_ascii_case("authorization") {
             head.authorization = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("cache-control") || name.eq_ignore_ascii_case("pragma")
+        {
+            head.no_cache |= value.to_ascii_lowercase().contains("no-cache");
         } else if name.eq_ignore_ascii_case("expect") {
             if !value.eq_ignore_ascii_case("100-continue") {
                 return Err((417, "only 'Expect: 100-continue' is supported".to_string()));

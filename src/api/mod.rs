@@ -219,6 +219,23 @@ fn is_query(rq: &http::Request) -> bool {
     rq.method != "POST" && path != "/api/v1/health"
 }
 
+/// The next job whose client is still there; `None` once the channel disconnects. (Waits in slices of a second
+/// so that a poisoned lock or a stop is noticed.)
+fn next_job(rx: &Mutex<Receiver<http::Job>>) -> Option<http::Job> {
+    loop {
+        let job = {
+            let rx = rx.lock().ok()?;
+            rx.recv_timeout(Duration::from_secs(1))
+        };
+        match job {
+            Ok(job) if job.gone() => continue,
+            Ok(job) => return Some(job),
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+}
+
 /// Takes jobs until the channel disconnects (the server stopped and every connection is gone): serves
 /// uploads and health checks, queues the rest for the query threads.
 fn worker(
@@ -228,19 +245,7 @@ fn worker(
     writer: Option<&SyncSender<WriteCmd>>,
     queries: &SyncSender<http::Job>,
 ) {
-    loop {
-        let job = {
-            let Ok(rx) = jobs.lock() else { return };
-            rx.recv_timeout(Duration::from_secs(1))
-        };
-        let job = match job {
-            Ok(job) => job,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        if job.gone() {
-            continue;
-        }
+    while let Some(job) = next_job(jobs) {
         if !is_query(&job.request) {
             serve(job, shared, db, writer);
             continue;
@@ -258,19 +263,7 @@ fn worker(
 
 /// A query thread: answers the queued queries until the workers are gone.
 fn query_worker(queries: &Mutex<Receiver<http::Job>>, shared: &Shared, db: &rusqlite::Connection) {
-    loop {
-        let job = {
-            let Ok(rx) = queries.lock() else { return };
-            rx.recv_timeout(Duration::from_secs(1))
-        };
-        let job = match job {
-            Ok(job) => job,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        if job.gone() {
-            continue;
-        }
+    while let Some(job) = next_job(queries) {
         if job.queued.elapsed() > QUERY_WAIT {
             let e = params::ApiError::status(
                 503,
@@ -336,8 +329,10 @@ fn serve(
         devices: shared.devices.as_deref(),
         metrics: Some(&shared.metrics),
     };
-    // Only answers the token allows are looked up; every client with the token sees the same data.
+    // Only answers the token allows are looked up; every client with the token sees the same data. A client
+    // asking for `no-cache` (a benchmark, a script that just wrote) bypasses it.
     let cacheable = rq.method == "GET"
+        && !rq.no_cache
         && path.starts_with("/api/v1/")
         && !path.starts_with("/api/v1/metrics")
         && handler::authorized(shared.token.as_deref(), req.authorization);

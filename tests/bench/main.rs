@@ -274,8 +274,10 @@ fn http() -> ureq::Agent {
 }
 
 fn get(agent: &ureq::Agent, url: &str) -> Res<(u16, String)> {
+    // a fresh answer, not the API's few-second answer cache: the figures are of the queries
     let mut resp = agent
         .get(url)
+        .header("Cache-Control", "no-cache")
         .call()
         .map_err(|e| format!("GET {url}: {e}"))?;
     let status = resp.status().as_u16();

@@ -6,7 +6,7 @@ use crate::support::*;
 use std::net::TcpListener;
 
 /// A port that was free a moment ago (for a master started later).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -28,7 +28,8 @@ fn master(db: &std::path::Path, port: u16) -> Proc {
     p
 }
 
-fn agent(db: &std::path::Path, mihomo_port: u16, master_port: u16, id: &str) -> Proc {
+/// An agent syncing to the master every second (also used by `faults`).
+pub(crate) fn agent(db: &std::path::Path, mihomo_port: u16, master_port: u16, id: &str) -> Proc {
     Proc::spawn(&[
         "agent",
         "--mihomo-host",

@@ -4,13 +4,13 @@
 //! Randomness comes from a seed printed when a test fails; `MCT_FAULTS_SEED=N` replays it. The clock and
 //! the disk are moved through the debug build's hooks file (`MCT_TEST_HOOKS`, `src/test_hooks.rs`).
 
+use crate::agent_master::{agent, free_port};
 use crate::binary::{Proc, BIN};
 use crate::fake_mihomo::{frame, FakeMihomo};
 use crate::support::*;
 use mihomo_connections_tracker::timefmt::{format_rfc3339, now_ms, SANE_MS};
 use rusqlite::Connection;
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -104,15 +104,6 @@ impl Hooks {
         let env = format!("MCT_TEST_HOOKS={}", self.path.display());
         Proc::spawn_with("env", &[&env, BIN], args)
     }
-}
-
-/// A port that was free a moment ago (for a master restarted on the same port).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `frame`, with every connection started at `start_ms` (mihomo's clock, which moves with ours).
@@ -487,26 +478,6 @@ fn master(db: &Path, port: u16) -> Proc {
     ]);
     p.wait_line("api: listening on");
     p
-}
-
-fn agent(db: &Path, mihomo_port: u16, master_port: u16, id: &str) -> Proc {
-    Proc::spawn(&[
-        "agent",
-        "--mihomo-host",
-        "127.0.0.1",
-        "--mihomo-port",
-        &mihomo_port.to_string(),
-        "--local-database",
-        db.to_str().unwrap(),
-        "--master-url",
-        &format!("http://127.0.0.1:{master_port}"),
-        "--agent-id",
-        id,
-        "--sync-interval",
-        "1",
-        "--commit-interval-ms",
-        "50",
-    ])
 }
 
 /// SIGKILL, and wait for the process to be gone.

@@ -447,3 +447,14 @@ fn a_client_that_leaves_while_its_request_waits_frees_its_connection_and_the_job
     drop(b);
     server.stop();
 }
+
+#[test]
+fn no_cache_is_read_from_cache_control_or_pragma() {
+    let parse = |raw: &str| parse_head(raw.as_bytes()).unwrap().no_cache;
+    assert!(!parse("GET / HTTP/1.1\r\n\r\n"));
+    assert!(parse(
+        "GET / HTTP/1.1\r\nCache-Control: max-age=0, No-Cache\r\n\r\n"
+    ));
+    assert!(parse("GET / HTTP/1.1\r\npragma: no-cache\r\n\r\n"));
+    assert!(!parse("GET / HTTP/1.1\r\nCache-Control: max-age=0\r\n\r\n"));
+}
