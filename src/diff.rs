@@ -546,7 +546,7 @@ mod perf {
     fn perf_probe() {
         let one = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/mihomo-frames/mihomo.wire.txt"
+            "/tests/frames/mihomo.wire.txt"
         ))
         .unwrap();
         let v: serde_json::Value = serde_json::from_str(&one).unwrap();

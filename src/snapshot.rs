@@ -418,10 +418,10 @@ impl Entry<'_> {
 mod tests {
     use super::*;
 
-    const FRAMES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/mihomo-frames/");
+    const FRAMES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/frames/");
 
     fn frame(name: &str) -> Vec<u8> {
-        std::fs::read(format!("{FRAMES}{name}")).expect("shared/mihomo-frames next to the repo")
+        std::fs::read(format!("{FRAMES}{name}")).expect("a frame in tests/frames")
     }
 
     #[test]

@@ -5,7 +5,7 @@ use crate::support::*;
 use mihomo_connections_tracker::app;
 use mihomo_connections_tracker::timefmt::now_ms;
 
-const FRAMES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/mihomo-frames/");
+const FRAMES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/frames/");
 
 fn row<'a>(rows: &'a [Stored], id: &str) -> &'a Stored {
     rows.iter()
