@@ -22,9 +22,12 @@
 //! - `writer` ([`store::writer`]): the only thread that writes the database. It coalesces diffs and commits
 //!   them in one transaction every `--commit-interval-ms` (2 s); other writes arrive as closures.
 //! - `http-N` ([`api`]): a pool of workers, each with its own read-only connection, fed by a bounded HTTP/1.1
-//!   server of our own ([`api::http`]: one thread per connection, limits on every byte and second); handlers are
-//!   plain functions from a parsed request to a reply. `POST /sync` is parsed and validated in the worker and
-//!   applied by the writer in one transaction ([`ingest`]).
+//!   server of our own ([`api::http`]: one thread per connection, limits on every byte and second, requests
+//!   handed over a bounded channel); handlers are plain functions from a parsed request to a reply. Two lanes,
+//!   so that slow queries never make agents' syncs time out: the workers serve `POST /sync` (parsed and
+//!   validated there, applied by the writer in one transaction, [`ingest`]) and `/health`; every other request
+//!   goes over a bounded queue (`503` when full or after 15 s) to `api-query-N` (one per four workers), which
+//!   answers `GET`s through a 4 s single-flight answer cache ([`api::cache`]).
 //! - `sync` ([`sync`], agent only): pushes rows whose change counter passed the acknowledged cursor.
 //! - `retention` ([`retention`]): deletes old closed (and, on an agent, synced) rows on a schedule.
 //!

@@ -35,9 +35,8 @@ let openBusy = false;
 
 // ---- API ----
 
-// At most two requests at a time, so the browser keeps to one or two connections: tiny_http 0.12 hands each
-// connection to a thread for as long as it stays open, and a burst of new connections can leave one
-// unserved until another closes. Each request also gives up after 20 s, so nothing waits silently.
+// At most two requests at a time, so the browser keeps to one or two connections (each holds a thread of the
+// server, which takes a bounded number). Each request also gives up after 20 s, so nothing waits silently.
 const MAX_PARALLEL = 2;
 let running = 0;
 const queued = [];

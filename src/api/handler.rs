@@ -1,5 +1,5 @@
 //! Request to reply, without a socket: authentication, routing (a `match` on method and path), the envelope
-//! and error mapping. The server in [`super`] only moves bytes between tiny_http and [`handle`].
+//! and error mapping. The server in [`super`] only moves requests between [`super::http`] and [`handle`].
 //!
 //! It also serves the built-in dashboard (`GET /`): three static files compiled into the binary
 //! (`dashboard.html`, `.js`, `.css`). They hold no data and so need no token: the page asks the API with it.

@@ -42,7 +42,7 @@ pub struct Limits {
     /// Largest request body: `413` beyond, refused by `Content-Length` before reading it.
     pub max_body_bytes: usize,
     /// How long a request may wait for a worker and its answer: `503` beyond. A connection whose client
-    /// closes while it waits is dropped at once (within [`POLL`]) and its job marked [`Job::gone`].
+    /// closes while it waits is dropped at once (within `POLL`) and its job marked [`Job::gone`].
     pub answer_timeout: Duration,
     /// Request bodies held in memory at once, all connections together: `503` beyond.
     pub max_body_in_flight: usize,
