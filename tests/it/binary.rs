@@ -16,9 +16,42 @@ pub struct Proc {
     pub seen: Vec<String>,
 }
 
+/// The arguments of a standalone master on a free port recording `mihomo`, committing every `commit_ms`,
+/// then `extra`.
+pub fn standalone_args(
+    db: &std::path::Path,
+    mihomo: &FakeMihomo,
+    commit_ms: u64,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "master",
+        "--database",
+        db.to_str().unwrap(),
+        "--listen-port",
+        "0",
+        "--mihomo-host",
+        "127.0.0.1",
+        "--mihomo-port",
+        &mihomo.addr.port().to_string(),
+        "--commit-interval-ms",
+        &commit_ms.to_string(),
+    ]
+    .map(String::from)
+    .into();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
         Proc::spawn_with(BIN, &[], args)
+    }
+
+    /// A standalone master ([`standalone_args`]) logging at debug level.
+    pub fn standalone(db: &std::path::Path, mihomo: &FakeMihomo, commit_ms: u64) -> Proc {
+        let args = standalone_args(db, mihomo, commit_ms, &["--log-level", "debug"]);
+        Proc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// Runs `program` (e.g. an emulator) with `pre` then `args`.
@@ -176,23 +209,8 @@ fn sigterm_commits_what_is_pending() {
     let dir = TempDir::new("sigterm");
     let db = dir.path("t.db");
     let fake = FakeMihomo::start(None);
-    let port = fake.addr.port().to_string();
     // commits only every 10 minutes: what is stored at exit was written by the shutdown itself
-    let mut p = Proc::spawn(&[
-        "master",
-        "--database",
-        db.to_str().unwrap(),
-        "--listen-port",
-        "0",
-        "--mihomo-host",
-        "127.0.0.1",
-        "--mihomo-port",
-        &port,
-        "--commit-interval-ms",
-        "600000",
-        "--log-level",
-        "debug",
-    ]);
+    let mut p = Proc::standalone(&db, &fake, 600_000);
     fake.wait_connected();
     fake.push(frame(
         10,

@@ -5,7 +5,7 @@
 //! the disk are moved through the debug build's hooks file (`MCT_TEST_HOOKS`, `src/test_hooks.rs`).
 
 use crate::agent_master::{agent, free_port};
-use crate::binary::{Proc, BIN};
+use crate::binary::{standalone_args, Proc, BIN};
 use crate::fake_mihomo::{frame, FakeMihomo};
 use crate::support::*;
 use mihomo_connections_tracker::timefmt::{format_rfc3339, now_ms, SANE_MS};
@@ -125,22 +125,8 @@ fn frame_started(totals: u64, conns: &[(&str, u64, u64, &str)], start_ms: i64) -
 
 /// A standalone master recording the fake mihomo, with hooks.
 fn standalone(hooks: &Hooks, db: &Path, mihomo: &FakeMihomo, extra: &[&str]) -> Proc {
-    let port = mihomo.addr.port().to_string();
-    let mut args = vec![
-        "master",
-        "--database",
-        db.to_str().unwrap(),
-        "--listen-port",
-        "0",
-        "--mihomo-host",
-        "127.0.0.1",
-        "--mihomo-port",
-        &port,
-        "--commit-interval-ms",
-        "30",
-    ];
-    args.extend_from_slice(extra);
-    hooks.spawn(&args)
+    let args = standalone_args(db, mihomo, 30, extra);
+    hooks.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Per connection: start, last update, end, first and last traffic minute, smallest bucket.

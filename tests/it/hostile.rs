@@ -77,22 +77,7 @@ fn hostile_frames_from_mihomo_leave_the_good_data_exact() {
     let dir = TempDir::new("hostile-frames");
     let db = dir.path("t.db");
     let fake = FakeMihomo::start(None);
-    let port = fake.addr.port().to_string();
-    let mut p = Proc::spawn(&[
-        "master",
-        "--database",
-        db.to_str().unwrap(),
-        "--listen-port",
-        "0",
-        "--mihomo-host",
-        "127.0.0.1",
-        "--mihomo-port",
-        &port,
-        "--commit-interval-ms",
-        "50",
-        "--log-level",
-        "debug",
-    ]);
+    let mut p = Proc::standalone(&db, &fake, 50);
     fake.wait_connected();
     const ODD_IDS: [(&str, &str); 3] = [
         (r#""it's \"quoted\"""#, "it's \"quoted\""),
