@@ -288,6 +288,8 @@ enum Stop {
     Timeout,
     /// Over a size limit.
     TooLarge,
+    /// The shared body budget is spent: `503`.
+    Busy,
 }
 
 /// The parsed head of one request.
@@ -325,6 +327,20 @@ impl<'a> Reserved<'a> {
             })
             .ok()
             .map(|_| Reserved(budget, n))
+    }
+
+    /// Takes `n` more bytes for the same body (a chunked one, reserved as its chunks arrive).
+    fn grow(&mut self, n: usize) -> bool {
+        let ok = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(n)
+            })
+            .is_ok();
+        if ok {
+            self.1 += n;
+        }
+        ok
     }
 }
 
@@ -446,8 +462,15 @@ impl<'a> Conn<'a> {
         }
     }
 
-    /// Decodes a chunked body of at most `max` bytes; `Err(None)` for a malformed one.
-    fn read_chunked(&mut self, max: usize, deadline: Instant) -> Result<Vec<u8>, Option<Stop>> {
+    /// Decodes a chunked body of at most `max` bytes; `Err(None)` for a malformed one. Each chunk is taken
+    /// from the shared budget (into `reserved`) before it is read, so an upload of unknown length holds only
+    /// what it has sent, not the whole limit; `Stop::Busy` when the budget runs out.
+    fn read_chunked(
+        &mut self,
+        max: usize,
+        reserved: &mut Reserved<'_>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, Option<Stop>> {
         let mut body = Vec::new();
         loop {
             let line = self.read_line(deadline).map_err(Some)?;
@@ -464,6 +487,9 @@ impl<'a> Conn<'a> {
             }
             if body.len().saturating_add(size) > max {
                 return Err(Some(Stop::TooLarge));
+            }
+            if body.len() + size > reserved.1 && !reserved.grow(body.len() + size - reserved.1) {
+                return Err(Some(Stop::Busy));
             }
             let data = self.read_exact_body(size, deadline).map_err(Some)?;
             body.extend_from_slice(&data);
@@ -573,7 +599,8 @@ impl<'a> Conn<'a> {
         loop {
             let raw = match self.read_head(idle) {
                 Ok(raw) => raw,
-                Err(Stop::Closed) => return,
+                // reading a head takes nothing from the body budget
+                Err(Stop::Closed | Stop::Busy) => return,
                 Err(Stop::Timeout) => {
                     return self.fail(
                         408,
@@ -600,7 +627,7 @@ impl<'a> Conn<'a> {
                 return self.fail(413, &format!("request body larger than {max} bytes"));
             }
             let has_body = head.chunked || head.content_length.is_some_and(|n| n > 0);
-            let mut _reserved = None;
+            let mut reserved = None;
             if has_body {
                 if limits.token.is_some()
                     && !super::handler::authorized(
@@ -610,8 +637,9 @@ impl<'a> Conn<'a> {
                 {
                     return self.fail(401, super::handler::UNAUTHORIZED);
                 }
-                match Reserved::take(self.budget, head.content_length.unwrap_or(max)) {
-                    Some(r) => _reserved = Some(r),
+                // a chunked body (no length) reserves as it arrives: see read_chunked
+                match Reserved::take(self.budget, head.content_length.unwrap_or(0)) {
+                    Some(r) => reserved = Some(r),
                     None => return self.fail(503, "too many uploads in progress; retry later"),
                 }
             }
@@ -622,9 +650,12 @@ impl<'a> Conn<'a> {
                 }
             }
             let deadline = Instant::now() + limits.body_timeout;
-            let body = if head.chunked {
-                match self.read_chunked(max, deadline) {
+            let body = if let (true, Some(r)) = (head.chunked, reserved.as_mut()) {
+                match self.read_chunked(max, r, deadline) {
                     Ok(b) => b,
+                    Err(Some(Stop::Busy)) => {
+                        return self.fail(503, "too many uploads in progress; retry later")
+                    }
                     Err(None) => return self.fail(400, "malformed chunked request body"),
                     Err(Some(Stop::TooLarge)) => {
                         return self.fail(413, &format!("request body larger than {max} bytes"))

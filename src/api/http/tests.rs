@@ -397,6 +397,61 @@ fn bodies_need_the_token_first_and_share_a_memory_budget() {
 }
 
 #[test]
+fn a_chunked_upload_holds_only_the_budget_of_what_it_has_sent() {
+    let e = Echo::start(Limits {
+        max_body_in_flight: 150,
+        body_timeout: Duration::from_secs(10),
+        ..small()
+    });
+    // A chunked upload (no length) under way, with 30 bytes sent: the server answered `100 Continue`, so its
+    // head has been read. It used to reserve the whole body limit (100), leaving 50: too little for B.
+    let mut a = e.connect();
+    a.write_all(b"POST /a HTTP/1.1\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap();
+    let mut cont = [0u8; 25];
+    a.read_exact(&mut cont).unwrap();
+    assert_eq!(&cont[..], b"HTTP/1.1 100 Continue\r\n\r\n");
+    a.write_all(&[&b"1e\r\n"[..], &[b'a'; 30], b"\r\n"].concat())
+        .unwrap();
+    // B takes 100 of the 150 (A holds at most its 30) and waits with its body unsent
+    let mut b = e.connect();
+    b.write_all(b"POST /b HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n")
+        .unwrap();
+    b.read_exact(&mut cont).unwrap();
+    assert_eq!(&cont[..], b"HTTP/1.1 100 Continue\r\n\r\n");
+    // A's next chunk would hold 70 with B's 100: over the budget, so A is told to retry later
+    a.write_all(&[&b"28\r\n"[..], &[b'a'; 40], b"\r\n"].concat())
+        .unwrap();
+    let (st, _, body) = response(&mut a);
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("too many uploads"), "{body}");
+    assert!(closed(&mut a));
+    // B is unharmed, and A's share came back: a chunked upload of the same 70 bytes now passes whole
+    b.write_all(&[b'b'; 100]).unwrap();
+    let (st, _, body) = response(&mut b);
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body, format!("POST /b None {}", "b".repeat(100)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let raw = [
+            &b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1e\r\n"[..],
+            &[b'c'; 30],
+            b"\r\n28\r\n",
+            &[b'c'; 40],
+            b"\r\n0\r\n\r\n",
+        ]
+        .concat();
+        let (st, _, body) = one(&e, &raw);
+        if st == 200 {
+            assert!(body.ends_with(&"c".repeat(70)), "{body}");
+            break;
+        }
+        assert_eq!(st, 503, "{body}");
+        assert!(Instant::now() < deadline, "the budget never came back");
+    }
+}
+
+#[test]
 fn a_client_that_leaves_while_its_request_waits_frees_its_connection_and_the_job_is_marked_gone() {
     // No worker: the test takes the jobs itself and answers when it likes.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
