@@ -33,6 +33,8 @@ pub struct Running {
     stoppers: Vec<Box<dyn FnOnce() + Send>>,
     writer_tx: Option<SyncSender<WriteCmd>>,
     writer: Option<JoinHandle<Result<()>>>,
+    /// A master's WAL checkpointer (`store::checkpoint`), stopped after the writer.
+    checkpointer: Option<store::checkpoint::Checkpointer>,
     api_addr: Option<SocketAddr>,
 }
 
@@ -56,10 +58,15 @@ impl Running {
         cache_kib: u64,
     ) -> Result<(Running, Tracker, String)> {
         let conn = store::open(db, Access::Write)?;
-        // A big cache marks a central master (see --db-cache-mb): there, checkpoint the WAL less often
-        // (each checkpoint rewrites and syncs the pages) and read pages through mmap instead of copies.
-        let tuning = if cache_kib >= 8192 {
-            format!("PRAGMA cache_size = -{cache_kib}; PRAGMA wal_autocheckpoint = 8192; PRAGMA mmap_size = 268435456;")
+        // A big cache marks a central master (see --db-cache-mb): there, a thread of its own checkpoints the
+        // WAL (the writer only past a cap: `store::checkpoint`), and pages are read through mmap instead of
+        // copies.
+        let master = cache_kib >= 8192;
+        let tuning = if master {
+            format!(
+                "PRAGMA cache_size = -{cache_kib}; PRAGMA wal_autocheckpoint = {}; PRAGMA mmap_size = 268435456;",
+                store::checkpoint::WAL_CAP_PAGES
+            )
         } else {
             format!("PRAGMA cache_size = -{cache_kib};")
         };
@@ -82,6 +89,10 @@ impl Running {
                 ..WriterConfig::default()
             },
         )?;
+        let checkpointer = match master {
+            true => Some(store::checkpoint::Checkpointer::spawn(db)?),
+            false => None,
+        };
         let (tx, rx) = sync_channel(WRITER_QUEUE);
         let handle = std::thread::Builder::new()
             .name("writer".into())
@@ -93,6 +104,7 @@ impl Running {
             stoppers: Vec::new(),
             writer_tx: Some(tx),
             writer: Some(handle),
+            checkpointer,
             api_addr: None,
         };
         Ok((running, Tracker::new(open), agent_id.to_string()))
@@ -151,11 +163,15 @@ impl Running {
             }
         }
         self.writer_tx = None;
-        match self.writer.take().map(JoinHandle::join) {
+        let writer = match self.writer.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(Error::Stopped("writer")),
             None => Ok(()),
+        };
+        if let Some(c) = self.checkpointer.take() {
+            c.stop();
         }
+        writer
     }
 }
 
