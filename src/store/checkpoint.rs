@@ -20,11 +20,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Checkpoint this often while the WAL keeps growing.
-pub const BUSY_EVERY: Duration = Duration::from_millis(50);
+pub const BUSY_EVERY: Duration = Duration::from_millis(10);
 /// ... and this often when the last checkpoint found nothing new.
 pub const IDLE_EVERY: Duration = Duration::from_secs(1);
-/// The writer's own `wal_autocheckpoint` next to a checkpointer (pages of 4 KiB: 64 MiB of WAL).
-pub const WAL_CAP_PAGES: i64 = 16_384;
+/// The writer's own `wal_autocheckpoint` next to a checkpointer (pages of 4 KiB: 128 MiB of WAL).
+pub const WAL_CAP_PAGES: i64 = 32_768;
 
 /// The running checkpointer; stopping or dropping it ends the thread after a last checkpoint.
 pub struct Checkpointer {
