@@ -508,8 +508,9 @@ pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> R
 /// lines): SQLite runs a `RETURNING` clause through a temporary table with its own page cache, created and
 /// freed per row (musl's allocator answers that with an `mmap`/`munmap` pair), and an upsert into a table
 /// with a foreign key keeps a statement journal: a copy of every page it touches. Both cost more than the
-/// writes themselves. A lookup, then an `INSERT` or an `UPDATE` only when something grew, does the same
-/// merge without either, and makes a replayed batch (the agent's retry) read-only.
+/// writes themselves. An `INSERT ... DO NOTHING` (it only skips: no statement journal), then for a row that
+/// was there a lookup and an `UPDATE` only when something grew, does the same merge without either, and
+/// makes a replayed batch (the agent's retry) write nothing.
 struct Statements<'c> {
     find: rusqlite::Statement<'c>,
     insert: rusqlite::Statement<'c>,
