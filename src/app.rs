@@ -33,6 +33,8 @@ pub struct Running {
     stoppers: Vec<Box<dyn FnOnce() + Send>>,
     writer_tx: Option<SyncSender<WriteCmd>>,
     writer: Option<JoinHandle<Result<()>>>,
+    /// A master's WAL checkpointer (`store::checkpoint`), stopped after the writer.
+    checkpointer: Option<store::checkpoint::Checkpointer>,
     api_addr: Option<SocketAddr>,
 }
 
@@ -56,10 +58,15 @@ impl Running {
         cache_kib: u64,
     ) -> Result<(Running, Tracker, String)> {
         let conn = store::open(db, Access::Write)?;
-        // A big cache marks a central master (see --db-cache-mb): there, checkpoint the WAL less often
-        // (each checkpoint rewrites and syncs the pages) and read pages through mmap instead of copies.
-        let tuning = if cache_kib >= 8192 {
-            format!("PRAGMA cache_size = -{cache_kib}; PRAGMA wal_autocheckpoint = 8192; PRAGMA mmap_size = 268435456;")
+        // A big cache marks a central master (see --db-cache-mb): there, a thread of its own checkpoints the
+        // WAL (the writer only past a cap: `store::checkpoint`), and pages are read through mmap instead of
+        // copies.
+        let master = cache_kib >= 8192;
+        let tuning = if master {
+            format!(
+                "PRAGMA cache_size = -{cache_kib}; PRAGMA wal_autocheckpoint = {}; PRAGMA mmap_size = 268435456;",
+                store::checkpoint::WAL_CAP_PAGES
+            )
         } else {
             format!("PRAGMA cache_size = -{cache_kib};")
         };
@@ -82,6 +89,10 @@ impl Running {
                 ..WriterConfig::default()
             },
         )?;
+        let checkpointer = match master {
+            true => Some(store::checkpoint::Checkpointer::spawn(db)?),
+            false => None,
+        };
         let (tx, rx) = sync_channel(WRITER_QUEUE);
         let handle = std::thread::Builder::new()
             .name("writer".into())
@@ -93,6 +104,7 @@ impl Running {
             stoppers: Vec::new(),
             writer_tx: Some(tx),
             writer: Some(handle),
+            checkpointer,
             api_addr: None,
         };
         Ok((running, Tracker::new(open), agent_id.to_string()))
@@ -151,11 +163,15 @@ impl Running {
             }
         }
         self.writer_tx = None;
-        match self.writer.take().map(JoinHandle::join) {
+        let writer = match self.writer.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(Error::Stopped("writer")),
             None => Ok(()),
+        };
+        if let Some(c) = self.checkpointer.take() {
+            c.stop();
         }
+        writer
     }
 }
 
@@ -259,4 +275,77 @@ pub fn start_agent(cfg: &AgentConfig) -> Result<Running> {
     };
     running.start_retention(policy)?;
     Ok(running)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A master (big cache: the checkpointer runs) takes a sync batch; the checkpointer copies it into the
+    /// database file while the master runs (the writer's own checkpoint is far away), and after shutdown
+    /// the WAL is gone and every row is in the file.
+    #[test]
+    fn a_master_checkpoints_off_the_writer_and_leaves_no_wal() {
+        let dir = std::env::temp_dir().join(format!("mct-app-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("m.db");
+        let cfg = MasterConfig {
+            database: db.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            api_token: None,
+            mihomo: None,
+            agent_id: Some("master".into()),
+            retention_days: None,
+            workers: 1,
+            max_body_bytes: 1 << 20,
+            commit_interval: Duration::from_millis(30),
+            db_cache_kib: 16 * 1024,
+            log_level: crate::log::Level::Warn,
+            arp_file: "/nonexistent/arp".into(),
+            dhcp_leases: "/nonexistent/dhcp.leases".into(),
+            metrics: Default::default(),
+        };
+        let running = start_master(&cfg).unwrap();
+        let size = || std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
+        let before = size();
+        let records: Vec<serde_json::Value> = (0..500)
+            .map(|i| {
+                serde_json::json!({"id": format!("c{i}"), "upload": i, "download": 2 * i,
+                    "start": "2026-11-29T07:00:00Z", "last_updated": "2026-11-29T07:01:00Z",
+                    "host": format!("host-{i}.example.com")})
+            })
+            .collect();
+        let body = serde_json::json!({"agent_id": "a1", "connections": records});
+        let answer = crate::ingest::handle_sync(
+            &serde_json::to_vec(&body).unwrap(),
+            &running.writer().unwrap(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(answer["count"], 500);
+        // 500 rows of about 150 bytes: only a checkpoint writes them into the file
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while size() < before + 50_000 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            size() >= before + 50_000,
+            "file {} bytes, was {before}",
+            size()
+        );
+        running.shutdown().unwrap();
+        assert!(!dir.join("m.db-wal").exists(), "WAL left after shutdown");
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let n: i64 = c
+            .query_row(
+                "SELECT count(*) FROM connections WHERE agent_id = 'a1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 500);
+        drop(c);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

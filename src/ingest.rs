@@ -508,8 +508,9 @@ pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> R
 /// lines): SQLite runs a `RETURNING` clause through a temporary table with its own page cache, created and
 /// freed per row (musl's allocator answers that with an `mmap`/`munmap` pair), and an upsert into a table
 /// with a foreign key keeps a statement journal: a copy of every page it touches. Both cost more than the
-/// writes themselves. A lookup, then an `INSERT` or an `UPDATE` only when something grew, does the same
-/// merge without either, and makes a replayed batch (the agent's retry) read-only.
+/// writes themselves. An `INSERT ... DO NOTHING` (it only skips: no statement journal), then for a row that
+/// was there a lookup and an `UPDATE` only when something grew, does the same merge without either, and
+/// makes a replayed batch (the agent's retry) write nothing.
 struct Statements<'c> {
     find: rusqlite::Statement<'c>,
     insert: rusqlite::Statement<'c>,
@@ -532,7 +533,7 @@ impl<'c> Statements<'c> {
             insert: p(
                 &format!(
                     "INSERT INTO connections (agent_id, id, end_ms, last_updated_ms, upload, download, {})
-                     VALUES ({})",
+                     VALUES ({}) ON CONFLICT (agent_id, id) DO NOTHING",
                     ConnMeta::SQL_COLUMNS,
                     placeholders(6 + ConnMeta::SQL_COLUMNS.split(',').count())
                 ),
@@ -595,25 +596,43 @@ pub fn store_batch(tx: &Connection, batch: &IngestBatch, now_ms: i64) -> Result<
             if row.agent_id != batch.agent_id && !other_agents.contains(&row.agent_id.as_str()) {
                 other_agents.push(&row.agent_id);
             }
-            // What was stored before: to merge, to derive buckets for records that carry none, and for the
-            // rollup deltas.
-            let prior: Option<Prior> = st
-                .find
-                .query_row(params![row.agent_id, m.id], |r| {
-                    Ok(Prior {
-                        pk: r.get(0)?,
-                        upload: r.get(1)?,
-                        download: r.get(2)?,
-                        last_updated_ms: r.get(3)?,
-                        end_ms: r.get(4)?,
-                        start_ms: r.get(5)?,
-                        host: r.get(6)?,
-                        destination_ip: r.get(7)?,
-                    })
-                })
-                .optional()
-                .map_err(|e| Error::Db(format!("look up connection {}", m.id), e))?;
             let (new_up, new_down) = (clamp(row.totals.upload), clamp(row.totals.download));
+            // A new connection is the common case: insert first (`DO NOTHING` when the row exists), and read
+            // what was stored (to merge, to derive buckets for records that carry none, and for the rollup
+            // deltas) only when nothing was inserted: one index search per new row instead of two.
+            let head: [&dyn rusqlite::ToSql; 6] = [
+                &row.agent_id,
+                &m.id,
+                &row.end_ms,
+                &row.last_updated_ms,
+                &new_up,
+                &new_down,
+            ];
+            let inserted = st
+                .insert
+                .execute(rusqlite::params_from_iter(
+                    head.into_iter().chain(m.sql_values()),
+                ))
+                .map_err(|e| Error::Db(format!("store connection {}", m.id), e))?;
+            let prior: Option<Prior> = match inserted {
+                0 => Some(
+                    st.find
+                        .query_row(params![row.agent_id, m.id], |r| {
+                            Ok(Prior {
+                                pk: r.get(0)?,
+                                upload: r.get(1)?,
+                                download: r.get(2)?,
+                                last_updated_ms: r.get(3)?,
+                                end_ms: r.get(4)?,
+                                start_ms: r.get(5)?,
+                                host: r.get(6)?,
+                                destination_ip: r.get(7)?,
+                            })
+                        })
+                        .map_err(|e| Error::Db(format!("look up connection {}", m.id), e))?,
+                ),
+                _ => None,
+            };
             let pk = match &prior {
                 None => {
                     rollup.conn(
@@ -624,19 +643,6 @@ pub fn store_batch(tx: &Connection, batch: &IngestBatch, now_ms: i64) -> Result<
                         new_up,
                         new_down,
                     );
-                    let head: [&dyn rusqlite::ToSql; 6] = [
-                        &row.agent_id,
-                        &m.id,
-                        &row.end_ms,
-                        &row.last_updated_ms,
-                        &new_up,
-                        &new_down,
-                    ];
-                    st.insert
-                        .execute(rusqlite::params_from_iter(
-                            head.into_iter().chain(m.sql_values()),
-                        ))
-                        .map_err(|e| Error::Db(format!("store connection {}", m.id), e))?;
                     tx.last_insert_rowid()
                 }
                 Some(p) => {

@@ -2,6 +2,7 @@
 //! Readers (HTTP workers, the agent's sync thread) open their own read-only connections with
 //! [`schema::open`]; WAL lets them read while the writer commits.
 
+pub mod checkpoint;
 pub mod rollup;
 pub mod schema;
 pub mod writer;

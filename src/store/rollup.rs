@@ -23,12 +23,23 @@ pub fn host_key<'a>(host: &'a str, destination_ip: &'a str) -> &'a str {
     }
 }
 
-/// Changes to the rollups, summed per key.
+/// Changes to the rollups, summed per key. Keyed by agent first, so that adding to a key already there
+/// allocates nothing (a master's sync batch adds to the same few keys for every row and minute).
 #[derive(Debug, Default)]
 pub struct RollupDelta {
-    conn_hour: HashMap<(String, i64), [i64; 3]>,
-    traffic_hour: HashMap<(i64, String), [i64; 2]>,
+    /// agent → hour of `start_ms` → (conns, upload, download)
+    conn_hour: HashMap<String, HashMap<i64, [i64; 3]>>,
+    /// agent → hour → (upload, download)
+    traffic_hour: HashMap<String, HashMap<i64, [i64; 2]>>,
     host: HashMap<String, [i64; 3]>,
+}
+
+/// The entry of `key` in `map`, allocating the key only when it is new.
+fn entry<'m, V: Default>(map: &'m mut HashMap<String, V>, key: &str) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
 }
 
 impl RollupDelta {
@@ -47,11 +58,11 @@ impl RollupDelta {
             return;
         }
         let hour = start_ms.div_euclid(HOUR_MS);
-        let c = self.conn_hour.entry((agent.to_string(), hour)).or_default();
+        let c = entry(&mut self.conn_hour, agent).entry(hour).or_default();
         c[0] += conns;
         c[1] += up;
         c[2] += down;
-        let h = self.host.entry(host_key.to_string()).or_default();
+        let h = entry(&mut self.host, host_key);
         h[0] += conns;
         h[1] += up;
         h[2] += down;
@@ -62,9 +73,8 @@ impl RollupDelta {
         if up == 0 && down == 0 {
             return;
         }
-        let t = self
-            .traffic_hour
-            .entry((minute.div_euclid(60), agent.to_string()))
+        let t = entry(&mut self.traffic_hour, agent)
+            .entry(minute.div_euclid(60))
             .or_default();
         t[0] += up;
         t[1] += down;
@@ -79,10 +89,12 @@ impl RollupDelta {
                     upload = upload + excluded.upload, download = download + excluded.download",
             )
             .map_err(Error::db("prepare rollup_conn_hour"))?;
-        for ((agent, hour), [c, u, d]) in &self.conn_hour {
-            conn_hour
-                .execute(params![agent, hour, c, u, d])
-                .map_err(Error::db("update rollup_conn_hour"))?;
+        for (agent, hours) in &self.conn_hour {
+            for (hour, [c, u, d]) in hours {
+                conn_hour
+                    .execute(params![agent, hour, c, u, d])
+                    .map_err(Error::db("update rollup_conn_hour"))?;
+            }
         }
         let mut host = tx
             .prepare(
@@ -102,10 +114,12 @@ impl RollupDelta {
                     download = download + excluded.download",
             )
             .map_err(Error::db("prepare rollup_traffic_hour"))?;
-        for ((hour, agent), [u, d]) in &self.traffic_hour {
-            traffic
-                .execute(params![hour, agent, u, d])
-                .map_err(Error::db("update rollup_traffic_hour"))?;
+        for (agent, hours) in &self.traffic_hour {
+            for (hour, [u, d]) in hours {
+                traffic
+                    .execute(params![hour, agent, u, d])
+                    .map_err(Error::db("update rollup_traffic_hour"))?;
+            }
         }
         Ok(())
     }
