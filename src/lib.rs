@@ -14,6 +14,7 @@
 //!  [sync] (agent) ── reads rows by change counter, POSTs to the master ─────────┤
 //!         └──────── WriteCmd::Run (advance the cursor after the master's ack) ──┘
 //!  [retention] ──── WriteCmd::Run (delete old closed rows) on a schedule
+//!  [checkpointer] (master) ── its own connection: copies the WAL into the database file
 //!  main: waits for SIGINT/SIGTERM, sets the stop flag, joins everything
 //! ```
 //!
@@ -30,6 +31,9 @@
 //!   answers `GET`s through a 4 s single-flight answer cache ([`api::cache`]).
 //! - `sync` ([`sync`], agent only): pushes rows whose change counter passed the acknowledged cursor.
 //! - `retention` ([`retention`]): deletes old closed (and, on an agent, synced) rows on a schedule.
+//! - `checkpointer` ([`store::checkpoint`], a master with `--db-cache-mb` 8 or more): runs SQLite's `PASSIVE`
+//!   WAL checkpoints beside the writer, so the writer's commits only append to the WAL (it checkpoints itself
+//!   only past a 128 MiB cap). It never changes what is stored, only where the pages sit.
 //!
 //! ## Invariants
 //!
