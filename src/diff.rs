@@ -18,7 +18,7 @@
 //!   A start after first sight (in our future) is taken as first sight.
 
 use crate::model::{Bytes, Closed, ConnectionDiff, Flow, OpenRow};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{IdKey, Snapshot};
 use std::collections::HashMap;
 
 /// How long a closed id is remembered so that it can be reopened instead of duplicated.
@@ -37,8 +37,8 @@ struct Tracked {
 /// The open set and what is needed to diff the next snapshot against it.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    open: HashMap<Box<str>, Tracked>,
-    recently_closed: HashMap<Box<str>, (Bytes, i64)>,
+    open: HashMap<IdKey, Tracked>,
+    recently_closed: HashMap<IdKey, (Bytes, i64)>,
     totals: Option<(u64, u64)>,
     /// The next snapshot is the first after a (re)connect or start.
     fresh: bool,
@@ -60,7 +60,7 @@ impl Tracker {
                 label: "".into(),
                 generation: 0,
             };
-            t.open.insert(row.id.into_boxed_str(), tracked);
+            t.open.insert(IdKey::new(&row.id), tracked);
         }
         t
     }
@@ -76,8 +76,28 @@ impl Tracker {
         self.fresh = true;
     }
 
+    /// Whether `id` is open or recently closed: the next [`Tracker::apply`] will not need its metadata
+    /// ([`crate::snapshot::read`] keeps the raw JSON of the others only).
+    pub fn knows(&self, id: &IdKey) -> bool {
+        self.open.contains_key(id) || self.recently_closed.contains_key(id)
+    }
+
     /// Compares `snap`, received at `at_ms`, with the open set and returns what changed.
     pub fn apply(&mut self, snap: &Snapshot<'_>, at_ms: i64) -> ConnectionDiff {
+        self.apply_in_parts(snap, at_ms, usize::MAX, &mut |_| {})
+    }
+
+    /// [`Tracker::apply`], handing the new connections to `part` as soon as `max_opened` of them are decoded
+    /// (each in a diff of its own, with only `opened` set), and returning the rest of the diff. A first
+    /// snapshot of 2,500 connections would otherwise hold all their decoded metadata at once (memory).
+    /// The parts come before the diff holding these connections' traffic, so the writer sees them first.
+    pub fn apply_in_parts(
+        &mut self,
+        snap: &Snapshot<'_>,
+        at_ms: i64,
+        max_opened: usize,
+        part: &mut dyn FnMut(ConnectionDiff),
+    ) -> ConnectionDiff {
         let mut diff = ConnectionDiff {
             at_ms,
             ..ConnectionDiff::default()
@@ -102,7 +122,8 @@ impl Tracker {
 
         for e in &snap.connections {
             let id: &str = &e.id;
-            if let Some(t) = self.open.get_mut(id) {
+            let key = &e.key;
+            if let Some(t) = self.open.get_mut(key) {
                 if t.generation == gen {
                     crate::debug!("duplicate id {id} in one push; the larger counters win");
                     // duplicate within this snapshot: only let larger counters through
@@ -141,7 +162,7 @@ impl Tracker {
                 }
                 continue;
             }
-            if let Some((before, closed_ms)) = self.recently_closed.remove(id) {
+            if let Some((before, closed_ms)) = self.recently_closed.remove(key) {
                 let bytes = Bytes {
                     upload: before.upload.max(e.bytes.upload),
                     download: before.download.max(e.bytes.download),
@@ -168,7 +189,7 @@ impl Tracker {
                     label: "".into(),
                     generation: gen,
                 };
-                self.open.insert(id.into(), tracked);
+                self.open.insert(key.clone(), tracked);
                 continue;
             }
             let mut meta = e.meta(at_ms);
@@ -198,7 +219,10 @@ impl Tracker {
                     meta.chains
                 );
             }
-            let label: Box<str> = if meta.host.is_empty() {
+            // only the debug log names it (memory: nothing per connection otherwise)
+            let label: Box<str> = if !crate::log::enabled(crate::log::Level::Debug) {
+                "".into()
+            } else if meta.host.is_empty() {
                 meta.destination_ip.as_str().into()
             } else {
                 meta.host.as_str().into()
@@ -220,10 +244,17 @@ impl Tracker {
                 });
             }
             diff.opened.push((meta, e.bytes));
-            self.open.insert(id.into(), tracked);
+            self.open.insert(key.clone(), tracked);
+            if diff.opened.len() >= max_opened {
+                part(ConnectionDiff {
+                    at_ms,
+                    opened: std::mem::take(&mut diff.opened),
+                    ..ConnectionDiff::default()
+                });
+            }
         }
 
-        let missing: Vec<Box<str>> = self
+        let missing: Vec<IdKey> = self
             .open
             .iter()
             .filter(|(_, t)| t.generation != gen)
@@ -253,7 +284,8 @@ impl Tracker {
         }
     }
 
-    fn close(&mut self, id: Box<str>, t: Tracked, end_ms: i64, diff: &mut ConnectionDiff) {
+    fn close(&mut self, key: IdKey, t: Tracked, end_ms: i64, diff: &mut ConnectionDiff) {
+        let id = key.to_string();
         if crate::log::enabled(crate::log::Level::Debug) {
             let label = if t.label.is_empty() { &*id } else { &*t.label };
             crate::debug!(
@@ -268,7 +300,7 @@ impl Tracker {
             end_ms,
             totals: t.bytes,
         });
-        self.recently_closed.insert(id, (t.bytes, end_ms));
+        self.recently_closed.insert(key, (t.bytes, end_ms));
     }
 }
 
@@ -302,6 +334,29 @@ pub fn human_duration(ms: i64) -> String {
 mod tests {
     use super::*;
     use crate::snapshot::parse;
+
+    #[test]
+    fn ids_keep_their_exact_text() {
+        for id in [
+            "3f0c6c2e-8b1d-4f5e-9a57-6b2d0e4c7a91",
+            "00000000-0000-0000-0000-000000000000",
+            "3F0C6C2E-8B1D-4F5E-9A57-6B2D0E4C7A91",
+            "3f0c6c2e-8b1d-4f5e-9a57-6b2d0e4c7a9g",
+            "3f0c6c2e88b1d-4f5e-9a57-6b2d0e4c7a91",
+            "a",
+            "ünï😀",
+        ] {
+            assert_eq!(IdKey::new(id).to_string(), id);
+        }
+        assert!(matches!(
+            IdKey::new("3f0c6c2e-8b1d-4f5e-9a57-6b2d0e4c7a91"),
+            IdKey::Uuid(_)
+        ));
+        assert!(matches!(
+            IdKey::new("3F0C6C2E-8B1D-4F5E-9A57-6B2D0E4C7A91"),
+            IdKey::Text(_)
+        ));
+    }
 
     /// The start of every connection when the test's clock reads a real date; tests counting from 0 leave
     /// `start` out, and first sight stands in for it.
