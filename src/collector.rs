@@ -299,7 +299,7 @@ fn session(
 
 /// New connections are handed to the writer in diffs of at most this many (memory: their decoded metadata
 /// is about 1.5 KB each until the writer packs it).
-const OPENED_PART: usize = 250;
+const OPENED_PART: usize = 100;
 
 /// Why a session ends, from the error that ended it.
 fn lost(e: WsError) -> Ended {

@@ -193,6 +193,7 @@ impl Tracker {
                 continue;
             }
             let mut meta = e.meta(at_ms);
+            e.forget_raw();
             // A connection cannot start after we first see it: a start in our future (our clock went
             // back, or the core's clock runs ahead of ours) becomes now, so that its bytes and end are
             // never put before its start, and never piled into one minute ahead of the present.

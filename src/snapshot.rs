@@ -40,7 +40,8 @@ pub struct Entry<'a> {
     /// The connection's whole JSON object, kept only for ids the caller did not know when it was read:
     /// [`Entry::meta`] decodes it. A known connection keeps nothing more (memory: a push is 2 MB of JSON
     /// at 2,500 connections, almost all of them known).
-    obj: Option<Box<str>>,
+    /// (In a cell so that [`Entry::forget_raw`] can free it once decoded, while the snapshot is shared.)
+    obj: std::cell::RefCell<Option<Box<str>>>,
 }
 
 /// A connection id as the tracker keys it: a UUID (what mihomo and sing-box use) as its 128 bits, anything
@@ -494,7 +495,8 @@ fn entry(
         None
     } else {
         std::str::from_utf8(obj).ok().map(|o| o.trim().into())
-    };
+    }
+    .into();
     Some(Entry {
         id: Cow::Owned(id.into_owned()),
         key,
@@ -641,10 +643,15 @@ struct RawMeta<'a> {
 }
 
 impl Entry<'_> {
+    /// Frees the raw JSON kept for [`Entry::meta`] (memory: a first snapshot keeps it for every connection).
+    pub fn forget_raw(&self) {
+        self.obj.take();
+    }
+
     /// Decodes everything else about the connection. `seen_ms` stands in for a missing or unreadable `start`.
     pub fn meta(&self, seen_ms: i64) -> ConnMeta {
-        let r: RawEntry = self
-            .obj
+        let obj = self.obj.borrow();
+        let r: RawEntry = obj
             .as_deref()
             .and_then(|o| serde_json::from_str(o).ok())
             .unwrap_or_default();
@@ -911,7 +918,10 @@ mod tests {
             for (a, b) in s.connections.iter().zip(&whole.connections) {
                 assert_eq!((&a.id, a.bytes), (&b.id, b.bytes), "step {step}");
             }
-            assert!(s.connections[0].obj.is_none(), "a known id keeps no JSON");
+            assert!(
+                s.connections[0].obj.borrow().is_none(),
+                "a known id keeps no JSON"
+            );
             assert_eq!(s.connections[1].meta(0), whole.connections[1].meta(0));
         }
         // a value longer than a read chunk, and numbers cut by the end of a read
