@@ -88,9 +88,10 @@ impl Tracker {
     }
 
     /// [`Tracker::apply`], handing the new connections to `part` as soon as `max_opened` of them are decoded
-    /// (each in a diff of its own, with only `opened` set), and returning the rest of the diff. A first
-    /// snapshot of 2,500 connections would otherwise hold all their decoded metadata at once (memory).
-    /// The parts come before the diff holding these connections' traffic, so the writer sees them first.
+    /// (each in a diff of its own, with only `opened` set, at zero bytes), and returning the rest of the
+    /// diff. A first snapshot of 2,500 connections would otherwise hold all their decoded metadata at once
+    /// (memory). The parts come before the diff holding these connections' traffic (their flows carry all
+    /// their bytes), so the writer sees them first. The raw JSON of each new connection is freed once decoded.
     pub fn apply_in_parts(
         &mut self,
         snap: &Snapshot<'_>,
@@ -247,9 +248,16 @@ impl Tracker {
             diff.opened.push((meta, e.bytes));
             self.open.insert(key.clone(), tracked);
             if diff.opened.len() >= max_opened {
+                let mut opened = std::mem::take(&mut diff.opened);
+                // A part may be committed before the rest of the diff: its rows start at zero bytes, and the
+                // flows that follow raise them with their traffic, so that every commit keeps a row's bytes
+                // equal to the sum of its traffic.
+                for (_, bytes) in &mut opened {
+                    *bytes = Bytes::default();
+                }
                 part(ConnectionDiff {
                     at_ms,
-                    opened: std::mem::take(&mut diff.opened),
+                    opened,
                     ..ConnectionDiff::default()
                 });
             }
@@ -386,6 +394,53 @@ mod tests {
         let f = frame(totals, conns, at >= 1_000_000_000_000);
         let s = parse(&f).unwrap();
         t.apply(&s, at)
+    }
+
+    #[test]
+    fn new_connections_come_in_parts_at_zero_bytes_and_their_flows_carry_the_bytes() {
+        let mut t = Tracker::new(Vec::new());
+        let f = frame(
+            0,
+            &[
+                ("a", 1, 2),
+                ("b", 3, 4),
+                ("c", 0, 0),
+                ("d", 5, 6),
+                ("e", 7, 8),
+            ],
+            false,
+        );
+        let s = parse(&f).unwrap();
+        let mut parts = Vec::new();
+        let d = t.apply_in_parts(&s, 1000, 2, &mut |p| parts.push(p));
+        assert_eq!(parts.len(), 2);
+        for p in &parts {
+            assert_eq!(p.opened.len(), 2);
+            assert!(p.flows.is_empty() && p.closed.is_empty() && p.reopened.is_empty());
+            assert!(p.opened.iter().all(|(_, b)| *b == Bytes::default()));
+        }
+        let ids: Vec<&str> = parts
+            .iter()
+            .chain([&d])
+            .flat_map(|p| p.opened.iter().map(|(m, _)| m.id.as_str()))
+            .collect();
+        assert_eq!(ids, ["a", "b", "c", "d", "e"]);
+        assert_eq!(
+            d.opened[0].1,
+            Bytes {
+                upload: 7,
+                download: 8
+            }
+        );
+        let flows: Vec<(&str, u64, u64)> = d
+            .flows
+            .iter()
+            .map(|f| (f.id.as_str(), f.delta.upload, f.totals.download))
+            .collect();
+        assert_eq!(flows, [("a", 1, 2), ("b", 3, 4), ("d", 5, 6), ("e", 7, 8)]);
+        // the raw JSON is freed once decoded: nothing is left to decode
+        assert_eq!(d.opened[0].0.host, "e.example");
+        assert!(s.connections.iter().all(|e| e.meta(0).host.is_empty()));
     }
 
     fn ids_closed(d: &ConnectionDiff) -> Vec<(String, i64, u64)> {

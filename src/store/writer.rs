@@ -75,10 +75,6 @@ impl Default for WriterConfig {
     }
 }
 
-/// Commit early once this many new connections are pending: a start next to 2,500 live connections then
-/// writes them in several commits instead of holding them all (and their dirty pages) for the first one.
-pub const MAX_PENDING_OPENED: usize = 500;
-
 /// While the database cannot be written, at most this many changes (new connections, byte updates,
 /// per-minute buckets, closes) are held in memory: a new connection takes three, so about 7,000 new
 /// connections, 15 minutes of a busy home router. Measured: resident memory grew by 10 MB at the bound
@@ -444,9 +440,7 @@ impl Writer {
                         self.pending.add(diff);
                         deadline.get_or_insert_with(|| Instant::now() + self.cfg.flush_every);
                     }
-                    if self.pending.changes >= self.cfg.max_pending
-                        || self.pending.opened.len() >= MAX_PENDING_OPENED
-                    {
+                    if self.pending.changes >= self.cfg.max_pending {
                         self.flush_logged(false);
                         deadline = self.next_deadline();
                     }
