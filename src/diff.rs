@@ -83,7 +83,7 @@ impl Tracker {
     }
 
     /// Compares `snap`, received at `at_ms`, with the open set and returns what changed.
-    pub fn apply(&mut self, snap: &Snapshot<'_>, at_ms: i64) -> ConnectionDiff {
+    pub fn apply(&mut self, snap: &Snapshot, at_ms: i64) -> ConnectionDiff {
         self.apply_in_parts(snap, at_ms, usize::MAX, &mut |_| {})
     }
 
@@ -94,7 +94,7 @@ impl Tracker {
     /// their bytes), so the writer sees them first. The raw JSON of each new connection is freed once decoded.
     pub fn apply_in_parts(
         &mut self,
-        snap: &Snapshot<'_>,
+        snap: &Snapshot,
         at_ms: i64,
         max_opened: usize,
         part: &mut dyn FnMut(ConnectionDiff),
@@ -122,18 +122,17 @@ impl Tracker {
         let gen = self.generation;
 
         for e in &snap.connections {
-            let id: &str = &e.id;
             let key = &e.key;
             if let Some(t) = self.open.get_mut(key) {
                 if t.generation == gen {
-                    crate::debug!("duplicate id {id} in one push; the larger counters win");
+                    crate::debug!("duplicate id {key} in one push; the larger counters win");
                     // duplicate within this snapshot: only let larger counters through
                     if e.bytes.upload <= t.bytes.upload && e.bytes.download <= t.bytes.download {
                         continue;
                     }
                 } else if e.bytes.upload < t.bytes.upload || e.bytes.download < t.bytes.download {
                     crate::debug!(
-                        "counters of {id} went down (up {} -> {}, down {} -> {}); keeping the larger",
+                        "counters of {key} went down (up {} -> {}, down {} -> {}); keeping the larger",
                         t.bytes.upload,
                         e.bytes.upload,
                         t.bytes.download,
@@ -147,9 +146,10 @@ impl Tracker {
                 t.bytes.upload = t.bytes.upload.max(e.bytes.upload);
                 t.bytes.download = t.bytes.download.max(e.bytes.download);
                 if delta != Bytes::default() {
-                    crate::trace!("traffic {id} +{}/+{}", delta.upload, delta.download);
+                    crate::trace!("traffic {key} +{}/+{}", delta.upload, delta.download);
                     diff.flows.push(Flow {
-                        id: id.to_string(),
+                        // the only copy of the id a known connection costs (see Entry::id)
+                        id: e.id().into_owned(),
                         totals: t.bytes,
                         delta,
                         from_ms: t.last_seen_ms,
@@ -163,6 +163,8 @@ impl Tracker {
                 }
                 continue;
             }
+            let id = e.id();
+            let id: &str = &id;
             if let Some((before, closed_ms)) = self.recently_closed.remove(key) {
                 let bytes = Bytes {
                     upload: before.upload.max(e.bytes.upload),

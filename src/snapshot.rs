@@ -19,22 +19,21 @@ use std::io::Read;
 
 /// One push: the connections' ids and counters, and the raw JSON of those the caller does not know yet.
 #[derive(Debug, Default)]
-pub struct Snapshot<'a> {
+pub struct Snapshot {
     /// `downloadTotal`: monotonic for the life of the core; a drop means it restarted.
     pub download_total: Option<u64>,
     /// `uploadTotal`, likewise.
     pub upload_total: Option<u64>,
     /// The connections with a usable id, in frame order (duplicates possible: the diff handles them).
-    pub connections: Vec<Entry<'a>>,
+    pub connections: Vec<Entry>,
     /// Connections skipped because they had no usable id or were not objects.
     pub skipped: usize,
 }
 
 /// One connection of a snapshot: its id and counters, and the rest still raw when it may be needed.
 #[derive(Debug)]
-pub struct Entry<'a> {
-    pub id: Cow<'a, str>,
-    /// `id` as the tracker keys it.
+pub struct Entry {
+    /// The id as the tracker keys it ([`Entry::id`] gives its text): no allocation per connection and push.
     pub key: IdKey,
     pub bytes: Bytes,
     /// The connection's whole JSON object, kept only for ids the caller did not know when it was read:
@@ -101,21 +100,24 @@ const HEX: [u8; 256] = {
 impl std::fmt::Display for IdKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            IdKey::Uuid(v) => {
-                let h = format!("{v:032x}");
-                write!(
-                    f,
-                    "{}-{}-{}-{}-{}",
-                    &h[..8],
-                    &h[8..12],
-                    &h[12..16],
-                    &h[16..20],
-                    &h[20..]
-                )
-            }
+            IdKey::Uuid(v) => f.write_str(&uuid_text(*v)),
             IdKey::Text(t) => f.write_str(t),
         }
     }
+}
+
+/// The canonical text of a UUID (lowercase, with dashes).
+fn uuid_text(v: u128) -> String {
+    let mut s = String::with_capacity(36);
+    for i in 0..32 {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            s.push('-');
+        }
+        s.push(char::from(
+            b"0123456789abcdef"[(v >> (124 - 4 * i)) as usize & 0xf],
+        ));
+    }
+    s
 }
 
 /// Everything [`Entry::meta`] decodes, still raw.
@@ -370,10 +372,7 @@ enum Top {
 /// which ids the caller already knows: only the others keep their raw JSON (for [`Entry::meta`]). Errors
 /// only when the push as a whole is unusable (not JSON, `connections` neither an array nor `null`), or when
 /// reading fails.
-pub fn read<R: Read>(
-    r: &mut R,
-    mut known: impl FnMut(&IdKey) -> bool,
-) -> Result<Snapshot<'static>> {
+pub fn read<R: Read>(r: &mut R, mut known: impl FnMut(&IdKey) -> bool) -> Result<Snapshot> {
     let mut w = Window {
         r,
         buf: Vec::new(),
@@ -446,7 +445,7 @@ pub fn read<R: Read>(
 /// The elements of the `connections` array, after its `[`.
 fn connections<R: Read>(
     w: &mut Window<'_, R>,
-    snap: &mut Snapshot<'static>,
+    snap: &mut Snapshot,
     known: &mut impl FnMut(&IdKey) -> bool,
 ) -> Result<()> {
     if w.peek()? == Some(b']') {
@@ -473,11 +472,7 @@ fn connections<R: Read>(
 }
 
 /// The entry of a raw connection (`obj`, its JSON text), `None` when it has no usable id.
-fn entry(
-    e: Head<'_>,
-    obj: &[u8],
-    known: &mut impl FnMut(&IdKey) -> bool,
-) -> Option<Entry<'static>> {
+fn entry(e: Head<'_>, obj: &[u8], known: &mut impl FnMut(&IdKey) -> bool) -> Option<Entry> {
     let id = if e.valid {
         e.id.map(text).unwrap_or_default()
     } else {
@@ -497,16 +492,11 @@ fn entry(
         std::str::from_utf8(obj).ok().map(|o| o.trim().into())
     }
     .into();
-    Some(Entry {
-        id: Cow::Owned(id.into_owned()),
-        key,
-        bytes,
-        obj,
-    })
+    Some(Entry { key, bytes, obj })
 }
 
 /// Parses one whole push (tests and tools; the collector reads pushes with [`read`]).
-pub fn parse(frame: &[u8]) -> Result<Snapshot<'static>> {
+pub fn parse(frame: &[u8]) -> Result<Snapshot> {
     read(&mut &frame[..], |_| false)
 }
 
@@ -642,7 +632,15 @@ struct RawMeta<'a> {
     sniff_host: Option<&'a RawValue>,
 }
 
-impl Entry<'_> {
+impl Entry {
+    /// The connection's id.
+    pub fn id(&self) -> Cow<'_, str> {
+        match &self.key {
+            IdKey::Uuid(v) => Cow::Owned(uuid_text(*v)),
+            IdKey::Text(t) => Cow::Borrowed(t),
+        }
+    }
+
     /// Frees the raw JSON kept for [`Entry::meta`] (memory: a first snapshot keeps it for every connection).
     pub fn forget_raw(&self) {
         self.obj.take();
@@ -673,7 +671,7 @@ impl Entry<'_> {
         let mut provider_chains = strings(r.provider_chains).unwrap_or_default();
         provider_chains.reverse();
         ConnMeta {
-            id: self.id.to_string(),
+            id: self.id().into_owned(),
             start_ms,
             network: owned(m.network),
             conn_type: owned(m.conn_type),
@@ -731,7 +729,7 @@ mod tests {
         );
         assert_eq!(s.connections.len(), 2);
         let e = &s.connections[0];
-        assert_eq!(e.id, "3f0c6c2e-8b1d-4f5e-9a57-6b2d0e4c7a91");
+        assert_eq!(e.id(), "3f0c6c2e-8b1d-4f5e-9a57-6b2d0e4c7a91");
         assert_eq!(
             e.bytes,
             Bytes {
@@ -866,7 +864,7 @@ mod tests {
         ]}"#;
         let s = parse(f).unwrap();
         assert_eq!(s.download_total, Some(7));
-        let ids: Vec<&str> = s.connections.iter().map(|e| e.id.as_ref()).collect();
+        let ids: Vec<String> = s.connections.iter().map(|e| e.id().into_owned()).collect();
         assert_eq!(ids, ["a", "7", "a&b"]);
         assert_eq!(s.skipped, 6);
         assert_eq!(
@@ -907,7 +905,7 @@ mod tests {
     fn a_push_read_in_pieces_parses_the_same_and_keeps_only_unknown_objects() {
         let data = frame("mihomo.wire.txt");
         let whole = parse(&data).unwrap();
-        let first = IdKey::new(&whole.connections[0].id);
+        let first = whole.connections[0].key.clone();
         for step in [1, 2, 3, 7, 64, 1000, usize::MAX] {
             let s = read(&mut Trickle(&data, step), |k| *k == first).unwrap();
             assert_eq!(s.connections.len(), whole.connections.len(), "step {step}");
@@ -916,7 +914,7 @@ mod tests {
                 (whole.download_total, whole.upload_total)
             );
             for (a, b) in s.connections.iter().zip(&whole.connections) {
-                assert_eq!((&a.id, a.bytes), (&b.id, b.bytes), "step {step}");
+                assert_eq!((&a.key, a.bytes), (&b.key, b.bytes), "step {step}");
             }
             assert!(
                 s.connections[0].obj.borrow().is_none(),
