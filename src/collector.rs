@@ -3,9 +3,10 @@
 //! `ws://HOST:PORT/connections?interval=MS&token=SECRET` with the secret also as `Authorization: Bearer`
 //! (mihomo accepts either; sing-box and old Clash one or the other). mihomo never answers pings, so a dead
 //! peer is detected by silence: no frame for [`CollectorConfig::dead_after`] drops the socket. tungstenite
-//! does the upgrade; the frames are read by our `FrameReader` into one buffer of each push's size (memory:
-//! a push is 2 MB at 2,500 connections). Reads use a short socket timeout so the stop flag is noticed
-//! quickly; partial frames are kept across timeouts. Reconnects back off exponentially (1 s doubling to
+//! does the upgrade; the frames are read by our `FrameReader`, and each push is parsed as its payload streams
+//! in ([`crate::snapshot::read`]; memory: a push is 2 MB at 2,500 connections, and none of it is held whole).
+//! Reads use a short socket timeout so the stop flag is noticed quickly; partial frames are kept across
+//! timeouts. A push is applied to the tracker only once it parsed whole: a bad one changes nothing. Reconnects back off exponentially (1 s doubling to
 //! 30 s, ±20 % jitter); a refused secret (`401`) is reported once and retried every minute. Log lines are
 //! written on state changes only, never per try.
 
