@@ -234,8 +234,8 @@ connection_object!(RawEntry, |_: &mut RawEntry| {}, {
     "providerChains" => provider_chains, "rule" => rule, "rulePayload" => rule_payload,
 });
 
-/// Bytes read from the stream at a time (and at least the size of the value being read, so one huge value
-/// costs linear time): the only buffer a push needs, however many connections it has.
+/// Bytes read from the stream at a time (more while one value is longer, see [`Window::fill`]): the only
+/// buffer a push needs, however many connections it has.
 const CHUNK: usize = 64 << 10;
 
 /// The part of the stream being parsed: `buf[pos..end]` is read and not parsed yet.
@@ -254,13 +254,15 @@ struct Window<'r, R> {
 }
 
 impl<R: Read> Window<'_, R> {
-    /// Drops what was parsed and reads more: at least [`CHUNK`] and as much again as is left unparsed.
+    /// Drops what was parsed and reads more: at least [`CHUNK`] and half as much again as is left unparsed.
     fn fill(&mut self) -> Result<()> {
         // `buf[..end]` is what was read; the rest is room, zeroed once when the buffer grows
         let left = self.end - self.pos;
         self.buf.copy_within(self.pos..self.end, 0);
         self.pos = 0;
-        let want = CHUNK.max(left);
+        // a value longer than a chunk is parsed again after each read: grow by half of it, so that is
+        // linear time, and the window stays within 1.5 times the longest value
+        let want = CHUNK.max(left / 2);
         if self.buf.len() < left + want {
             self.buf.resize(left + want, 0);
         }
