@@ -114,7 +114,7 @@ FLAGS:
     --workers N              HTTP worker threads                                            [default: 4]
     --max-body-bytes N       largest accepted request body                           [default: 33554432]
     --commit-interval-ms MS  batch writes for this long (fewer flash writes)                [default: 2000]
-    --db-cache-mb N          SQLite page cache of the writer      [default: 16, standalone (--mihomo-host) 2]
+    --db-cache-mb N          SQLite page cache of the writer      [default: 16, standalone (--mihomo-host) 1]
     --log-level L            error|warn|info|debug|trace; debug logs each connection  [default: info]
     --arp-file PATH          device MACs for the API (group_by=source_ip)          [default: /proc/net/arp]
     --dhcp-leases PATH       device names (dnsmasq leases)                      [default: /tmp/dhcp.leases]
@@ -385,8 +385,9 @@ pub fn parse(args: Vec<OsString>) -> Result<Command> {
                     2000,
                 )?),
                 db_cache_kib: {
-                    // a central master gets a real cache; a router (standalone) a small one
-                    let default = if standalone { 2 } else { 16 };
+                    // a central master gets a real cache; a router (standalone) a small one (1 MB: README
+                    // "Performance" weighs memory against rewrites)
+                    let default = if standalone { 1 } else { 16 };
                     positive(&mut f, "--db-cache-mb", default)?.min(4096) * 1024
                 },
                 log_level: f.log_level()?,

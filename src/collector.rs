@@ -3,9 +3,10 @@
 //! `ws://HOST:PORT/connections?interval=MS&token=SECRET` with the secret also as `Authorization: Bearer`
 //! (mihomo accepts either; sing-box and old Clash one or the other). mihomo never answers pings, so a dead
 //! peer is detected by silence: no frame for [`CollectorConfig::dead_after`] drops the socket. tungstenite
-//! does the upgrade; the frames are read by our `FrameReader` into one buffer of each push's size (memory:
-//! a push is 2 MB at 2,500 connections). Reads use a short socket timeout so the stop flag is noticed
-//! quickly; partial frames are kept across timeouts. Reconnects back off exponentially (1 s doubling to
+//! does the upgrade; the frames are read by our `FrameReader`, and each push is parsed as its payload streams
+//! in ([`crate::snapshot::read`]; memory: a push is 2 MB at 2,500 connections, and none of it is held whole).
+//! Reads use a short socket timeout so the stop flag is noticed quickly; partial frames are kept across
+//! timeouts. A push is applied to the tracker only once it parsed whole: a bad one changes nothing. Reconnects back off exponentially (1 s doubling to
 //! 30 s, ±20 % jitter); a refused secret (`401`) is reported once and retried every minute. Log lines are
 //! written on state changes only, never per try.
 
@@ -216,8 +217,8 @@ fn session(
             ws.close();
             return Ended::Stopped;
         }
-        let data = match ws.read_message() {
-            Ok(data) => data,
+        match ws.next_message() {
+            Ok(()) => {}
             Err(WsError::Timeout) => {
                 if last_frame.elapsed() > dead_after {
                     return Ended::Lost(format!(
@@ -227,17 +228,33 @@ fn session(
                 }
                 continue;
             }
-            Err(WsError::Closed) => return Ended::Lost("mihomo closed the WebSocket".into()),
-            Err(WsError::TooLarge(size)) => {
-                return Ended::Lost(format!(
-                    "push from mihomo too large ({size} bytes or more); limit {MAX_MESSAGE_BYTES} bytes"
-                ))
-            }
-            Err(WsError::Protocol(e)) => {
-                return Ended::Lost(format!("WebSocket to mihomo failed: {e}"))
-            }
-            Err(WsError::Io(e)) => return Ended::Lost(format!("WebSocket to mihomo failed: {e}")),
+            Err(e) => return lost(e),
+        }
+        last_frame = Instant::now();
+        // The push is parsed as it comes in: only a small window of it is ever in memory.
+        let mut payload = Payload {
+            ws: &mut ws,
+            stop,
+            dead_after,
+            last_byte: last_frame,
+            failed: None,
         };
+        let parsed = crate::snapshot::read(&mut payload, |id| tracker.knows(id));
+        // whatever the parser left (after a bad push): skipped, so the next push starts clean
+        let _ = std::io::copy(&mut payload, &mut std::io::sink());
+        if let Some(e) = payload.failed.take() {
+            if stop.load(Ordering::Relaxed) {
+                ws.close();
+                return Ended::Stopped;
+            }
+            return match e {
+                WsError::Timeout => Ended::Lost(format!(
+                    "mihomo stopped sending in the middle of a push for {} s",
+                    dead_after.as_secs()
+                )),
+                e => lost(e),
+            };
+        }
         last_frame = Instant::now();
         let at = crate::timefmt::now_ms();
         if !crate::timefmt::clock_is_sane(at) {
@@ -256,7 +273,7 @@ fn session(
             crate::info!("collector: the system clock is set; recording");
             clock_warned = false;
         }
-        match crate::snapshot::parse(&data) {
+        match parsed {
             Ok(snap) => {
                 crate::metrics::add(&crate::metrics::FRAMES, 1);
                 if snap.skipped > 0 {
@@ -266,15 +283,68 @@ fn session(
                     );
                 }
                 *got_frames = true;
-                let diff = tracker.apply(&snap, at);
+                let mut writer_gone = false;
+                let diff = tracker.apply_in_parts(&snap, at, OPENED_PART, &mut |part| {
+                    writer_gone |= writer.send(WriteCmd::Diff(part)).is_err();
+                });
                 drop(snap);
-                drop(data);
-                if !diff.is_empty() && writer.send(WriteCmd::Diff(diff)).is_err() {
+                if writer_gone || (!diff.is_empty() && writer.send(WriteCmd::Diff(diff)).is_err()) {
                     crate::error!("collector: writer is gone; stopping");
                     return Ended::Stopped;
                 }
             }
             Err(e) => crate::warn!("collector: ignored a push: {e}"),
+        }
+    }
+}
+
+/// New connections are handed to the writer in diffs of at most this many (memory: their decoded metadata
+/// is about 1.5 KB each until the writer packs it).
+const OPENED_PART: usize = 100;
+
+/// Why a session ends, from the error that ended it.
+fn lost(e: WsError) -> Ended {
+    match e {
+        WsError::Closed => Ended::Lost("mihomo closed the WebSocket".into()),
+        WsError::TooLarge(size) => Ended::Lost(format!(
+            "push from mihomo too large ({size} bytes or more); limit {MAX_MESSAGE_BYTES} bytes"
+        )),
+        WsError::Protocol(e) => Ended::Lost(format!("WebSocket to mihomo failed: {e}")),
+        WsError::Io(e) => Ended::Lost(format!("WebSocket to mihomo failed: {e}")),
+        WsError::Timeout => Ended::Lost("WebSocket to mihomo timed out".into()),
+    }
+}
+
+/// The payload of the message being read, as a [`Read`] for the parser. A read timeout (the socket's, kept
+/// short so the stop flag is noticed) is waited out until `dead_after` passes without a byte; then, or when
+/// stopping, or on any other failure, the read fails and `failed` says why.
+struct Payload<'a> {
+    ws: &'a mut FrameReader,
+    stop: &'a AtomicBool,
+    dead_after: Duration,
+    last_byte: Instant,
+    failed: Option<WsError>,
+}
+
+impl Read for Payload<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.failed.is_some() {
+            return Err(std::io::Error::other("the WebSocket to mihomo failed"));
+        }
+        loop {
+            match self.ws.read_payload(buf) {
+                Ok(n) => {
+                    self.last_byte = Instant::now();
+                    return Ok(n);
+                }
+                Err(WsError::Timeout)
+                    if !self.stop.load(Ordering::Relaxed)
+                        && self.last_byte.elapsed() <= self.dead_after => {}
+                Err(e) => {
+                    self.failed = Some(e);
+                    return Err(std::io::Error::other("the WebSocket to mihomo failed"));
+                }
+            }
         }
     }
 }
@@ -319,10 +389,10 @@ impl Write for UpToHeaders {
     }
 }
 
-/// Why [`FrameReader::read_message`] returned no message.
+/// Why [`FrameReader`] returned no message or payload.
 #[derive(Debug)]
 enum WsError {
-    /// Nothing complete within the socket's read timeout; what was read so far is kept.
+    /// Nothing within the socket's read timeout; what was read so far is kept.
     Timeout,
     /// mihomo sent a close frame (answered with one).
     Closed,
@@ -341,28 +411,25 @@ struct FrameState {
     /// Payload length and how much of it is in.
     len: usize,
     got: usize,
-    /// Where the payload goes in [`FrameReader::message`] (data frames).
-    at: usize,
 }
 
-/// Reads mihomo's messages (RFC 6455 frames, client side) straight from the socket into a buffer of the
-/// message's exact size, which the caller then owns.
+/// Reads mihomo's messages (RFC 6455 frames, client side) straight from the socket, handing each data
+/// message's payload to the caller as it arrives ([`FrameReader::read_payload`]).
 ///
-/// Why not tungstenite's reader: its read buffer grows to twice the largest message and fills its two
-/// halves in turn, so all of it stays resident: 4 MB of RSS at 2,500 connections, for a 2 MB push. A frame
-/// header carries the payload length up front, and mihomo sends each push as one frame, so one allocation of
-/// the right size is enough. Fragmented messages (other servers) are assembled, pings answered, a close
-/// answered and reported. Every read may time out (the socket's read timeout) without losing a byte: the
-/// state lives here between calls.
+/// Why not tungstenite's reader: it holds whole messages, and its read buffer grows to twice the largest
+/// one and stays resident: 4 MB at 2,500 connections, for a 2 MB push. Here nothing of a push is held:
+/// the parser reads it in small pieces. Fragmented messages (other servers) are read across their frames,
+/// pings answered (also between the fragments of a message), a close answered and reported. Every read may
+/// time out (the socket's read timeout) without losing a byte: the state lives here between calls.
 struct FrameReader {
     stream: TcpStream,
     /// The header being read: 2 to 10 bytes (a server's frames are not masked).
     head: [u8; 10],
     head_len: usize,
     frame: Option<FrameState>,
-    /// The data message being assembled, and its fragments so far.
-    message: Vec<u8>,
+    /// Inside a data message (its last frame not read yet), and its payload length so far.
     in_message: bool,
+    message_len: u64,
     /// Payload of the control frame being read (at most 125 bytes).
     control: Vec<u8>,
     /// Masks for the frames we send (a client must mask).
@@ -376,59 +443,87 @@ impl FrameReader {
             head: [0; 10],
             head_len: 0,
             frame: None,
-            message: Vec::new(),
             in_message: false,
+            message_len: 0,
             control: Vec::new(),
             mask: Jitter::new(),
         }
     }
 
-    /// The next text or binary message, whole.
-    fn read_message(&mut self) -> std::result::Result<Vec<u8>, WsError> {
+    /// Waits until the next text or binary message begins; its payload is then read with
+    /// [`FrameReader::read_payload`] (to its end, before the next call).
+    fn next_message(&mut self) -> std::result::Result<(), WsError> {
         loop {
-            let mut f = match self.frame {
-                Some(f) => f,
-                None => {
-                    let f = self.read_header()?;
-                    self.frame = Some(f);
-                    f
-                }
-            };
-            let control = f.opcode & 0x8 != 0;
-            while f.got < f.len {
-                let buf = if control {
-                    &mut self.control[f.got..f.len]
-                } else {
-                    &mut self.message[f.at + f.got..f.at + f.len]
-                };
-                let n = read_some(&mut self.stream, buf);
-                f.got += n.as_ref().copied().unwrap_or(0);
-                self.frame = Some(f);
-                n?;
+            if matches!(self.frame, Some(f) if f.opcode & 0x8 == 0) {
+                return Ok(());
             }
-            self.frame = None;
-            match f.opcode {
-                0x9 => {
-                    let payload = std::mem::take(&mut self.control);
-                    self.send(0xA, &payload).map_err(WsError::Io)?;
+            self.advance()?;
+        }
+    }
+
+    /// Reads payload of the current message into `buf`; `Ok(0)` at its end.
+    fn read_payload(&mut self, buf: &mut [u8]) -> std::result::Result<usize, WsError> {
+        loop {
+            match self.frame {
+                Some(mut f) if f.opcode & 0x8 == 0 => {
+                    if f.got < f.len {
+                        let want = buf.len().min(f.len - f.got);
+                        if want == 0 {
+                            return Ok(0);
+                        }
+                        let n = read_some(&mut self.stream, &mut buf[..want])?;
+                        f.got += n;
+                        self.frame = Some(f);
+                        return Ok(n);
+                    }
+                    self.frame = None;
+                    if f.fin {
+                        self.in_message = false;
+                        return Ok(0);
+                    }
                 }
-                0x8 => {
-                    // echo the status code, as RFC 6455 asks; the socket is dropped right after
-                    let code = self.control.get(..2).unwrap_or_default().to_vec();
-                    let _ = self.send(0x8, &code);
-                    return Err(WsError::Closed);
-                }
-                0xA => {}
-                _ if f.fin => {
-                    self.in_message = false;
-                    return Ok(std::mem::take(&mut self.message));
-                }
-                _ => {}
+                _ if !self.in_message => return Ok(0),
+                _ => self.advance()?,
             }
         }
     }
 
-    /// Reads a frame header and makes room for its payload.
+    /// Reads the next frame's header, or the rest of a control frame and answers it.
+    fn advance(&mut self) -> std::result::Result<(), WsError> {
+        let mut f = match self.frame {
+            Some(f) => f,
+            None => {
+                let f = self.read_header()?;
+                self.frame = Some(f);
+                f
+            }
+        };
+        if f.opcode & 0x8 == 0 {
+            return Ok(());
+        }
+        while f.got < f.len {
+            let n = read_some(&mut self.stream, &mut self.control[f.got..f.len]);
+            f.got += n.as_ref().copied().unwrap_or(0);
+            self.frame = Some(f);
+            n?;
+        }
+        self.frame = None;
+        match f.opcode {
+            0x9 => {
+                let payload = std::mem::take(&mut self.control);
+                self.send(0xA, &payload).map_err(WsError::Io)
+            }
+            0x8 => {
+                // echo the status code, as RFC 6455 asks; the socket is dropped right after
+                let code = self.control.get(..2).unwrap_or_default().to_vec();
+                let _ = self.send(0x8, &code);
+                Err(WsError::Closed)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads a frame header (and checks it).
     fn read_header(&mut self) -> std::result::Result<FrameState, WsError> {
         loop {
             let need = match self.head_len {
@@ -475,7 +570,6 @@ impl FrameReader {
                     fin,
                     len: len as usize,
                     got: 0,
-                    at: 0,
                 });
             }
             0x0 if !self.in_message => {
@@ -488,29 +582,21 @@ impl FrameReader {
                     "new message before the last one ended".into(),
                 ))
             }
-            0x0..=0x2 => {}
+            0x0 => self.message_len += len,
+            0x1 | 0x2 => self.message_len = len,
             _ => {
                 return Err(WsError::Protocol(format!("unknown opcode {opcode}")));
             }
         }
-        let at = self.message.len();
-        let total = at as u64 + len;
-        if total > MAX_MESSAGE_BYTES as u64 {
-            return Err(WsError::TooLarge(total));
+        if self.message_len > MAX_MESSAGE_BYTES as u64 {
+            return Err(WsError::TooLarge(self.message_len));
         }
-        let total = total as usize;
-        if total > self.message.capacity() {
-            // exactly the frame for a message in one frame; fragments grow by at least half
-            self.message.reserve_exact((total - at).max(at / 2));
-        }
-        self.message.resize(total, 0);
         self.in_message = true;
         Ok(FrameState {
             opcode,
             fin,
             len: len as usize,
             got: 0,
-            at,
         })
     }
 
@@ -660,30 +746,46 @@ mod tests {
         (head[0], payload)
     }
 
+    /// Reads the current (or next) message on to its end into `into`; what was read stays there when a
+    /// read times out, as the parser's window does.
+    fn read_into(r: &mut FrameReader, into: &mut Vec<u8>) -> std::result::Result<(), WsError> {
+        r.next_message()?;
+        let mut buf = [0u8; 1000];
+        loop {
+            let n = r.read_payload(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            into.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// The next whole message (no timeout expected).
+    fn message(r: &mut FrameReader) -> std::result::Result<Vec<u8>, WsError> {
+        let mut got = Vec::new();
+        read_into(r, &mut got).map(|()| got)
+    }
+
     #[test]
     fn frame_reader_survives_timeouts_mid_frame() {
         let (ours, mut theirs) = pair();
         let mut r = FrameReader::new(ours);
         let big: Vec<u8> = (0..70_000u32).map(|i| b'a' + (i % 26) as u8).collect();
         let f = frame(0x81, &big);
-        assert!(matches!(r.read_message(), Err(WsError::Timeout)));
+        let mut got = Vec::new();
+        assert!(matches!(read_into(&mut r, &mut got), Err(WsError::Timeout)));
         // header cut after one byte, then after the length, then the payload in two parts
         let parts = [&f[..1], &f[1..6], &f[6..40_000], &f[40_000..]];
         for (i, part) in parts.iter().enumerate() {
             theirs.write_all(part).unwrap();
             if i + 1 < parts.len() {
-                assert!(matches!(r.read_message(), Err(WsError::Timeout)));
+                assert!(matches!(read_into(&mut r, &mut got), Err(WsError::Timeout)));
             }
         }
-        let got = r.read_message().unwrap();
+        read_into(&mut r, &mut got).unwrap();
         assert_eq!(got, big);
-        assert_eq!(
-            got.capacity(),
-            big.len(),
-            "one allocation of the message's size"
-        );
         theirs.write_all(&frame(0x82, b"{}")).unwrap();
-        assert_eq!(r.read_message().unwrap(), b"{}");
+        assert_eq!(message(&mut r).unwrap(), b"{}");
     }
 
     #[test]
@@ -695,10 +797,10 @@ mod tests {
         wire.extend(frame(0x00, b""));
         wire.extend(frame(0x80, b"cd"));
         theirs.write_all(&wire).unwrap();
-        assert_eq!(r.read_message().unwrap(), b"abcd");
+        assert_eq!(message(&mut r).unwrap(), b"abcd");
         assert_eq!(client_frame(&mut theirs), (0x8A, b"hi".to_vec()));
         theirs.write_all(&frame(0x88, &[0x03, 0xe8, b'x'])).unwrap();
-        assert!(matches!(r.read_message(), Err(WsError::Closed)));
+        assert!(matches!(message(&mut r), Err(WsError::Closed)));
         assert_eq!(client_frame(&mut theirs), (0x88, vec![0x03, 0xe8]));
     }
 
@@ -716,7 +818,7 @@ mod tests {
             let (ours, mut theirs) = pair();
             let mut r = FrameReader::new(ours);
             theirs.write_all(wire).unwrap();
-            match r.read_message() {
+            match message(&mut r) {
                 Err(WsError::Protocol(e)) => assert!(e.contains(want), "{e} (wanted {want})"),
                 other => panic!("{wire:?}: {other:?}"),
             }
@@ -726,12 +828,12 @@ mod tests {
         let mut huge = vec![0x82, 127];
         huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
         theirs.write_all(&huge).unwrap();
-        assert!(matches!(r.read_message(), Err(WsError::TooLarge(n)) if n == 1 << 40));
+        assert!(matches!(message(&mut r), Err(WsError::TooLarge(n)) if n == 1 << 40));
         let (ours, theirs) = pair();
         let mut r = FrameReader::new(ours);
         drop(theirs);
         assert!(
-            matches!(r.read_message(), Err(WsError::Io(e)) if e.kind() == ErrorKind::UnexpectedEof)
+            matches!(message(&mut r), Err(WsError::Io(e)) if e.kind() == ErrorKind::UnexpectedEof)
         );
     }
 
@@ -758,7 +860,7 @@ mod tests {
         }
         assert_eq!(got, response);
         let mut r = FrameReader::new(h.stream);
-        assert_eq!(r.read_message().unwrap(), b"{\"connections\":null}");
+        assert_eq!(message(&mut r).unwrap(), b"{\"connections\":null}");
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //!   A start after first sight (in our future) is taken as first sight.
 
 use crate::model::{Bytes, Closed, ConnectionDiff, Flow, OpenRow};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{IdKey, Snapshot};
 use std::collections::HashMap;
 
 /// How long a closed id is remembered so that it can be reopened instead of duplicated.
@@ -37,8 +37,8 @@ struct Tracked {
 /// The open set and what is needed to diff the next snapshot against it.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    open: HashMap<Box<str>, Tracked>,
-    recently_closed: HashMap<Box<str>, (Bytes, i64)>,
+    open: HashMap<IdKey, Tracked>,
+    recently_closed: HashMap<IdKey, (Bytes, i64)>,
     totals: Option<(u64, u64)>,
     /// The next snapshot is the first after a (re)connect or start.
     fresh: bool,
@@ -60,7 +60,7 @@ impl Tracker {
                 label: "".into(),
                 generation: 0,
             };
-            t.open.insert(row.id.into_boxed_str(), tracked);
+            t.open.insert(IdKey::new(&row.id), tracked);
         }
         t
     }
@@ -76,8 +76,29 @@ impl Tracker {
         self.fresh = true;
     }
 
+    /// Whether `id` is open or recently closed: the next [`Tracker::apply`] will not need its metadata
+    /// ([`crate::snapshot::read`] keeps the raw JSON of the others only).
+    pub fn knows(&self, id: &IdKey) -> bool {
+        self.open.contains_key(id) || self.recently_closed.contains_key(id)
+    }
+
     /// Compares `snap`, received at `at_ms`, with the open set and returns what changed.
-    pub fn apply(&mut self, snap: &Snapshot<'_>, at_ms: i64) -> ConnectionDiff {
+    pub fn apply(&mut self, snap: &Snapshot, at_ms: i64) -> ConnectionDiff {
+        self.apply_in_parts(snap, at_ms, usize::MAX, &mut |_| {})
+    }
+
+    /// [`Tracker::apply`], handing the new connections to `part` as soon as `max_opened` of them are decoded
+    /// (each in a diff of its own, with only `opened` set, at zero bytes), and returning the rest of the
+    /// diff. A first snapshot of 2,500 connections would otherwise hold all their decoded metadata at once
+    /// (memory). The parts come before the diff holding these connections' traffic (their flows carry all
+    /// their bytes), so the writer sees them first. The raw JSON of each new connection is freed once decoded.
+    pub fn apply_in_parts(
+        &mut self,
+        snap: &Snapshot,
+        at_ms: i64,
+        max_opened: usize,
+        part: &mut dyn FnMut(ConnectionDiff),
+    ) -> ConnectionDiff {
         let mut diff = ConnectionDiff {
             at_ms,
             ..ConnectionDiff::default()
@@ -101,17 +122,17 @@ impl Tracker {
         let gen = self.generation;
 
         for e in &snap.connections {
-            let id: &str = &e.id;
-            if let Some(t) = self.open.get_mut(id) {
+            let key = &e.key;
+            if let Some(t) = self.open.get_mut(key) {
                 if t.generation == gen {
-                    crate::debug!("duplicate id {id} in one push; the larger counters win");
+                    crate::debug!("duplicate id {key} in one push; the larger counters win");
                     // duplicate within this snapshot: only let larger counters through
                     if e.bytes.upload <= t.bytes.upload && e.bytes.download <= t.bytes.download {
                         continue;
                     }
                 } else if e.bytes.upload < t.bytes.upload || e.bytes.download < t.bytes.download {
                     crate::debug!(
-                        "counters of {id} went down (up {} -> {}, down {} -> {}); keeping the larger",
+                        "counters of {key} went down (up {} -> {}, down {} -> {}); keeping the larger",
                         t.bytes.upload,
                         e.bytes.upload,
                         t.bytes.download,
@@ -125,9 +146,10 @@ impl Tracker {
                 t.bytes.upload = t.bytes.upload.max(e.bytes.upload);
                 t.bytes.download = t.bytes.download.max(e.bytes.download);
                 if delta != Bytes::default() {
-                    crate::trace!("traffic {id} +{}/+{}", delta.upload, delta.download);
+                    crate::trace!("traffic {key} +{}/+{}", delta.upload, delta.download);
                     diff.flows.push(Flow {
-                        id: id.to_string(),
+                        // the only copy of the id a known connection costs (see Entry::id)
+                        id: e.id().into_owned(),
                         totals: t.bytes,
                         delta,
                         from_ms: t.last_seen_ms,
@@ -141,7 +163,9 @@ impl Tracker {
                 }
                 continue;
             }
-            if let Some((before, closed_ms)) = self.recently_closed.remove(id) {
+            let id = e.id();
+            let id: &str = &id;
+            if let Some((before, closed_ms)) = self.recently_closed.remove(key) {
                 let bytes = Bytes {
                     upload: before.upload.max(e.bytes.upload),
                     download: before.download.max(e.bytes.download),
@@ -168,10 +192,11 @@ impl Tracker {
                     label: "".into(),
                     generation: gen,
                 };
-                self.open.insert(id.into(), tracked);
+                self.open.insert(key.clone(), tracked);
                 continue;
             }
             let mut meta = e.meta(at_ms);
+            e.forget_raw();
             // A connection cannot start after we first see it: a start in our future (our clock went
             // back, or the core's clock runs ahead of ours) becomes now, so that its bytes and end are
             // never put before its start, and never piled into one minute ahead of the present.
@@ -198,7 +223,10 @@ impl Tracker {
                     meta.chains
                 );
             }
-            let label: Box<str> = if meta.host.is_empty() {
+            // only the debug log names it (memory: nothing per connection otherwise)
+            let label: Box<str> = if !crate::log::enabled(crate::log::Level::Debug) {
+                "".into()
+            } else if meta.host.is_empty() {
                 meta.destination_ip.as_str().into()
             } else {
                 meta.host.as_str().into()
@@ -220,10 +248,24 @@ impl Tracker {
                 });
             }
             diff.opened.push((meta, e.bytes));
-            self.open.insert(id.into(), tracked);
+            self.open.insert(key.clone(), tracked);
+            if diff.opened.len() >= max_opened {
+                let mut opened = std::mem::take(&mut diff.opened);
+                // A part may be committed before the rest of the diff: its rows start at zero bytes, and the
+                // flows that follow raise them with their traffic, so that every commit keeps a row's bytes
+                // equal to the sum of its traffic.
+                for (_, bytes) in &mut opened {
+                    *bytes = Bytes::default();
+                }
+                part(ConnectionDiff {
+                    at_ms,
+                    opened,
+                    ..ConnectionDiff::default()
+                });
+            }
         }
 
-        let missing: Vec<Box<str>> = self
+        let missing: Vec<IdKey> = self
             .open
             .iter()
             .filter(|(_, t)| t.generation != gen)
@@ -253,7 +295,8 @@ impl Tracker {
         }
     }
 
-    fn close(&mut self, id: Box<str>, t: Tracked, end_ms: i64, diff: &mut ConnectionDiff) {
+    fn close(&mut self, key: IdKey, t: Tracked, end_ms: i64, diff: &mut ConnectionDiff) {
+        let id = key.to_string();
         if crate::log::enabled(crate::log::Level::Debug) {
             let label = if t.label.is_empty() { &*id } else { &*t.label };
             crate::debug!(
@@ -268,7 +311,7 @@ impl Tracker {
             end_ms,
             totals: t.bytes,
         });
-        self.recently_closed.insert(id, (t.bytes, end_ms));
+        self.recently_closed.insert(key, (t.bytes, end_ms));
     }
 }
 
@@ -303,6 +346,29 @@ mod tests {
     use super::*;
     use crate::snapshot::parse;
 
+    #[test]
+    fn ids_keep_their_exact_text() {
+        for id in [
+            "3f0c6c2e-8b1d-4f5e-9a57-6b2d0e4c7a91",
+            "00000000-0000-0000-0000-000000000000",
+            "3F0C6C2E-8B1D-4F5E-9A57-6B2D0E4C7A91",
+            "3f0c6c2e-8b1d-4f5e-9a57-6b2d0e4c7a9g",
+            "3f0c6c2e88b1d-4f5e-9a57-6b2d0e4c7a91",
+            "a",
+            "ünï😀",
+        ] {
+            assert_eq!(IdKey::new(id).to_string(), id);
+        }
+        assert!(matches!(
+            IdKey::new("3f0c6c2e-8b1d-4f5e-9a57-6b2d0e4c7a91"),
+            IdKey::Uuid(_)
+        ));
+        assert!(matches!(
+            IdKey::new("3F0C6C2E-8B1D-4F5E-9A57-6B2D0E4C7A91"),
+            IdKey::Text(_)
+        ));
+    }
+
     /// The start of every connection when the test's clock reads a real date; tests counting from 0 leave
     /// `start` out, and first sight stands in for it.
     const START: &str = "2026-01-01T00:00:00Z";
@@ -330,6 +396,53 @@ mod tests {
         let f = frame(totals, conns, at >= 1_000_000_000_000);
         let s = parse(&f).unwrap();
         t.apply(&s, at)
+    }
+
+    #[test]
+    fn new_connections_come_in_parts_at_zero_bytes_and_their_flows_carry_the_bytes() {
+        let mut t = Tracker::new(Vec::new());
+        let f = frame(
+            0,
+            &[
+                ("a", 1, 2),
+                ("b", 3, 4),
+                ("c", 0, 0),
+                ("d", 5, 6),
+                ("e", 7, 8),
+            ],
+            false,
+        );
+        let s = parse(&f).unwrap();
+        let mut parts = Vec::new();
+        let d = t.apply_in_parts(&s, 1000, 2, &mut |p| parts.push(p));
+        assert_eq!(parts.len(), 2);
+        for p in &parts {
+            assert_eq!(p.opened.len(), 2);
+            assert!(p.flows.is_empty() && p.closed.is_empty() && p.reopened.is_empty());
+            assert!(p.opened.iter().all(|(_, b)| *b == Bytes::default()));
+        }
+        let ids: Vec<&str> = parts
+            .iter()
+            .chain([&d])
+            .flat_map(|p| p.opened.iter().map(|(m, _)| m.id.as_str()))
+            .collect();
+        assert_eq!(ids, ["a", "b", "c", "d", "e"]);
+        assert_eq!(
+            d.opened[0].1,
+            Bytes {
+                upload: 7,
+                download: 8
+            }
+        );
+        let flows: Vec<(&str, u64, u64)> = d
+            .flows
+            .iter()
+            .map(|f| (f.id.as_str(), f.delta.upload, f.totals.download))
+            .collect();
+        assert_eq!(flows, [("a", 1, 2), ("b", 3, 4), ("d", 5, 6), ("e", 7, 8)]);
+        // the raw JSON is freed once decoded: nothing is left to decode
+        assert_eq!(d.opened[0].0.host, "e.example");
+        assert!(s.connections.iter().all(|e| e.meta(0).host.is_empty()));
     }
 
     fn ids_closed(d: &ConnectionDiff) -> Vec<(String, i64, u64)> {

@@ -1,7 +1,7 @@
 //! The master's HTTP API (`/api/v1/...`, see API-COMPAT): our own small HTTP/1.1 server ([`http`]: one
 //! thread per connection, bounded, with limits on every byte and second a client controls) hands complete
 //! requests over a bounded channel to N named worker threads, each with its own read-only database
-//! connection. Handlers are plain functions ([`handler::handle`]) from a parsed request to a
+//! connection (opened at its first request). Handlers are plain functions ([`handler::handle`]) from a parsed request to a
 //! [`handler::Reply`]; workers never touch a socket, so no client can hold one.
 //!
 //! Queries live one module per endpoint ([`stats`], [`connections`], [`agents`], [`options`]); parameters
@@ -117,11 +117,13 @@ pub fn start_with_limits(
 ) -> Result<ApiServer> {
     let workers = cfg.workers.max(1);
     let query_threads = (workers / 4).max(1);
-    let mut conns = Vec::with_capacity(workers + query_threads);
-    for _ in 0..workers + query_threads {
-        conns.push(crate::store::open(&cfg.db_path, Access::Read)?);
-    }
-    let rollups = rollup::has_rollups(&conns[0]);
+    // Checks the database now (a clear error at start); each thread opens its own connection at its first
+    // request (memory: a router's API is mostly idle, and an open connection is ~100 KB).
+    let rollups = rollup::has_rollups(&crate::store::open(&cfg.db_path, Access::Read)?);
+    let conns = (0..workers + query_threads).map(|_| LazyDb {
+        path: cfg.db_path.clone(),
+        conn: None,
+    });
     if !rollups {
         crate::warn!(
             "api: database has no rollup tables; unfiltered aggregates will scan (slower)"
@@ -147,18 +149,18 @@ pub fn start_with_limits(
     // The workers hold the only senders: when they end, the query threads do.
     let (query_tx, query_rx) = std::sync::mpsc::sync_channel::<http::Job>(QUERY_QUEUE);
     let query_rx = Arc::new(Mutex::new(query_rx));
-    for (i, db) in conns.into_iter().enumerate() {
+    for (i, mut db) in conns.enumerate() {
         let shared = Arc::clone(&shared);
         let spawned = if i < workers {
             let (rx, queries, writer) = (Arc::clone(&jobs_rx), query_tx.clone(), writer.clone());
             std::thread::Builder::new()
                 .name(format!("api-{i}"))
-                .spawn(move || worker(&rx, &shared, &db, writer.as_ref(), &queries))
+                .spawn(move || worker(&rx, &shared, &mut db, writer.as_ref(), &queries))
         } else {
             let rx = Arc::clone(&query_rx);
             std::thread::Builder::new()
                 .name(format!("api-query-{}", i - workers))
-                .spawn(move || query_worker(&rx, &shared, &db))
+                .spawn(move || query_worker(&rx, &shared, &mut db))
         };
         match spawned {
             Ok(h) => handles.push(h),
@@ -238,16 +240,42 @@ fn next_job(rx: &Mutex<Receiver<http::Job>>) -> Option<http::Job> {
 
 /// Takes jobs until the channel disconnects (the server stopped and every connection is gone): serves
 /// uploads and health checks, queues the rest for the query threads.
+/// A thread's read-only connection, opened at its first request.
+struct LazyDb {
+    path: std::path::PathBuf,
+    conn: Option<rusqlite::Connection>,
+}
+
+impl LazyDb {
+    /// Serves `job` on the connection, opening it first if needed (`503` when that fails).
+    fn serve(&mut self, job: http::Job, shared: &Shared, writer: Option<&SyncSender<WriteCmd>>) {
+        if self.conn.is_none() {
+            match crate::store::open(&self.path, Access::Read) {
+                Ok(c) => self.conn = Some(c),
+                Err(e) => {
+                    crate::error!("api: cannot open the database: {e}");
+                    let e = params::ApiError::status(503, "database unavailable; retry later");
+                    let _ = job.reply.send(handler::Reply::error(&e));
+                    return;
+                }
+            }
+        }
+        if let Some(db) = &self.conn {
+            serve(job, shared, db, writer);
+        }
+    }
+}
+
 fn worker(
     jobs: &Mutex<Receiver<http::Job>>,
     shared: &Shared,
-    db: &rusqlite::Connection,
+    db: &mut LazyDb,
     writer: Option<&SyncSender<WriteCmd>>,
     queries: &SyncSender<http::Job>,
 ) {
     while let Some(job) = next_job(jobs) {
         if !is_query(&job.request) {
-            serve(job, shared, db, writer);
+            db.serve(job, shared, writer);
             continue;
         }
         match queries.try_send(job) {
@@ -256,13 +284,13 @@ fn worker(
                 let e = params::ApiError::status(503, "too many queries waiting; retry later");
                 let _ = job.reply.send(handler::Reply::error(&e));
             }
-            Err(TrySendError::Disconnected(job)) => serve(job, shared, db, writer),
+            Err(TrySendError::Disconnected(job)) => db.serve(job, shared, writer),
         }
     }
 }
 
 /// A query thread: answers the queued queries until the workers are gone.
-fn query_worker(queries: &Mutex<Receiver<http::Job>>, shared: &Shared, db: &rusqlite::Connection) {
+fn query_worker(queries: &Mutex<Receiver<http::Job>>, shared: &Shared, db: &mut LazyDb) {
     while let Some(job) = next_job(queries) {
         if job.queued.elapsed() > QUERY_WAIT {
             let e = params::ApiError::status(
@@ -272,7 +300,7 @@ fn query_worker(queries: &Mutex<Receiver<http::Job>>, shared: &Shared, db: &rusq
             let _ = job.reply.send(handler::Reply::error(&e));
             continue;
         }
-        serve(job, shared, db, None);
+        db.serve(job, shared, None);
     }
 }
 

@@ -561,7 +561,9 @@ fn figure_parse_diff(r: &mut Report) -> Res<()> {
     model.write_frame(&mut frame);
     let mut tracker = Tracker::new(Vec::new());
     let t = Instant::now();
-    let snap = snapshot::parse(&frame).map_err(|e| e.to_string())?;
+    // what the collector runs on each push: the streaming parser over the bytes, then the diff
+    let snap =
+        snapshot::read(&mut &frame[..], |id| tracker.knows(id)).map_err(|e| e.to_string())?;
     let diff = tracker.apply(&snap, t0);
     let first = t.elapsed();
     drop(snap);
@@ -577,7 +579,8 @@ fn figure_parse_diff(r: &mut Report) -> Res<()> {
         model.tick(now);
         model.write_frame(&mut frame);
         let t = Instant::now();
-        let snap = snapshot::parse(&frame).map_err(|e| e.to_string())?;
+        let snap =
+            snapshot::read(&mut &frame[..], |id| tracker.knows(id)).map_err(|e| e.to_string())?;
         let diff = tracker.apply(&snap, now);
         runs.push(t.elapsed());
         if diff.flows.len() != N || !diff.opened.is_empty() || !diff.closed.is_empty() {

@@ -43,9 +43,10 @@ pub fn snapshot(data: &[u8]) {
             continue;
         };
         for e in &snap.connections {
-            assert!(!e.id.is_empty() && e.id.len() <= 256, "id {:?}", e.id);
+            let id = e.id();
+            assert!(!id.is_empty() && id.len() <= 256, "id {id:?}");
             let meta: ConnMeta = Entry::meta(e, at);
-            assert_eq!(meta.id, e.id);
+            assert_eq!(meta.id, id);
         }
         let diff = tracker.apply(&snap, at);
         check(&diff, &mut counted);
