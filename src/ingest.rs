@@ -1347,6 +1347,40 @@ mod tests {
         assert_eq!(sum, 20);
     }
 
+    /// The single-pass parser: keys in any order (and a different order from one record to the next),
+    /// escapes in keys and values, unknown keys, nulls, chain ends with escapes, a duplicate key.
+    #[test]
+    fn records_parse_in_any_key_order_with_escapes_and_defaults() {
+        let body = br#"{"connections":[
+            {"id":"c1","start":"2026-01-01T00:00:00Z","host":"a\"b\u00e9","chains":"[\"P\\\"x\",\"mid\",\"N\u00e9\"]","extra":{"k":[1]}},
+            {"host":"h2","extra":null,"st\u0061rt":"2026-01-01T00:00:00Z","id":"c2","chains":"[\"P\",\"N\"]","node":"","policy":"Pol",
+             "source_geoip":null,"provider_chains":null,"agent_id":" ","uid":-3,"dscp":4},
+            {"id":"c3","last_updated":"2026-01-01T00:01:00Z","agent_id":"other","chains":"[\"solo\"]"}
+        ],"agent_id":"r1","unknown":[{"id":5}]}"#;
+        let b = parse_batch(body).unwrap();
+        let v: Vec<MetaView> = b.rows.iter().map(|r| r.meta.view()).collect();
+        assert_eq!((v[0].id, v[0].host), ("c1", "a\"bé"));
+        assert_eq!((v[0].policy, v[0].node), ("P\"x", "Né"));
+        assert_eq!(v[0].chains, r#"["P\"x","mid","Né"]"#);
+        assert_eq!(
+            (v[1].id, v[1].host, v[1].policy, v[1].node),
+            ("c2", "h2", "Pol", "N")
+        );
+        assert_eq!((v[1].source_geoip, v[1].provider_chains), ("null", "[]"));
+        assert_eq!((v[1].uid, v[1].dscp), (-3, 4));
+        assert_eq!(
+            (b.rows[1].agent_id.as_str(), b.rows[2].agent_id.as_str()),
+            ("r1", "other")
+        );
+        assert_eq!((v[2].policy, v[2].node, v[2].host), ("solo", "solo", ""));
+        assert_eq!(v[2].start_ms, b.rows[2].last_updated_ms);
+        let dup =
+            parse_batch(br#"{"agent_id":"a","connections":[{"id":"x","host":"h","host":"i"}]}"#);
+        assert!(dup.unwrap_err().contains("duplicate field `host`"));
+        let dup = parse_batch(br#"{"agent_id":"a","agent_id":"b","connections":[]}"#);
+        assert!(dup.unwrap_err().contains("duplicate field `agent_id`"));
+    }
+
     #[test]
     fn null_connections_is_an_empty_heartbeat() {
         let b = parse_batch(
