@@ -47,6 +47,7 @@ use serde_json::Value;
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// Set while batches fail for a full or failing disk: its error is logged once, not per batch.
@@ -625,18 +626,28 @@ fn store_grouped(
     let deadline = std::time::Instant::now() + WRITER_TIMEOUT;
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let n = batch.rows.len();
+    // The batch comes back with the outcome and is freed here, not on the writer thread (the bottleneck;
+    // musl's allocator has one lock for every thread, and a batch is thousands of allocations).
+    let batch = Arc::new(Mutex::new(Some(batch)));
+    let back = Arc::clone(&batch);
     let cmd = WriteCmd::Grouped(GroupedWrite {
-        apply: Box::new(move |conn| store_batch(conn, &batch, now_ms)),
+        apply: Box::new(move |conn| {
+            match &*batch.lock().unwrap_or_else(PoisonError::into_inner) {
+                Some(batch) => store_batch(conn, batch, now_ms),
+                None => Ok(()), // (not reached: `done` takes it after the last `apply`)
+            }
+        }),
         done: Box::new(move |outcome| {
-            let _ = tx.send(
-                outcome
-                    .map(|()| n)
-                    .map_err(|e| (e.to_string(), crate::store::writer::is_storage_error(e))),
-            );
+            let batch = back.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let outcome = outcome
+                .map(|()| n)
+                .map_err(|e| (e.to_string(), crate::store::writer::is_storage_error(e)));
+            let _ = tx.send((outcome, batch));
         }),
     });
     crate::sync::send_to_writer(writer, cmd, deadline)?;
     rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        .map(|(outcome, _batch)| outcome)
         .map_err(|e| match e {
             std::sync::mpsc::RecvTimeoutError::Timeout => {
                 Error::Sync("writer did not answer in time".into())
