@@ -110,14 +110,24 @@ mod f {
 struct WireBatch {
     agent_id: Option<String>,
     timestamp: Option<String>,
-    connections: Option<Vec<WireRecord>>,
+    connections: Option<Records>,
     has_connections: bool,
+}
+
+/// `connections`, validated while it is parsed (no list of raw records in between): the rows, or the first
+/// record's validation error. That error is kept aside, not returned at once: a field of the wrong type
+/// further on, and a bad `agent_id` or `timestamp`, are reported first, as they always were. A row without
+/// its own `agent_id` has an empty one here: the batch's, which may come after the list, is put in at the end.
+struct Records {
+    rows: Vec<IngestRow>,
+    error: Option<String>,
 }
 
 /// One record as it arrives, before validation. Parsed straight from the body without a `String` per field
 /// (each one an allocation on the worker and a free on the writer, through musl's one allocator lock): every
-/// text value, escapes resolved, is appended to `text` (one allocation per record) and `spans`, indexed like
-/// [`RECORD_FIELDS`], say where. The times stay text until validation, which names a bad one.
+/// text value, escapes resolved, is appended to `text` (a buffer kept across the records of a batch, copied
+/// into the row at its exact size: one allocation per record) and `spans`, indexed like [`RECORD_FIELDS`], say
+/// where. The times stay text until validation, which names a bad one.
 struct WireRecord {
     text: String,
     spans: [Span; f::COUNT],
@@ -241,14 +251,14 @@ impl<'de> Visitor<'de> for BatchVisitor {
 struct RecordsSeed;
 
 impl<'de> DeserializeSeed<'de> for RecordsSeed {
-    type Value = Option<Vec<WireRecord>>;
+    type Value = Option<Records>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
         d.deserialize_option(self)
     }
 }
 
 impl<'de> Visitor<'de> for RecordsSeed {
-    type Value = Option<Vec<WireRecord>>;
+    type Value = Option<Records>;
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an array of connection records")
     }
@@ -265,49 +275,65 @@ impl<'de> Visitor<'de> for RecordsSeed {
         self,
         mut seq: A,
     ) -> std::result::Result<Self::Value, A::Error> {
-        let mut out = Vec::new();
+        let mut out = Records {
+            rows: Vec::new(),
+            error: None,
+        };
         let mut seed = RecordSeed {
-            text: String::with_capacity(1024),
+            record: WireRecord {
+                text: String::with_capacity(1024),
+                spans: [ABSENT; f::COUNT],
+                download: None,
+                upload: None,
+                uid: None,
+                dscp: None,
+                traffic: None,
+            },
             order: Vec::new(),
         };
-        while let Some(r) = seq.next_element_seed(&mut seed)? {
-            out.push(r);
+        let mut i = 0;
+        while seq.next_element_seed(&mut seed)?.is_some() {
+            // after a bad record, the rest is only parsed (for a field of the wrong type)
+            if out.error.is_none() {
+                match validate_record(i, &mut seed.record) {
+                    Ok(row) => out.rows.push(row),
+                    Err(e) => {
+                        out.error = Some(e);
+                        out.rows = Vec::new();
+                    }
+                }
+            }
+            i += 1;
         }
         Ok(Some(out))
     }
 }
 
-/// Parses one record. Kept across the records of a batch: `text` is the buffer a record's text is collected
-/// in (then copied out at its exact size), `order` the fields of the previous record in the order they came
-/// (an agent sends every record's keys in the same order, so a key is found with one comparison).
+/// Parses one record into `record`. Kept across the records of a batch: `record` (its text buffer),
+/// `order` the fields of the previous record in the order they came (an agent sends every record's keys in
+/// the same order, so a key is found with one comparison).
 struct RecordSeed {
-    text: String,
+    record: WireRecord,
     order: Vec<u8>,
 }
 
 impl<'de> DeserializeSeed<'de> for &mut RecordSeed {
-    type Value = WireRecord;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<WireRecord, D::Error> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
 impl<'de> Visitor<'de> for &mut RecordSeed {
-    type Value = WireRecord;
+    type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a connection record object")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<WireRecord, A::Error> {
-        self.text.clear();
-        let mut r = WireRecord {
-            text: String::new(),
-            spans: [ABSENT; f::COUNT],
-            download: None,
-            upload: None,
-            uid: None,
-            dscp: None,
-            traffic: None,
-        };
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+        let r = &mut self.record;
+        r.text.clear();
+        r.spans = [ABSENT; f::COUNT];
+        (r.download, r.upload, r.uid, r.dscp, r.traffic) = (None, None, None, None, None);
         let mut seen = 0u64;
         let mut k = 0;
         loop {
@@ -337,11 +363,10 @@ impl<'de> Visitor<'de> for &mut RecordSeed {
                 f::UID => r.uid = map.next_value()?,
                 f::DSCP => r.dscp = map.next_value()?,
                 f::TRAFFIC => r.traffic = map.next_value()?,
-                _ => r.spans[i] = map.next_value_seed(TextSeed(&mut self.text))?,
+                _ => r.spans[i] = map.next_value_seed(TextSeed(&mut r.text))?,
             }
         }
-        r.text = self.text.as_str().into();
-        Ok(r)
+        Ok(())
     }
 }
 
@@ -659,7 +684,13 @@ fn store_grouped(
 /// Parses and validates a sync body completely. The error names the bad field, e.g.
 /// `connections[2].download: expected a non-negative integer`.
 pub fn parse_batch(body: &[u8]) -> std::result::Result<IngestBatch, String> {
-    let wire: WireBatch = match serde_json::from_slice(body) {
+    // A UTF-8 body (all but a hostile one) is parsed as `str`, which spares serde_json checking every string
+    // again; anything else the byte way, for the same error message.
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    };
+    let wire: WireBatch = match parsed {
         Ok(w) => w,
         Err(e) if e.is_syntax() || e.is_eof() || e.is_io() => {
             return Err(format!("body is not valid JSON: {e}"))
@@ -678,14 +709,14 @@ pub fn parse_batch(body: &[u8]) -> std::result::Result<IngestBatch, String> {
             return Err(format!("timestamp: not an RFC 3339 time: {ts:?}"));
         }
     }
-    let records = match wire.connections {
-        Some(c) => c,
+    let mut rows = match wire.connections {
+        Some(Records { error: Some(e), .. }) => return Err(e),
+        Some(Records { rows, .. }) => rows,
         None if wire.has_connections => Vec::new(),
         None => return Err("connections: missing".into()),
     };
-    let mut rows = Vec::with_capacity(records.len());
-    for (i, r) in records.into_iter().enumerate() {
-        rows.push(validate_record(i, r, &agent_id)?);
+    for row in rows.iter_mut().filter(|r| r.agent_id.is_empty()) {
+        row.agent_id.clone_from(&agent_id);
     }
     Ok(IngestBatch { agent_id, rows })
 }
@@ -788,21 +819,17 @@ impl<'de> Visitor<'de> for StrCowVisitor {
     }
 }
 
-fn validate_record(
-    i: usize,
-    mut r: WireRecord,
-    batch_agent: &str,
-) -> std::result::Result<IngestRow, String> {
+/// Validates record `i`, parsed into `r`; its `agent_id` is left empty when it had none (the batch's).
+fn validate_record(i: usize, r: &mut WireRecord) -> std::result::Result<IngestRow, String> {
     match r.get(f::ID) {
         Some(id) if !id.trim().is_empty() => {}
         Some(_) => return Err(format!("connections[{i}].id: must not be empty")),
         None => return Err(format!("connections[{i}].id: missing")),
     }
     let agent_id = match r.get(f::AGENT_ID) {
-        Some(a) if !a.trim().is_empty() => a,
-        _ => batch_agent,
-    }
-    .to_string();
+        Some(a) if !a.trim().is_empty() => a.to_string(),
+        _ => String::new(),
+    };
     let start = time_field(i, "start", r.get(f::START))?;
     let last = time_field(i, "last_updated", r.get(f::LAST_UPDATED))?;
     let end_ms = time_field(i, "end", r.get(f::END))?;
@@ -834,7 +861,7 @@ fn validate_record(
             },
         };
     }
-    let traffic = match r.traffic {
+    let traffic = match r.traffic.take() {
         None => None,
         Some(t) => {
             for (j, (secs, _, _)) in t.iter().enumerate() {
@@ -863,7 +890,7 @@ fn validate_record(
     Ok(IngestRow {
         agent_id,
         meta: RowMeta {
-            text: r.text,
+            text: r.text.as_str().into(),
             spans: r.spans,
             start_ms,
             uid: r.uid.unwrap_or(0),
