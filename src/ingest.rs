@@ -41,10 +41,13 @@ use crate::store::writer::{spread, GroupedWrite};
 use crate::store::WriteCmd;
 use crate::timefmt::{parse_rfc3339, MINUTE_MS};
 use rusqlite::{params, Connection, OptionalExtension};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// Set while batches fail for a full or failing disk: its error is logged once, not per batch.
@@ -53,55 +56,318 @@ static STORAGE_FAILING: AtomicBool = AtomicBool::new(false);
 /// How long a sync request waits for the writer before answering `503`.
 pub const WRITER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Where a text field's value sits in its record's text (byte offsets `start..end`); [`ABSENT`] when the field
+/// was missing or `null`.
+type Span = (u32, u32);
+const ABSENT: Span = (u32::MAX, 0);
+
+/// Indexes of [`RECORD_FIELDS`] (and of a record's spans).
+mod f {
+    pub const ID: usize = 0;
+    pub const AGENT_ID: usize = 1;
+    pub const DOWNLOAD: usize = 2;
+    pub const UPLOAD: usize = 3;
+    pub const LAST_UPDATED: usize = 4;
+    pub const START: usize = 5;
+    pub const END: usize = 6;
+    pub const NETWORK: usize = 7;
+    pub const CONN_TYPE: usize = 8;
+    pub const SOURCE_IP: usize = 9;
+    pub const DESTINATION_IP: usize = 10;
+    pub const SOURCE_GEOIP: usize = 11;
+    pub const DESTINATION_GEOIP: usize = 12;
+    pub const SOURCE_IP_ASN: usize = 13;
+    pub const DESTINATION_IP_ASN: usize = 14;
+    pub const SOURCE_PORT: usize = 15;
+    pub const DESTINATION_PORT: usize = 16;
+    pub const INBOUND_IP: usize = 17;
+    pub const INBOUND_PORT: usize = 18;
+    pub const INBOUND_NAME: usize = 19;
+    pub const INBOUND_USER: usize = 20;
+    pub const HOST: usize = 21;
+    pub const DNS_MODE: usize = 22;
+    pub const UID: usize = 23;
+    pub const PROCESS: usize = 24;
+    pub const PROCESS_PATH: usize = 25;
+    pub const SPECIAL_PROXY: usize = 26;
+    pub const SPECIAL_RULES: usize = 27;
+    pub const REMOTE_DESTINATION: usize = 28;
+    pub const DSCP: usize = 29;
+    pub const SNIFF_HOST: usize = 30;
+    pub const CHAINS: usize = 31;
+    pub const RULE: usize = 32;
+    pub const RULE_PAYLOAD: usize = 33;
+    pub const REMATCH_NAME: usize = 34;
+    pub const PROVIDER_CHAINS: usize = 35;
+    pub const NODE: usize = 36;
+    pub const POLICY: usize = 37;
+    pub const TRAFFIC: usize = 38;
+    pub const COUNT: usize = 39;
+}
+
 /// The body as it arrives; every field optional so that we, not serde, decide what is required.
-#[derive(Deserialize)]
+/// `has_connections`: the key was there, even as `null` (an empty heartbeat, not a missing list).
 struct WireBatch {
     agent_id: Option<String>,
     timestamp: Option<String>,
-    connections: Option<Vec<WireRecord>>,
+    connections: Option<Records>,
+    has_connections: bool,
 }
 
-#[derive(Deserialize)]
+/// `connections`, validated while it is parsed (no list of raw records in between): the rows, or the first
+/// record's validation error. That error is kept aside, not returned at once: a field of the wrong type
+/// further on, and a bad `agent_id` or `timestamp`, are reported first, as they always were. A row without
+/// its own `agent_id` has an empty one here: the batch's, which may come after the list, is put in at the end.
+struct Records {
+    rows: Vec<IngestRow>,
+    error: Option<String>,
+}
+
+/// One record as it arrives, before validation. Parsed straight from the body without a `String` per field
+/// (each one an allocation on the worker and a free on the writer, through musl's one allocator lock): every
+/// text value, escapes resolved, is appended to `text` (a buffer kept across the records of a batch, copied
+/// into the row at its exact size: one allocation per record) and `spans`, indexed like [`RECORD_FIELDS`], say
+/// where. The times stay text until validation, which names a bad one.
 struct WireRecord {
-    id: Option<String>,
-    agent_id: Option<String>,
+    text: String,
+    spans: [Span; f::COUNT],
     download: Option<u64>,
     upload: Option<u64>,
-    last_updated: Option<String>,
-    start: Option<String>,
-    end: Option<String>,
-    network: Option<String>,
-    conn_type: Option<String>,
-    source_ip: Option<String>,
-    destination_ip: Option<String>,
-    source_geoip: Option<String>,
-    destination_geoip: Option<String>,
-    source_ip_asn: Option<String>,
-    destination_ip_asn: Option<String>,
-    source_port: Option<String>,
-    destination_port: Option<String>,
-    inbound_ip: Option<String>,
-    inbound_port: Option<String>,
-    inbound_name: Option<String>,
-    inbound_user: Option<String>,
-    host: Option<String>,
-    dns_mode: Option<String>,
     uid: Option<i64>,
-    process: Option<String>,
-    process_path: Option<String>,
-    special_proxy: Option<String>,
-    special_rules: Option<String>,
-    remote_destination: Option<String>,
     dscp: Option<i64>,
-    sniff_host: Option<String>,
-    chains: Option<String>,
-    rule: Option<String>,
-    rule_payload: Option<String>,
-    rematch_name: Option<String>,
-    provider_chains: Option<String>,
-    node: Option<String>,
-    policy: Option<String>,
     traffic: Option<Vec<(i64, u64, u64)>>,
+}
+
+fn span_text(text: &str, (a, b): Span) -> Option<&str> {
+    (a != u32::MAX).then(|| &text[a as usize..b as usize])
+}
+
+impl WireRecord {
+    fn get(&self, field: usize) -> Option<&str> {
+        span_text(&self.text, self.spans[field])
+    }
+}
+
+/// A map key, told to `0` as the index its name has in a list (`None`: unknown, ignored). Keys are matched
+/// without allocating, escapes or not.
+struct KeySeed<F>(F);
+
+impl<'de, F: FnOnce(&str) -> Option<usize>> DeserializeSeed<'de> for KeySeed<F> {
+    type Value = Option<usize>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_identifier(self)
+    }
+}
+
+impl<'de, F: FnOnce(&str) -> Option<usize>> Visitor<'de> for KeySeed<F> {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a field name")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
+        Ok((self.0)(v))
+    }
+}
+
+/// A string or `null` appended to a record's text; gives its span.
+struct TextSeed<'s>(&'s mut String);
+
+impl<'de> DeserializeSeed<'de> for TextSeed<'_> {
+    type Value = Span;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Span, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TextSeed<'_> {
+    type Value = Span;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_none<E: de::Error>(self) -> std::result::Result<Span, E> {
+        Ok(ABSENT)
+    }
+    fn visit_unit<E: de::Error>(self) -> std::result::Result<Span, E> {
+        Ok(ABSENT)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Span, D::Error> {
+        d.deserialize_str(self)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Span, E> {
+        // (a body of 4 GiB cannot come in: request bodies are limited far below)
+        let start = self.0.len() as u32;
+        self.0.push_str(v);
+        Ok((start, self.0.len() as u32))
+    }
+}
+
+const BATCH_FIELDS: [&str; 3] = ["agent_id", "timestamp", "connections"];
+
+impl<'de> Deserialize<'de> for WireBatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_map(BatchVisitor)
+    }
+}
+
+struct BatchVisitor;
+
+impl<'de> Visitor<'de> for BatchVisitor {
+    type Value = WireBatch;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a sync batch object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<WireBatch, A::Error> {
+        let mut b = WireBatch {
+            agent_id: None,
+            timestamp: None,
+            connections: None,
+            has_connections: false,
+        };
+        let mut seen = [false; 3];
+        while let Some(key) =
+            map.next_key_seed(KeySeed(|k: &str| BATCH_FIELDS.iter().position(|n| *n == k)))?
+        {
+            let Some(key) = key else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            if std::mem::replace(&mut seen[key], true) {
+                return Err(de::Error::duplicate_field(BATCH_FIELDS[key]));
+            }
+            match key {
+                0 => b.agent_id = map.next_value()?,
+                1 => b.timestamp = map.next_value()?,
+                _ => {
+                    b.has_connections = true;
+                    b.connections = map.next_value_seed(RecordsSeed)?;
+                }
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// `connections`: `null` or an array of records.
+struct RecordsSeed;
+
+impl<'de> DeserializeSeed<'de> for RecordsSeed {
+    type Value = Option<Records>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RecordsSeed {
+    type Value = Option<Records>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of connection records")
+    }
+    fn visit_none<E: de::Error>(self) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut out = Records {
+            rows: Vec::new(),
+            error: None,
+        };
+        let mut seed = RecordSeed {
+            record: WireRecord {
+                text: String::with_capacity(1024),
+                spans: [ABSENT; f::COUNT],
+                download: None,
+                upload: None,
+                uid: None,
+                dscp: None,
+                traffic: None,
+            },
+            order: Vec::new(),
+        };
+        let mut i = 0;
+        while seq.next_element_seed(&mut seed)?.is_some() {
+            // after a bad record, the rest is only parsed (for a field of the wrong type)
+            if out.error.is_none() {
+                match validate_record(i, &mut seed.record) {
+                    Ok(row) => out.rows.push(row),
+                    Err(e) => {
+                        out.error = Some(e);
+                        out.rows = Vec::new();
+                    }
+                }
+            }
+            i += 1;
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Parses one record into `record`. Kept across the records of a batch: `record` (its text buffer),
+/// `order` the fields of the previous record in the order they came (an agent sends every record's keys in
+/// the same order, so a key is found with one comparison).
+struct RecordSeed {
+    record: WireRecord,
+    order: Vec<u8>,
+}
+
+impl<'de> DeserializeSeed<'de> for &mut RecordSeed {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for &mut RecordSeed {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a connection record object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+        let r = &mut self.record;
+        r.text.clear();
+        r.spans = [ABSENT; f::COUNT];
+        (r.download, r.upload, r.uid, r.dscp, r.traffic) = (None, None, None, None, None);
+        let mut seen = 0u64;
+        let mut k = 0;
+        loop {
+            let hint = self.order.get(k).map(|&h| h as usize);
+            let key = map.next_key_seed(KeySeed(|name: &str| match hint {
+                Some(h) if RECORD_FIELDS.get(h).is_some_and(|(n, _)| *n == name) => Some(h),
+                _ => RECORD_FIELDS.iter().position(|(n, _)| *n == name),
+            }))?;
+            let Some(key) = key else { break };
+            let tag = key.map_or(u8::MAX, |i| i as u8);
+            match self.order.get_mut(k) {
+                Some(h) => *h = tag,
+                None => self.order.push(tag),
+            }
+            k += 1;
+            let Some(i) = key else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            if seen & (1 << i) != 0 {
+                return Err(de::Error::duplicate_field(RECORD_FIELDS[i].0));
+            }
+            seen |= 1 << i;
+            match i {
+                f::DOWNLOAD => r.download = map.next_value()?,
+                f::UPLOAD => r.upload = map.next_value()?,
+                f::UID => r.uid = map.next_value()?,
+                f::DSCP => r.dscp = map.next_value()?,
+                f::TRAFFIC => r.traffic = map.next_value()?,
+                _ => r.spans[i] = map.next_value_seed(TextSeed(&mut r.text))?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The type each known field must have; used only to name the bad field when typed parsing fails.
@@ -159,12 +425,166 @@ const RECORD_FIELDS: &[(&str, Kind)] = &[
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IngestRow {
     pub agent_id: String,
-    pub meta: ConnMeta,
+    pub meta: RowMeta,
     pub end_ms: Option<i64>,
     pub last_updated_ms: i64,
     pub totals: Bytes,
     /// `(minute index, bytes)`; `None` when the agent sent no buckets (they are derived on store).
     pub traffic: Option<Vec<(i64, Bytes)>>,
+}
+
+/// A record's [`ConnMeta`] as the record's text and where each field is in it: one allocation instead of one
+/// per field (what the worker allocates, the writer frees). [`RowMeta::view`] reads it as borrowed fields.
+#[derive(Clone)]
+pub struct RowMeta {
+    text: String,
+    spans: [Span; f::COUNT],
+    pub start_ms: i64,
+    uid: i64,
+    dscp: i64,
+}
+
+/// A [`RowMeta`]'s fields: [`ConnMeta`]'s, borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetaView<'a> {
+    pub id: &'a str,
+    pub start_ms: i64,
+    pub network: &'a str,
+    pub conn_type: &'a str,
+    pub source_ip: &'a str,
+    pub source_port: &'a str,
+    pub destination_ip: &'a str,
+    pub destination_port: &'a str,
+    pub source_geoip: &'a str,
+    pub destination_geoip: &'a str,
+    pub source_ip_asn: &'a str,
+    pub destination_ip_asn: &'a str,
+    pub inbound_ip: &'a str,
+    pub inbound_port: &'a str,
+    pub inbound_name: &'a str,
+    pub inbound_user: &'a str,
+    pub host: &'a str,
+    pub dns_mode: &'a str,
+    pub uid: i64,
+    pub process: &'a str,
+    pub process_path: &'a str,
+    pub special_proxy: &'a str,
+    pub special_rules: &'a str,
+    pub remote_destination: &'a str,
+    pub dscp: i64,
+    pub sniff_host: &'a str,
+    pub rematch_name: &'a str,
+    pub chains: &'a str,
+    pub provider_chains: &'a str,
+    pub node: &'a str,
+    pub policy: &'a str,
+    pub rule: &'a str,
+    pub rule_payload: &'a str,
+}
+
+impl RowMeta {
+    /// The field's value, or its default when the record had none (missing or `null`).
+    fn text(&self, field: usize) -> &str {
+        span_text(&self.text, self.spans[field]).unwrap_or(match field {
+            f::SOURCE_GEOIP | f::DESTINATION_GEOIP => "null",
+            f::CHAINS | f::PROVIDER_CHAINS => "[]",
+            _ => "",
+        })
+    }
+
+    /// The fields, borrowed.
+    pub fn view(&self) -> MetaView<'_> {
+        let t = |field| self.text(field);
+        MetaView {
+            id: t(f::ID),
+            start_ms: self.start_ms,
+            network: t(f::NETWORK),
+            conn_type: t(f::CONN_TYPE),
+            source_ip: t(f::SOURCE_IP),
+            source_port: t(f::SOURCE_PORT),
+            destination_ip: t(f::DESTINATION_IP),
+            destination_port: t(f::DESTINATION_PORT),
+            source_geoip: t(f::SOURCE_GEOIP),
+            destination_geoip: t(f::DESTINATION_GEOIP),
+            source_ip_asn: t(f::SOURCE_IP_ASN),
+            destination_ip_asn: t(f::DESTINATION_IP_ASN),
+            inbound_ip: t(f::INBOUND_IP),
+            inbound_port: t(f::INBOUND_PORT),
+            inbound_name: t(f::INBOUND_NAME),
+            inbound_user: t(f::INBOUND_USER),
+            host: t(f::HOST),
+            dns_mode: t(f::DNS_MODE),
+            uid: self.uid,
+            process: t(f::PROCESS),
+            process_path: t(f::PROCESS_PATH),
+            special_proxy: t(f::SPECIAL_PROXY),
+            special_rules: t(f::SPECIAL_RULES),
+            remote_destination: t(f::REMOTE_DESTINATION),
+            dscp: self.dscp,
+            sniff_host: t(f::SNIFF_HOST),
+            rematch_name: t(f::REMATCH_NAME),
+            chains: t(f::CHAINS),
+            provider_chains: t(f::PROVIDER_CHAINS),
+            node: t(f::NODE),
+            policy: t(f::POLICY),
+            rule: t(f::RULE),
+            rule_payload: t(f::RULE_PAYLOAD),
+        }
+    }
+}
+
+impl PartialEq for RowMeta {
+    fn eq(&self, other: &RowMeta) -> bool {
+        self.view() == other.view()
+    }
+}
+
+impl Eq for RowMeta {}
+
+impl std::fmt::Debug for RowMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.view().fmt(f)
+    }
+}
+
+impl MetaView<'_> {
+    /// The values of [`ConnMeta::SQL_COLUMNS`], to bind (the same as [`ConnMeta::sql_values`]).
+    pub fn sql_values(&self) -> [&dyn rusqlite::ToSql; 32] {
+        [
+            &self.start_ms,
+            &self.network,
+            &self.conn_type,
+            &self.source_ip,
+            &self.source_port,
+            &self.destination_ip,
+            &self.destination_port,
+            &self.source_geoip,
+            &self.destination_geoip,
+            &self.source_ip_asn,
+            &self.destination_ip_asn,
+            &self.inbound_ip,
+            &self.inbound_port,
+            &self.inbound_name,
+            &self.inbound_user,
+            &self.host,
+            &self.dns_mode,
+            &self.uid,
+            &self.process,
+            &self.process_path,
+            &self.special_proxy,
+            &self.special_rules,
+            &self.remote_destination,
+            &self.dscp,
+            &self.sniff_host,
+            &self.rematch_name,
+            &self.chains,
+            &self.provider_chains,
+            &self.node,
+            &self.policy,
+            &self.rule,
+            &self.rule_payload,
+        ]
+    }
 }
 
 /// A validated batch.
@@ -231,18 +651,28 @@ fn store_grouped(
     let deadline = std::time::Instant::now() + WRITER_TIMEOUT;
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let n = batch.rows.len();
+    // The batch comes back with the outcome and is freed here, not on the writer thread (the bottleneck;
+    // musl's allocator has one lock for every thread, and a batch is thousands of allocations).
+    let batch = Arc::new(Mutex::new(Some(batch)));
+    let back = Arc::clone(&batch);
     let cmd = WriteCmd::Grouped(GroupedWrite {
-        apply: Box::new(move |conn| store_batch(conn, &batch, now_ms)),
+        apply: Box::new(move |conn| {
+            match &*batch.lock().unwrap_or_else(PoisonError::into_inner) {
+                Some(batch) => store_batch(conn, batch, now_ms),
+                None => Ok(()), // (not reached: `done` takes it after the last `apply`)
+            }
+        }),
         done: Box::new(move |outcome| {
-            let _ = tx.send(
-                outcome
-                    .map(|()| n)
-                    .map_err(|e| (e.to_string(), crate::store::writer::is_storage_error(e))),
-            );
+            let batch = back.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let outcome = outcome
+                .map(|()| n)
+                .map_err(|e| (e.to_string(), crate::store::writer::is_storage_error(e)));
+            let _ = tx.send((outcome, batch));
         }),
     });
     crate::sync::send_to_writer(writer, cmd, deadline)?;
     rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        .map(|(outcome, _batch)| outcome)
         .map_err(|e| match e {
             std::sync::mpsc::RecvTimeoutError::Timeout => {
                 Error::Sync("writer did not answer in time".into())
@@ -254,7 +684,13 @@ fn store_grouped(
 /// Parses and validates a sync body completely. The error names the bad field, e.g.
 /// `connections[2].download: expected a non-negative integer`.
 pub fn parse_batch(body: &[u8]) -> std::result::Result<IngestBatch, String> {
-    let wire: WireBatch = match serde_json::from_slice(body) {
+    // A UTF-8 body (all but a hostile one) is parsed as `str`, which spares serde_json checking every string
+    // again; anything else the byte way, for the same error message.
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    };
+    let wire: WireBatch = match parsed {
         Ok(w) => w,
         Err(e) if e.is_syntax() || e.is_eof() || e.is_io() => {
             return Err(format!("body is not valid JSON: {e}"))
@@ -273,30 +709,19 @@ pub fn parse_batch(body: &[u8]) -> std::result::Result<IngestBatch, String> {
             return Err(format!("timestamp: not an RFC 3339 time: {ts:?}"));
         }
     }
-    let records = match wire.connections {
-        Some(c) => c,
-        None if body_has_key(body, "connections") => Vec::new(),
+    let mut rows = match wire.connections {
+        Some(Records { error: Some(e), .. }) => return Err(e),
+        Some(Records { rows, .. }) => rows,
+        None if wire.has_connections => Vec::new(),
         None => return Err("connections: missing".into()),
     };
-    let mut rows = Vec::with_capacity(records.len());
-    for (i, r) in records.into_iter().enumerate() {
-        rows.push(validate_record(i, r, &agent_id)?);
+    for row in rows.iter_mut().filter(|r| r.agent_id.is_empty()) {
+        row.agent_id.clone_from(&agent_id);
     }
     Ok(IngestBatch { agent_id, rows })
 }
 
-/// True when the top-level object has `key`, even as `null` (typed parsing cannot tell `null` from missing).
-fn body_has_key(body: &[u8], key: &str) -> bool {
-    serde_json::from_slice::<serde_json::Map<String, Value>>(body)
-        .map(|m| m.contains_key(key))
-        .unwrap_or(false)
-}
-
-fn time_field(
-    i: usize,
-    name: &str,
-    v: &Option<String>,
-) -> std::result::Result<Option<i64>, String> {
+fn time_field(i: usize, name: &str, v: Option<&str>) -> std::result::Result<Option<i64>, String> {
     match v {
         None => Ok(None),
         Some(s) => parse_rfc3339(s)
@@ -305,40 +730,109 @@ fn time_field(
     }
 }
 
-/// `chains` as (policy group, exit node): its first and last elements.
-fn chain_ends(i: usize, chains: &str) -> std::result::Result<(String, String), String> {
+/// One end of `chains`: where it is in the record's text, or (escapes resolved) its own text.
+enum ChainEnd {
+    At(Span),
+    Owned(String),
+}
+
+/// `chains` (at `span` in `text`) as (policy group, exit node): its first and last elements, `None` for an
+/// empty list.
+fn chain_ends(
+    i: usize,
+    text: &str,
+    span: Span,
+) -> std::result::Result<Option<(ChainEnd, ChainEnd)>, String> {
+    let chains = span_text(text, span).unwrap_or("[]");
     let t = chains.trim();
     if t.is_empty() || t == "null" {
-        return Ok((String::new(), String::new()));
+        return Ok(None);
     }
-    let list: Vec<String> = serde_json::from_str(t).map_err(|_| {
+    let ends: ChainEnds = serde_json::from_str(t).map_err(|_| {
         format!(
             "connections[{i}].chains: not a JSON array of strings encoded as a string: {chains:?}"
         )
     })?;
-    Ok((
-        list.first().cloned().unwrap_or_default(),
-        list.last().cloned().unwrap_or_default(),
-    ))
+    // a borrowed element is a slice of `text`: its span is where it starts in there
+    let end = |c: Cow<'_, str>| match c {
+        Cow::Borrowed(s) => {
+            let at = (s.as_ptr() as usize - text.as_ptr() as usize) as u32;
+            ChainEnd::At((at, at + s.len() as u32))
+        }
+        Cow::Owned(s) => ChainEnd::Owned(s),
+    };
+    Ok(ends.0.map(|(first, last)| (end(first), end(last))))
 }
 
-fn validate_record(
-    i: usize,
-    r: WireRecord,
-    batch_agent: &str,
-) -> std::result::Result<IngestRow, String> {
-    let id = match r.id {
-        Some(id) if !id.trim().is_empty() => id,
+/// The first and last strings of a JSON array, borrowed from the input when they have no escapes.
+struct ChainEnds<'a>(Option<(Cow<'a, str>, Cow<'a, str>)>);
+
+impl<'de> Deserialize<'de> for ChainEnds<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_seq(ChainEndsVisitor)
+    }
+}
+
+struct ChainEndsVisitor;
+
+impl<'de> Visitor<'de> for ChainEndsVisitor {
+    type Value = ChainEnds<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of strings")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut ends: Option<(Cow<'de, str>, Cow<'de, str>)> = None;
+        while let Some(StrCow(s)) = seq.next_element()? {
+            match &mut ends {
+                None => ends = Some((s.clone(), s)),
+                Some((_, last)) => *last = s,
+            }
+        }
+        Ok(ChainEnds(ends))
+    }
+}
+
+/// A string, borrowed from the input when it has no escapes.
+struct StrCow<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for StrCow<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_str(StrCowVisitor)
+    }
+}
+
+struct StrCowVisitor;
+
+impl<'de> Visitor<'de> for StrCowVisitor {
+    type Value = StrCow<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> std::result::Result<Self::Value, E> {
+        Ok(StrCow(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
+        Ok(StrCow(Cow::Owned(v.to_string())))
+    }
+}
+
+/// Validates record `i`, parsed into `r`; its `agent_id` is left empty when it had none (the batch's).
+fn validate_record(i: usize, r: &mut WireRecord) -> std::result::Result<IngestRow, String> {
+    match r.get(f::ID) {
+        Some(id) if !id.trim().is_empty() => {}
         Some(_) => return Err(format!("connections[{i}].id: must not be empty")),
         None => return Err(format!("connections[{i}].id: missing")),
+    }
+    let agent_id = match r.get(f::AGENT_ID) {
+        Some(a) if !a.trim().is_empty() => a.to_string(),
+        _ => String::new(),
     };
-    let agent_id = match r.agent_id {
-        Some(a) if !a.trim().is_empty() => a,
-        _ => batch_agent.to_string(),
-    };
-    let start = time_field(i, "start", &r.start)?;
-    let last = time_field(i, "last_updated", &r.last_updated)?;
-    let end_ms = time_field(i, "end", &r.end)?;
+    let start = time_field(i, "start", r.get(f::START))?;
+    let last = time_field(i, "last_updated", r.get(f::LAST_UPDATED))?;
+    let end_ms = time_field(i, "end", r.get(f::END))?;
     let (start_ms, last_updated_ms) = match (start, last) {
         (Some(s), Some(l)) => (s, l),
         (Some(s), None) => (s, end_ms.unwrap_or(s).max(s)),
@@ -349,68 +843,59 @@ fn validate_record(
             ))
         }
     };
-    let chains = r.chains.unwrap_or_else(|| "[]".into());
-    let (policy, node) = chain_ends(i, &chains)?;
-    let traffic = match r.traffic {
+    let ends = chain_ends(i, &r.text, r.spans[f::CHAINS])?;
+    // `node`/`policy` when sent and not empty, else the ends of `chains` (or empty)
+    for (field, end) in [(f::POLICY, 0), (f::NODE, 1)] {
+        if r.get(field).is_some_and(|v| !v.is_empty()) {
+            continue;
+        }
+        r.spans[field] = match &ends {
+            None => ABSENT,
+            Some(pair) => match if end == 0 { &pair.0 } else { &pair.1 } {
+                ChainEnd::At(span) => *span,
+                ChainEnd::Owned(s) => {
+                    let at = r.text.len() as u32;
+                    r.text.push_str(s);
+                    (at, r.text.len() as u32)
+                }
+            },
+        };
+    }
+    let traffic = match r.traffic.take() {
         None => None,
         Some(t) => {
-            let mut out = Vec::with_capacity(t.len());
-            for (j, (secs, up, down)) in t.into_iter().enumerate() {
+            for (j, (secs, _, _)) in t.iter().enumerate() {
                 if secs.rem_euclid(60) != 0 {
                     return Err(format!(
                         "connections[{i}].traffic[{j}]: {secs} is not the start of a minute (Unix seconds divisible by 60)"
                     ));
                 }
-                out.push((
-                    secs.div_euclid(60),
-                    Bytes {
-                        upload: up,
-                        download: down,
-                    },
-                ));
             }
-            Some(out)
+            // (the same size as the tuples: collected in place, no allocation)
+            Some(
+                t.into_iter()
+                    .map(|(secs, up, down)| {
+                        (
+                            secs.div_euclid(60),
+                            Bytes {
+                                upload: up,
+                                download: down,
+                            },
+                        )
+                    })
+                    .collect(),
+            )
         }
-    };
-    let s = |v: Option<String>| v.unwrap_or_default();
-    let meta = ConnMeta {
-        id,
-        start_ms,
-        network: s(r.network),
-        conn_type: s(r.conn_type),
-        source_ip: s(r.source_ip),
-        source_port: s(r.source_port),
-        destination_ip: s(r.destination_ip),
-        destination_port: s(r.destination_port),
-        source_geoip: r.source_geoip.unwrap_or_else(|| "null".into()),
-        destination_geoip: r.destination_geoip.unwrap_or_else(|| "null".into()),
-        source_ip_asn: s(r.source_ip_asn),
-        destination_ip_asn: s(r.destination_ip_asn),
-        inbound_ip: s(r.inbound_ip),
-        inbound_port: s(r.inbound_port),
-        inbound_name: s(r.inbound_name),
-        inbound_user: s(r.inbound_user),
-        host: s(r.host),
-        dns_mode: s(r.dns_mode),
-        uid: r.uid.unwrap_or(0),
-        process: s(r.process),
-        process_path: s(r.process_path),
-        special_proxy: s(r.special_proxy),
-        special_rules: s(r.special_rules),
-        remote_destination: s(r.remote_destination),
-        dscp: r.dscp.unwrap_or(0),
-        sniff_host: s(r.sniff_host),
-        rematch_name: s(r.rematch_name),
-        chains,
-        provider_chains: r.provider_chains.unwrap_or_else(|| "[]".into()),
-        node: r.node.filter(|n| !n.is_empty()).unwrap_or(node),
-        policy: r.policy.filter(|p| !p.is_empty()).unwrap_or(policy),
-        rule: s(r.rule),
-        rule_payload: s(r.rule_payload),
     };
     Ok(IngestRow {
         agent_id,
-        meta,
+        meta: RowMeta {
+            text: r.text.as_str().into(),
+            spans: r.spans,
+            start_ms,
+            uid: r.uid.unwrap_or(0),
+            dscp: r.dscp.unwrap_or(0),
+        },
         end_ms,
         last_updated_ms,
         totals: Bytes {
@@ -592,7 +1077,7 @@ pub fn store_batch(tx: &Connection, batch: &IngestBatch, now_ms: i64) -> Result<
         let mut st = Statements::prepare(tx)?;
         let mut other_agents: Vec<&str> = Vec::new();
         for row in &batch.rows {
-            let m = &row.meta;
+            let m = row.meta.view();
             if row.agent_id != batch.agent_id && !other_agents.contains(&row.agent_id.as_str()) {
                 other_agents.push(&row.agent_id);
             }
@@ -638,7 +1123,7 @@ pub fn store_batch(tx: &Connection, batch: &IngestBatch, now_ms: i64) -> Result<
                     rollup.conn(
                         &row.agent_id,
                         m.start_ms,
-                        host_key(&m.host, &m.destination_ip),
+                        host_key(m.host, m.destination_ip),
                         1,
                         new_up,
                         new_down,
@@ -798,9 +1283,9 @@ mod tests {
             parse_rfc3339("2026-11-28T23:00:00Z").unwrap()
         );
         assert_eq!(r.last_updated_ms - r.meta.start_ms, 30 * 60_000);
-        assert_eq!(r.meta.policy, "Proxy");
-        assert_eq!(r.meta.node, "HK-01");
-        assert_eq!(r.meta.source_geoip, "null");
+        assert_eq!(r.meta.view().policy, "Proxy");
+        assert_eq!(r.meta.view().node, "HK-01");
+        assert_eq!(r.meta.view().source_geoip, "null");
         assert_eq!(r.end_ms, None);
         assert!(r.traffic.is_none());
     }
@@ -898,6 +1383,40 @@ mod tests {
             "bucket {first} before the start {start}"
         );
         assert_eq!(sum, 20);
+    }
+
+    /// The single-pass parser: keys in any order (and a different order from one record to the next),
+    /// escapes in keys and values, unknown keys, nulls, chain ends with escapes, a duplicate key.
+    #[test]
+    fn records_parse_in_any_key_order_with_escapes_and_defaults() {
+        let body = br#"{"connections":[
+            {"id":"c1","start":"2026-01-01T00:00:00Z","host":"a\"b\u00e9","chains":"[\"P\\\"x\",\"mid\",\"N\u00e9\"]","extra":{"k":[1]}},
+            {"host":"h2","extra":null,"st\u0061rt":"2026-01-01T00:00:00Z","id":"c2","chains":"[\"P\",\"N\"]","node":"","policy":"Pol",
+             "source_geoip":null,"provider_chains":null,"agent_id":" ","uid":-3,"dscp":4},
+            {"id":"c3","last_updated":"2026-01-01T00:01:00Z","agent_id":"other","chains":"[\"solo\"]"}
+        ],"agent_id":"r1","unknown":[{"id":5}]}"#;
+        let b = parse_batch(body).unwrap();
+        let v: Vec<MetaView> = b.rows.iter().map(|r| r.meta.view()).collect();
+        assert_eq!((v[0].id, v[0].host), ("c1", "a\"bé"));
+        assert_eq!((v[0].policy, v[0].node), ("P\"x", "Né"));
+        assert_eq!(v[0].chains, r#"["P\"x","mid","Né"]"#);
+        assert_eq!(
+            (v[1].id, v[1].host, v[1].policy, v[1].node),
+            ("c2", "h2", "Pol", "N")
+        );
+        assert_eq!((v[1].source_geoip, v[1].provider_chains), ("null", "[]"));
+        assert_eq!((v[1].uid, v[1].dscp), (-3, 4));
+        assert_eq!(
+            (b.rows[1].agent_id.as_str(), b.rows[2].agent_id.as_str()),
+            ("r1", "other")
+        );
+        assert_eq!((v[2].policy, v[2].node, v[2].host), ("solo", "solo", ""));
+        assert_eq!(v[2].start_ms, b.rows[2].last_updated_ms);
+        let dup =
+            parse_batch(br#"{"agent_id":"a","connections":[{"id":"x","host":"h","host":"i"}]}"#);
+        assert!(dup.unwrap_err().contains("duplicate field `host`"));
+        let dup = parse_batch(br#"{"agent_id":"a","agent_id":"b","connections":[]}"#);
+        assert!(dup.unwrap_err().contains("duplicate field `agent_id`"));
     }
 
     #[test]
