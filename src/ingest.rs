@@ -35,7 +35,7 @@
 //! (batches with rows) and `sync_count`.
 
 use crate::error::{Error, Result};
-use crate::model::{placeholders, Bytes, ConnMeta};
+use crate::model::{placeholders, Bytes, ConnMeta, MetaView};
 use crate::store::rollup::{host_key, RollupDelta};
 use crate::store::writer::{spread, GroupedWrite};
 use crate::store::WriteCmd;
@@ -444,44 +444,6 @@ pub struct RowMeta {
     dscp: i64,
 }
 
-/// A [`RowMeta`]'s fields: [`ConnMeta`]'s, borrowed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MetaView<'a> {
-    pub id: &'a str,
-    pub start_ms: i64,
-    pub network: &'a str,
-    pub conn_type: &'a str,
-    pub source_ip: &'a str,
-    pub source_port: &'a str,
-    pub destination_ip: &'a str,
-    pub destination_port: &'a str,
-    pub source_geoip: &'a str,
-    pub destination_geoip: &'a str,
-    pub source_ip_asn: &'a str,
-    pub destination_ip_asn: &'a str,
-    pub inbound_ip: &'a str,
-    pub inbound_port: &'a str,
-    pub inbound_name: &'a str,
-    pub inbound_user: &'a str,
-    pub host: &'a str,
-    pub dns_mode: &'a str,
-    pub uid: i64,
-    pub process: &'a str,
-    pub process_path: &'a str,
-    pub special_proxy: &'a str,
-    pub special_rules: &'a str,
-    pub remote_destination: &'a str,
-    pub dscp: i64,
-    pub sniff_host: &'a str,
-    pub rematch_name: &'a str,
-    pub chains: &'a str,
-    pub provider_chains: &'a str,
-    pub node: &'a str,
-    pub policy: &'a str,
-    pub rule: &'a str,
-    pub rule_payload: &'a str,
-}
-
 impl RowMeta {
     /// The field's value, or its default when the record had none (missing or `null`).
     fn text(&self, field: usize) -> &str {
@@ -544,46 +506,6 @@ impl Eq for RowMeta {}
 impl std::fmt::Debug for RowMeta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.view().fmt(f)
-    }
-}
-
-impl MetaView<'_> {
-    /// The values of [`ConnMeta::SQL_COLUMNS`], to bind (the same as [`ConnMeta::sql_values`]).
-    pub fn sql_values(&self) -> [&dyn rusqlite::ToSql; 32] {
-        [
-            &self.start_ms,
-            &self.network,
-            &self.conn_type,
-            &self.source_ip,
-            &self.source_port,
-            &self.destination_ip,
-            &self.destination_port,
-            &self.source_geoip,
-            &self.destination_geoip,
-            &self.source_ip_asn,
-            &self.destination_ip_asn,
-            &self.inbound_ip,
-            &self.inbound_port,
-            &self.inbound_name,
-            &self.inbound_user,
-            &self.host,
-            &self.dns_mode,
-            &self.uid,
-            &self.process,
-            &self.process_path,
-            &self.special_proxy,
-            &self.special_rules,
-            &self.remote_destination,
-            &self.dscp,
-            &self.sniff_host,
-            &self.rematch_name,
-            &self.chains,
-            &self.provider_chains,
-            &self.node,
-            &self.policy,
-            &self.rule,
-            &self.rule_payload,
-        ]
     }
 }
 

@@ -47,7 +47,7 @@ pub struct ConnMeta {
 }
 
 impl ConnMeta {
-    /// The `connections` columns [`ConnMeta::sql_values`] binds, in order (for the writers' inserts).
+    /// The `connections` columns [`MetaView::sql_values`] binds, in order (for the writers' inserts).
     pub const SQL_COLUMNS: &'static str = "start_ms, network, conn_type, source_ip, source_port, destination_ip, destination_port, source_geoip, destination_geoip, source_ip_asn, destination_ip_asn, inbound_ip, inbound_port, inbound_name, inbound_user, host, dns_mode, uid, process, process_path, special_proxy, special_rules, remote_destination, dscp, sniff_host, rematch_name, chains, provider_chains, node, policy, rule, rule_payload";
 
     /// Reads a connection whose [`ConnMeta::SQL_COLUMNS`] start at column `first` of `r`.
@@ -93,6 +93,85 @@ impl ConnMeta {
         })
     }
 
+    /// The fields, borrowed (one shape for the writer's rows and the master's parsed sync records).
+    pub fn view(&self) -> MetaView<'_> {
+        MetaView {
+            id: &self.id,
+            start_ms: self.start_ms,
+            network: &self.network,
+            conn_type: &self.conn_type,
+            source_ip: &self.source_ip,
+            source_port: &self.source_port,
+            destination_ip: &self.destination_ip,
+            destination_port: &self.destination_port,
+            source_geoip: &self.source_geoip,
+            destination_geoip: &self.destination_geoip,
+            source_ip_asn: &self.source_ip_asn,
+            destination_ip_asn: &self.destination_ip_asn,
+            inbound_ip: &self.inbound_ip,
+            inbound_port: &self.inbound_port,
+            inbound_name: &self.inbound_name,
+            inbound_user: &self.inbound_user,
+            host: &self.host,
+            dns_mode: &self.dns_mode,
+            uid: self.uid,
+            process: &self.process,
+            process_path: &self.process_path,
+            special_proxy: &self.special_proxy,
+            special_rules: &self.special_rules,
+            remote_destination: &self.remote_destination,
+            dscp: self.dscp,
+            sniff_host: &self.sniff_host,
+            rematch_name: &self.rematch_name,
+            chains: &self.chains,
+            provider_chains: &self.provider_chains,
+            node: &self.node,
+            policy: &self.policy,
+            rule: &self.rule,
+            rule_payload: &self.rule_payload,
+        }
+    }
+}
+
+/// [`ConnMeta`]'s fields, borrowed: what the writers bind ([`ConnMeta::view`], `ingest::RowMeta::view`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetaView<'a> {
+    pub id: &'a str,
+    pub start_ms: i64,
+    pub network: &'a str,
+    pub conn_type: &'a str,
+    pub source_ip: &'a str,
+    pub source_port: &'a str,
+    pub destination_ip: &'a str,
+    pub destination_port: &'a str,
+    pub source_geoip: &'a str,
+    pub destination_geoip: &'a str,
+    pub source_ip_asn: &'a str,
+    pub destination_ip_asn: &'a str,
+    pub inbound_ip: &'a str,
+    pub inbound_port: &'a str,
+    pub inbound_name: &'a str,
+    pub inbound_user: &'a str,
+    pub host: &'a str,
+    pub dns_mode: &'a str,
+    pub uid: i64,
+    pub process: &'a str,
+    pub process_path: &'a str,
+    pub special_proxy: &'a str,
+    pub special_rules: &'a str,
+    pub remote_destination: &'a str,
+    pub dscp: i64,
+    pub sniff_host: &'a str,
+    pub rematch_name: &'a str,
+    pub chains: &'a str,
+    pub provider_chains: &'a str,
+    pub node: &'a str,
+    pub policy: &'a str,
+    pub rule: &'a str,
+    pub rule_payload: &'a str,
+}
+
+impl MetaView<'_> {
     /// The values of [`ConnMeta::SQL_COLUMNS`], to bind.
     pub fn sql_values(&self) -> [&dyn rusqlite::ToSql; 32] {
         [

@@ -279,7 +279,7 @@ impl PackedMeta {
         text(&mut out, m.id.as_bytes());
         out.extend_from_slice(&m.start_ms.to_le_bytes());
         text(&mut out, host_key(&m.host, &m.destination_ip).as_bytes());
-        for v in m.sql_values() {
+        for v in m.view().sql_values() {
             let v = v.to_sql().unwrap_or(ToSqlOutput::Owned(Value::Null));
             let v = match &v {
                 ToSqlOutput::Borrowed(v) => *v,
@@ -979,6 +979,7 @@ mod tests {
             let (id, values) = p.unpack();
             assert_eq!((id, p.start_ms(), p.host_key()), ("c-1", -5, key));
             let want: Vec<Value> = m
+                .view()
                 .sql_values()
                 .iter()
                 .map(|v| owned(&v.to_sql().unwrap()))
