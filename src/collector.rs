@@ -6,9 +6,9 @@
 //! does the upgrade; the frames are read by our `FrameReader`, and each push is parsed as its payload streams
 //! in ([`crate::snapshot::read`]; memory: a push is 2 MB at 2,500 connections, and none of it is held whole).
 //! Reads use a short socket timeout so the stop flag is noticed quickly; partial frames are kept across
-//! timeouts. A push is applied to the tracker only once it parsed whole: a bad one changes nothing. Reconnects back off exponentially (1 s doubling to
-//! 30 s, ±20 % jitter); a refused secret (`401`) is reported once and retried every minute. Log lines are
-//! written on state changes only, never per try.
+//! timeouts. A push is applied to the tracker only once it parsed whole: a bad one changes nothing.
+//! Reconnects back off exponentially (1 s doubling to 30 s, ±20 % jitter); a refused secret (`401`) is
+//! reported once and retried every minute. Log lines are written on state changes only, never per try.
 
 use crate::diff::Tracker;
 use crate::error::{Error, Result};
