@@ -590,6 +590,19 @@ fn group_row(r: &rusqlite::Row, k: usize) -> rusqlite::Result<Group> {
     Ok((keys, t))
 }
 
+/// `base` (a grouping query with `ndims` key columns first) sorted by `sort` then by its keys, cut at a bound
+/// `LIMIT`. Sorted outside: in the ranged query `up`/`down` are also the inner columns, and SQLite would take
+/// an ORDER BY expression's names from there (one arbitrary row) instead of from the sums.
+fn sorted_groups_sql(base: &str, ndims: usize, sort: Metric, order: Order) -> String {
+    let by: Vec<String> = (1..=ndims).map(|i| i.to_string()).collect();
+    format!(
+        "SELECT * FROM ({base}) ORDER BY {} {}, {} LIMIT ?",
+        sort.sql(),
+        order.sql(),
+        by.join(", ")
+    )
+}
+
 /// The first `limit + 1` groups, sorted and cut by SQLite.
 fn sql_groups(
     db: &Connection,
@@ -611,15 +624,7 @@ fn sql_groups(
     } else {
         group_sql(f, dims)
     };
-    let by: Vec<String> = (1..=dims.len()).map(|i| i.to_string()).collect();
-    // Sorted outside: in the ranged query `up`/`down` are also the inner columns, and SQLite would take
-    // an ORDER BY expression's names from there (one arbitrary row) instead of from the sums.
-    let sql = format!(
-        "SELECT * FROM ({base}) ORDER BY {} {}, {} LIMIT ?",
-        sort.sql(),
-        order.sql(),
-        by.join(", ")
-    );
+    let sql = sorted_groups_sql(&base, dims.len(), sort, order);
     vals.push(Sql::Integer(limit + 1));
     let mut stmt = db.prepare(&sql)?;
     let rows = stmt.query_map(rusqlite::params_from_iter(vals), |r| {
@@ -775,13 +780,7 @@ pub(super) fn ranged_both_ways(db: &Connection, query: &str) -> (Vec<Group>, Vec
         "{query}: the sum of the groups"
     );
     let (base, mut vals) = group_sql(&f, &dims);
-    let by: Vec<String> = (1..=dims.len()).map(|i| i.to_string()).collect();
-    let sql = format!(
-        "SELECT * FROM ({base}) ORDER BY {} {}, {} LIMIT ?",
-        sort.sql(),
-        order.sql(),
-        by.join(", ")
-    );
+    let sql = sorted_groups_sql(&base, dims.len(), sort, order);
     vals.push(Sql::Integer(limit + 1));
     let mut stmt = db.prepare(&sql).unwrap();
     let theirs = stmt

@@ -16,14 +16,18 @@ pub(crate) fn free_port() -> u16 {
 
 const N: usize = 3000;
 
-fn master(db: &std::path::Path, port: u16) -> Proc {
-    let mut p = Proc::spawn(&[
+/// A master on `port`, with `extra` flags, once its API listens (also used by `faults`).
+pub(crate) fn master(db: &std::path::Path, port: u16, extra: &[&str]) -> Proc {
+    let port = port.to_string();
+    let mut args = vec![
         "master",
         "--database",
         db.to_str().unwrap(),
         "--listen-port",
-        &port.to_string(),
-    ]);
+        &port,
+    ];
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(&args);
     p.wait_line("api: listening on");
     p
 }
@@ -95,7 +99,7 @@ fn master_down_then_up_and_agent_killed_mid_sync_lose_nothing() {
     a.wait_line("unreachable");
 
     // the master comes up; kill the agent while it syncs its backlog (3 batches of 1000)
-    let _m = master(&mdb, mport);
+    let _m = master(&mdb, mport, &[]);
     a.wait_line("accepts batches again");
     a.child.kill().unwrap();
     a.wait_exit();

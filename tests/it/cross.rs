@@ -2,7 +2,7 @@
 //! Ignored in `make test` (it needs the cross build); `make cross` runs it with `MCT_CROSS_BIN` and
 //! `MCT_CROSS_RUNNER` set.
 
-use crate::binary::Proc;
+use crate::binary::{standalone_args, Proc};
 use crate::fake_mihomo::{frame, FakeMihomo};
 use crate::support::*;
 
@@ -14,24 +14,9 @@ fn cross_built_binary_records_and_stops_cleanly() {
     let dir = TempDir::new("cross");
     let db = dir.path("t.db");
     let fake = FakeMihomo::start(None);
-    let port = fake.addr.port().to_string();
-    let mut p = Proc::spawn_with(
-        &runner,
-        &[&bin],
-        &[
-            "master",
-            "--database",
-            db.to_str().unwrap(),
-            "--listen-port",
-            "0",
-            "--mihomo-host",
-            "127.0.0.1",
-            "--mihomo-port",
-            &port,
-            "--commit-interval-ms",
-            "100",
-        ],
-    );
+    let args = standalone_args(&db, &fake, 100, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut p = Proc::spawn_with(&runner, &[&bin], &args);
     p.wait_line("api: listening on");
     fake.wait_connected();
     fake.push(frame(

@@ -453,17 +453,7 @@ fn mihomo_flapping_and_core_restarts_count_every_byte_once() {
 }
 
 fn master(db: &Path, port: u16) -> Proc {
-    let mut p = Proc::spawn(&[
-        "master",
-        "--database",
-        db.to_str().unwrap(),
-        "--listen-port",
-        &port.to_string(),
-        "--commit-interval-ms",
-        "30",
-    ]);
-    p.wait_line("api: listening on");
-    p
+    crate::agent_master::master(db, port, &["--commit-interval-ms", "30"])
 }
 
 /// SIGKILL, and wait for the process to be gone.
