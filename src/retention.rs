@@ -132,15 +132,23 @@ pub fn apply_chunk(
     let mut budget = max_rows;
     if let Some(age) = policy.max_age {
         let cutoff = now_ms.saturating_sub(age.as_millis().min(i64::MAX as u128) as i64);
-        // start_ms <= last_updated_ms, so the start index narrows the scan.
+        // start_ms <= last_updated_ms, so the start index (by minute: `schema::start_minute`) narrows the
+        // scan.
         let pks = select_pks(
             &tx,
             "SELECT pk FROM connections
-             WHERE start_ms < ?1 AND last_updated_ms < ?1
+             WHERE start_ms / 60000 <= ?6 AND start_ms < ?1 AND last_updated_ms < ?1
                AND (end_ms IS NOT NULL OR ?2)
                AND (+seq < ?3 OR (+seq = ?3 AND pk <= ?4))
              LIMIT ?5",
-            params![cutoff, policy.delete_stale_open, cs, cp, budget as i64],
+            params![
+                cutoff,
+                policy.delete_stale_open,
+                cs,
+                cp,
+                budget as i64,
+                crate::store::schema::start_minute(cutoff.saturating_sub(1))
+            ],
         )?;
         let n = delete_connections(&tx, &pks)?;
         report.deleted_by_age = n as u64;
@@ -156,7 +164,7 @@ pub fn apply_chunk(
                 &tx,
                 "SELECT pk FROM connections
                  WHERE end_ms IS NOT NULL AND (seq < ?1 OR (seq = ?1 AND pk <= ?2))
-                 ORDER BY start_ms LIMIT ?3",
+                 ORDER BY start_ms / 60000, start_ms LIMIT ?3",
                 params![cs, cp, step.min(budget) as i64],
             )?;
             let n = delete_connections(&tx, &pks)?;

@@ -3,7 +3,9 @@
 //! counts); `destination` and `host` match substrings, the other filters exactly; `state=open|closed` keeps
 //! only the connections still open (no `end`) or only the ended ones.
 
-use super::params::{ApiResult, ConnState, Filters, Format, Match, Order, Params, Where, MAX_ROWS};
+use super::params::{
+    ApiResult, ConnState, Filters, Format, Match, Order, Params, Where, MAX_ROWS, START_ORDER,
+};
 use super::table::{Answer, Table};
 use crate::timefmt::format_rfc3339;
 use rusqlite::types::Value as Sql;
@@ -65,13 +67,14 @@ enum SortBy {
 }
 
 impl SortBy {
-    fn sql(self) -> &'static str {
+    /// The ORDER BY terms, each to be followed by the direction.
+    fn terms(self) -> &'static [&'static str] {
         match self {
-            SortBy::Start => "c.start_ms",
-            SortBy::LastUpdated => "c.last_updated_ms",
-            SortBy::Download => "c.download",
-            SortBy::Upload => "c.upload",
-            SortBy::Total => "(c.upload + c.download)",
+            SortBy::Start => START_ORDER,
+            SortBy::LastUpdated => &["c.last_updated_ms"],
+            SortBy::Download => &["c.download"],
+            SortBy::Upload => &["c.upload"],
+            SortBy::Total => &["(c.upload + c.download)"],
         }
     }
 }
@@ -103,11 +106,9 @@ pub fn handle(
     let state = ConnState::parse(p)?;
 
     let mut w = Where::from_filters(&f, Match::Substring);
-    if let Some(from) = f.from_ms {
-        w.push("c.start_ms >= ?", vec![Sql::Integer(from)]);
-    }
-    if let Some(to) = f.to_ms {
-        w.push("c.start_ms < ?", vec![Sql::Integer(to)]);
+    if f.has_range() {
+        let (from, to) = f.range();
+        w.start_in(from, to);
     }
     if let Some(cond) = state.condition() {
         w.push(cond, Vec::new());
@@ -140,13 +141,24 @@ pub fn handle(
         _ => count(&w)?,
     };
 
+    // By start, a condition on the minute even without a range: only then does SQLite walk the start index
+    // for the ORDER BY (and sort just the last minutes); without one it sorts every row (schema v4).
+    if !f.has_range() && matches!(sort, SortBy::Start) {
+        let (from, to) = f.range();
+        w.start_in(from, to);
+    }
     let cols: Vec<&str> = COLUMNS.iter().map(|(_, e)| *e).collect();
+    let by: Vec<String> = sort
+        .terms()
+        .iter()
+        .chain(&["c.pk"])
+        .map(|t| format!("{t} {}", order.sql()))
+        .collect();
     let sql = format!(
-        "SELECT {} FROM connections c WHERE {} ORDER BY {s} {o}, c.pk {o} LIMIT ? OFFSET ?",
+        "SELECT {} FROM connections c WHERE {} ORDER BY {} LIMIT ? OFFSET ?",
         cols.join(", "),
         w.sql(),
-        s = sort.sql(),
-        o = order.sql(),
+        by.join(", "),
     );
     let mut vals = w.values;
     vals.extend([Sql::Integer(limit), Sql::Integer(offset)]);

@@ -417,6 +417,28 @@ impl Filters {
     }
 }
 
+/// `c.start_ms` in `[lo, hi)`, said on the minute too: the start indexes hold `start_ms / 60000`
+/// ([`crate::store::schema::start_minute`]), and only a condition on that expression searches them. The
+/// values are [`start_in`]'s.
+pub const START_IN: &str =
+    "c.start_ms / 60000 BETWEEN ? AND ? AND c.start_ms >= ? AND c.start_ms < ?";
+
+/// `ORDER BY` start time, each term then followed by the direction: the minute first, which the start
+/// indexes hold.
+pub const START_ORDER: &[&str] = &["c.start_ms / 60000", "c.start_ms"];
+
+/// The values of [`START_IN`] for `[lo, hi)`.
+pub fn start_in(lo: i64, hi: i64) -> Vec<rusqlite::types::Value> {
+    use crate::store::schema::start_minute;
+    use rusqlite::types::Value::Integer;
+    vec![
+        Integer(start_minute(lo)),
+        Integer(start_minute(hi.saturating_sub(1))),
+        Integer(lo),
+        Integer(hi),
+    ]
+}
+
 /// A WHERE clause assembled from fixed fragments, with its bound values in order.
 #[derive(Default, Debug)]
 pub struct Where {
@@ -438,6 +460,11 @@ impl Where {
     pub fn push(&mut self, sql: &'static str, vals: Vec<rusqlite::types::Value>) {
         self.parts.push(sql);
         self.values.extend(vals);
+    }
+
+    /// Connections that started in `[lo, hi)`: [`START_IN`] with its values.
+    pub fn start_in(&mut self, lo: i64, hi: i64) {
+        self.push(START_IN, start_in(lo, hi));
     }
 
     /// `a AND b AND ...`, or `1` when empty.

@@ -15,7 +15,7 @@
 //!   Rows whose connections are all gone keep `conns = 0` and are skipped.
 //!
 //! Indexes: `connections_agent_updated` (an agent's `last_active` from an index edge),
-//! `connections_agent_start` (`/connections?agent_id=` newest first).
+//! `connections_agent_start_minute` (`/connections?agent_id=` newest first).
 
 use rusqlite::Connection;
 

@@ -6,7 +6,9 @@
 //! bytes are those of every matching connection (its latest totals). Every path below computes the same
 //! numbers; the rollup paths ([`super::rollup`]) only make unfiltered questions cheap.
 
-use super::params::{ApiError, ApiResult, Filters, Format, Match, Order, Params, Where, MAX_ROWS};
+use super::params::{
+    start_in, ApiError, ApiResult, Filters, Format, Match, Order, Params, Where, MAX_ROWS, START_IN,
+};
 use super::rollup::HOUR_MS;
 use super::table::{Answer, Table};
 use crate::timefmt::{self, Interval, DAY_MS, MINUTE_MS};
@@ -167,10 +169,7 @@ fn raw(
     }
     let mut w = Where::from_filters(f, Match::Exact);
     let filtered = !w.is_empty();
-    w.push(
-        "c.start_ms >= ? AND c.start_ms < ?",
-        vec![Sql::Integer(lo), Sql::Integer(hi)],
-    );
+    w.start_in(lo, hi);
     let sql = format!(
         "SELECT c.start_ms / ?, count(*) FROM connections c WHERE {} GROUP BY 1",
         w.sql()
@@ -449,7 +448,7 @@ fn group_sql(f: &Filters, dims: &[Dim]) -> (String, Vec<Sql>) {
     let sql = format!(
         "SELECT {outer}, sum(n) AS n, sum(up) AS up, sum(down) AS down FROM (
             SELECT {keys}, 1 AS n, 0 AS up, 0 AS down FROM connections c
-            WHERE {w} AND c.start_ms >= ? AND c.start_ms < ?
+            WHERE {w} AND {START_IN}
             UNION ALL
             SELECT {keys}, 0, t.up, t.down FROM (
                 SELECT conn, sum(upload) AS up, sum(download) AS down FROM traffic
@@ -463,7 +462,7 @@ fn group_sql(f: &Filters, dims: &[Dim]) -> (String, Vec<Sql>) {
     // each connection is looked up and keyed once, not once per minute it moved bytes: a 24 h range of a busy
     // router has dozens of rows per connection, and the final GROUP BY sorts that many fewer rows.
     let mut vals = w.values.clone();
-    vals.extend([Sql::Integer(lo), Sql::Integer(hi)]);
+    vals.extend(start_in(lo, hi));
     vals.extend([
         Sql::Integer(ceil_div(lo, MINUTE_MS)),
         Sql::Integer(ceil_div(hi, MINUTE_MS)),
@@ -673,11 +672,11 @@ fn ranged_groups(
     let mut groups: HashMap<Vec<Option<String>>, Totals> = HashMap::new();
     // Connections that started in range count, with the bytes they moved in it.
     let mut stmt = db.prepare(&format!(
-        "SELECT c.pk, {keys} FROM connections c WHERE {} AND c.start_ms >= ? AND c.start_ms < ?",
+        "SELECT c.pk, {keys} FROM connections c WHERE {} AND {START_IN}",
         w.sql()
     ))?;
     let mut vals = w.values.clone();
-    vals.extend([Sql::Integer(lo), Sql::Integer(hi)]);
+    vals.extend(start_in(lo, hi));
     let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
     while let Some(r) = rows.next()? {
         let g = groups.entry(read_keys(r)?).or_default();
@@ -867,8 +866,11 @@ fn approx_ms(i: Interval) -> i64 {
 fn extent(db: &Connection) -> ApiResult<Option<(i64, i64)>> {
     // One min() or max() per statement: SQLite answers each from an index edge; both in one scan the table.
     let one = |sql: &str| -> ApiResult<Option<i64>> { Ok(db.query_row(sql, [], |r| r.get(0))?) };
-    let a = one("SELECT min(start_ms) FROM connections")?;
-    let b = one("SELECT max(start_ms) FROM connections")?;
+    // (the start indexes hold the minute: the first and last minute, then the time within it)
+    let a = one("SELECT min(start_ms) FROM connections
+         WHERE start_ms / 60000 = (SELECT min(start_ms / 60000) FROM connections)")?;
+    let b = one("SELECT max(start_ms) FROM connections
+         WHERE start_ms / 60000 = (SELECT max(start_ms / 60000) FROM connections)")?;
     let c = one("SELECT min(minute) FROM traffic")?;
     let d = one("SELECT max(minute) FROM traffic")?;
     let lo = [a, c.map(|m| m * MINUTE_MS)].into_iter().flatten().min();

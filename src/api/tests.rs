@@ -1902,3 +1902,71 @@ fn filtered_traffic_sums_from_the_matching_set_equal_the_join() {
     }
     assert!(compared >= 20, "only {compared} non-empty comparisons");
 }
+
+/// Schema v4 indexes the minute a connection started, not its time: within a minute the order and the
+/// `from`/`to` bounds must still be exact to the millisecond.
+#[test]
+fn start_times_within_a_minute_order_and_filter_to_the_millisecond() {
+    let t = t0();
+    let starts = [
+        ("m0", t),
+        ("m30", t + 30_000),
+        ("m59", t + 59_999),
+        ("n0", t + 60_000),
+        ("n1", t + 61_000),
+    ];
+    let dir = std::env::temp_dir().join(format!("mct-api-{}-minute", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("t.db");
+    // written in an order unlike their starts
+    let conns = [2, 4, 0, 3, 1].map(|i| {
+        let (id, start) = starts[i];
+        let ip = "192.168.1.10";
+        let rule = ("Match", "");
+        conn(
+            id,
+            start,
+            "tcp",
+            ip,
+            "example.com",
+            "1.1.1.1",
+            "443",
+            "",
+            rule,
+            ("Proxy", "HK-01"),
+            "",
+            (1, 1),
+            (start, start + 1),
+            true,
+        )
+    });
+    write_agent(&path, "a1", conns.into());
+    let api = Api::new(&path);
+    let ids = |target: &str| -> Vec<String> {
+        let v = api.data(target);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids("/api/v1/connections"), ["n1", "n0", "m59", "m30", "m0"]);
+    assert_eq!(
+        ids("/api/v1/connections?sort_order=asc"),
+        ["m0", "m30", "m59", "n0", "n1"]
+    );
+    let range = "from=2025-04-28T10:00:30Z&to=2025-04-28T10:01:00Z";
+    assert_eq!(ids(&format!("/api/v1/connections?{range}")), ["m59", "m30"]);
+    assert_eq!(
+        ids(&format!(
+            "/api/v1/connections?{range}&agent_id=a1&sort_order=asc"
+        )),
+        ["m30", "m59"]
+    );
+    assert_eq!(
+        api.data(&format!("/api/v1/stats?type=summary&{range}"))["count"],
+        2
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -127,7 +127,29 @@ CREATE INDEX connections_agent_start ON connections (agent_id, start_ms);
 DROP INDEX traffic_minute;
 CREATE INDEX traffic_minute ON traffic (minute, conn, upload, download);
 "#,
+    // v4: the start indexes hold the minute a connection started (`start_ms / 60000`, then the rowid), not
+    // its exact time. A master's sync batches carry connections that started anywhere in the last minutes or
+    // hours, so exact times landed all over both indexes: each commit dirtied (and wrote to the WAL, then
+    // checkpointed) most of their recent pages, a third of the writer's time. By minute, a new row lands at
+    // the end of its minute. Queries say their `start_ms` conditions on the minute too, and order by the
+    // minute first ([`start_minute`]).
+    r#"
+DROP INDEX connections_start;
+DROP INDEX connections_agent_start;
+CREATE INDEX connections_start_minute ON connections (start_ms / 60000);
+CREATE INDEX connections_agent_start_minute ON connections (agent_id, start_ms / 60000);
+"#,
 ];
+
+/// The minute the start indexes hold for a time (`start_ms / 60000` in SQL, schema v4), for bound values.
+/// SQLite searches an index on an expression only for conditions and orderings written with that same
+/// expression, so a query on `start_ms` says it on the minute too: `start_ms / 60000 BETWEEN lo / 60000
+/// AND (hi - 1) / 60000` next to `start_ms >= lo AND start_ms < hi` (integer division truncates the same
+/// way in SQLite and Rust, and keeps the order), and `ORDER BY start_ms / 60000, start_ms`
+/// (`crate::api::params::START_IN`, `START_ORDER`).
+pub const fn start_minute(ms: i64) -> i64 {
+    ms / 60_000
+}
 
 /// How a connection to the database will be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,8 +323,9 @@ mod tests {
         }
     }
 
-    /// A file of every earlier version migrates to the latest with its rows intact, and the minute-range
-    /// query of the stats walks the v3 `traffic_minute` index.
+    /// A file of every earlier version migrates to the latest with its rows intact, the minute-range query
+    /// of the stats walks the v3 `traffic_minute` index, and start times are searched and ordered through
+    /// the v4 start indexes.
     #[test]
     fn migrates_each_earlier_version_with_its_data() {
         for from in 1..MIGRATIONS.len() {
@@ -346,6 +369,61 @@ mod tests {
                 )
                 .unwrap();
             assert!(sql.contains("(minute, conn, upload, download)"), "{sql}");
+            // v4: the start indexes hold the minute, and the queries' start conditions and order search them
+            use crate::api::params::{start_in, START_IN, START_ORDER};
+            let plan = |sql: &str, vals: Vec<rusqlite::types::Value>| -> String {
+                let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+                let rows =
+                    st.query_map(rusqlite::params_from_iter(vals), |r| r.get::<_, String>(3));
+                rows.unwrap()
+                    .map(|r| r.unwrap())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            let range = plan(
+                &format!("SELECT c.pk FROM connections c WHERE {START_IN}"),
+                start_in(0, 120_000),
+            );
+            assert!(
+                range.contains("USING INDEX connections_start_minute (<expr>>? AND <expr><?)"),
+                "{range}"
+            );
+            let mut vals = vec![rusqlite::types::Value::Text("a".into())];
+            vals.extend(start_in(0, 120_000));
+            let agent = plan(
+                &format!("SELECT c.pk FROM connections c WHERE c.agent_id = ? AND {START_IN}"),
+                vals,
+            );
+            assert!(agent.contains("USING INDEX connections_agent_start_minute (agent_id=? AND <expr>>? AND <expr><?)"), "{agent}");
+            let order = START_ORDER
+                .iter()
+                .map(|t| format!("{t} DESC"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            // Newest first (`/connections`): with a condition on the minute (the whole range when none is asked
+            // for), SQLite walks the index and sorts only the last minutes; without one it sorts every row.
+            let newest = plan(
+                &format!("SELECT c.* FROM connections c WHERE {START_IN} ORDER BY {order}, c.pk DESC LIMIT 100"),
+                start_in(i64::MIN / 4, i64::MAX / 4),
+            );
+            assert!(
+                newest.contains("USING INDEX connections_start_minute"),
+                "{newest}"
+            );
+            assert!(
+                newest.contains("USE TEMP B-TREE FOR LAST 2 TERMS OF ORDER BY"),
+                "{newest}"
+            );
+            let rows: Vec<i64> = c
+                .prepare(&format!("SELECT c.pk FROM connections c WHERE {START_IN}"))
+                .unwrap()
+                .query_map(rusqlite::params_from_iter(start_in(60_000, 60_001)), |r| {
+                    r.get(0)
+                })
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect();
+            assert_eq!(rows, [7], "from v{from}");
             drop(c);
             open(&p, Access::Read).unwrap();
         }
