@@ -23,6 +23,7 @@
 
 use crate::error::{Error, Result};
 use crate::store::rollup::delete_connections;
+use crate::store::schema::start_minute;
 use crate::store::WriteCmd;
 use rusqlite::{params, Connection};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,6 +92,14 @@ pub fn apply(
 }
 
 /// The row keys a selection names.
+/// The oldest closed and synced connections, for the size cap: `?1`, `?2` the sync cursor, `?3` how many,
+/// `?4` the minute of the earliest time (every row). That condition is what makes SQLite walk the start
+/// index by minute for the ORDER BY (it holds `start_ms / 60000`, schema v4); without one, it sorts every
+/// closed row for each slice.
+const OLDEST_CLOSED_SQL: &str = "SELECT pk FROM connections
+     WHERE start_ms / 60000 >= ?4 AND end_ms IS NOT NULL AND (seq < ?1 OR (seq = ?1 AND pk <= ?2))
+     ORDER BY start_ms / 60000, start_ms LIMIT ?3";
+
 fn select_pks(tx: &Connection, sql: &str, args: impl rusqlite::Params) -> Result<Vec<i64>> {
     let mut stmt = tx
         .prepare(sql)
@@ -132,8 +141,7 @@ pub fn apply_chunk(
     let mut budget = max_rows;
     if let Some(age) = policy.max_age {
         let cutoff = now_ms.saturating_sub(age.as_millis().min(i64::MAX as u128) as i64);
-        // start_ms <= last_updated_ms, so the start index (by minute: `schema::start_minute`) narrows the
-        // scan.
+        // start_ms <= last_updated_ms, so the start index (by minute: `start_minute`) narrows the scan.
         let pks = select_pks(
             &tx,
             "SELECT pk FROM connections
@@ -147,7 +155,7 @@ pub fn apply_chunk(
                 cs,
                 cp,
                 budget as i64,
-                crate::store::schema::start_minute(cutoff.saturating_sub(1))
+                start_minute(cutoff.saturating_sub(1))
             ],
         )?;
         let n = delete_connections(&tx, &pks)?;
@@ -162,10 +170,8 @@ pub fn apply_chunk(
         while report.used_bytes > cap && budget > 0 {
             let pks = select_pks(
                 &tx,
-                "SELECT pk FROM connections
-                 WHERE end_ms IS NOT NULL AND (seq < ?1 OR (seq = ?1 AND pk <= ?2))
-                 ORDER BY start_ms / 60000, start_ms LIMIT ?3",
-                params![cs, cp, step.min(budget) as i64],
+                OLDEST_CLOSED_SQL,
+                params![cs, cp, step.min(budget) as i64, start_minute(i64::MIN / 4)],
             )?;
             let n = delete_connections(&tx, &pks)?;
             report.deleted_by_size += n as u64;
@@ -267,6 +273,26 @@ mod tests {
     use crate::store::Access;
 
     const DAY: i64 = 86_400_000;
+
+    /// The size cap's slices walk the start index: without a condition on the minute, SQLite (no
+    /// statistics) sorted every closed row for each slice of 500.
+    #[test]
+    fn the_oldest_closed_rows_are_found_through_the_start_index() {
+        let c = db("plan");
+        let plan: Vec<String> = c
+            .prepare(&format!("EXPLAIN QUERY PLAN {OLDEST_CLOSED_SQL}"))
+            .unwrap()
+            .query_map(params![1, 1, 500, start_minute(i64::MIN / 4)], |r| r.get(3))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let plan = plan.join("; ");
+        assert!(
+            plan.contains("USING INDEX connections_start_minute"),
+            "{plan}"
+        );
+        assert!(!plan.contains("TEMP B-TREE FOR ORDER BY"), "{plan}");
+    }
 
     fn db(name: &str) -> Connection {
         let dir = std::env::temp_dir().join(format!("mct-ret-{}-{name}", std::process::id()));
