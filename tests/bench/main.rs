@@ -618,8 +618,17 @@ const INGEST_ROWS: usize = 1000;
 /// Batches not sent by then count as failed (at the target rate the whole run takes 4 s).
 const INGEST_DEADLINE: Duration = Duration::from_secs(120);
 
+/// The connection ids of the ingest figure's records.
+#[derive(Clone, Copy)]
+enum Ids {
+    /// Increasing within each agent (thread, batch, record): the figure with its target.
+    Ordered,
+    /// Random UUIDs, as mihomo makes them: they land anywhere in the master's (agent_id, id) index.
+    Random,
+}
+
 /// One `/api/v1/sync` body in the earlier tool's format: 1,000 records of 33 fields.
-fn sync_body(agent_id: &str, thread: usize, batch: usize, now_ms: i64) -> String {
+fn sync_body(agent_id: &str, thread: usize, batch: usize, now_ms: i64, ids: Ids) -> String {
     let mut rng = Rng::new((thread * 1_000_003 + batch) as u64);
     let now = timefmt::format_rfc3339(now_ms, true);
     let mut s = String::with_capacity(INGEST_ROWS * 900);
@@ -652,9 +661,18 @@ fn sync_body(agent_id: &str, thread: usize, batch: usize, now_ms: i64) -> String
                 r#""dscp":0,"sniff_host":"h{h}.example.com","chains":"[\"Proxy\",\"node-{node}\"]","#,
                 r#""rule":"RuleSet","rule_payload":"geosite-example","agent_id":"{agent_id}"}}"#
             ),
-            t = thread,
-            b = batch,
-            i = i,
+            t = match ids {
+                Ids::Ordered => thread as u64,
+                Ids::Random => rng.next_u64() & 0xffff_ffff,
+            },
+            b = match ids {
+                Ids::Ordered => batch as u64,
+                Ids::Random => rng.next_u64() & 0xffff,
+            },
+            i = match ids {
+                Ids::Ordered => i as u64,
+                Ids::Random => rng.below(0x1000),
+            },
             r = rng.next_u64() & 0xffff_ffff_ffff,
             down = rng.below(5_000_000),
             up = rng.below(200_000),
@@ -672,12 +690,76 @@ fn sync_body(agent_id: &str, thread: usize, batch: usize, now_ms: i64) -> String
 }
 
 fn figure_ingest(r: &mut Report, bin: &Path) -> Res<()> {
+    let run = ingest_run(bin, Ids::Ordered)?;
+    r.line(
+        "master ingest, 4 clients x 100 batches x 1,000 records",
+        &run.rate_text(),
+        ">= 100,000 rows/s",
+        run.rate >= 100_000.0,
+    );
+    r.line(
+        "master ingest, failed requests / rows stored",
+        &run.outcome_text(),
+        "0 failed, all stored",
+        run.failed == 0 && run.stored == run.total,
+    );
+    let random = ingest_run(bin, Ids::Random)?;
+    r.info(
+        "master ingest, the same with random UUID ids (as mihomo makes them)",
+        &random.rate_text(),
+    );
+    r.line(
+        "master ingest with random ids, failed requests / rows stored",
+        &random.outcome_text(),
+        "0 failed, all stored",
+        random.failed == 0 && random.stored == random.total,
+    );
+    Ok(())
+}
+
+/// What one ingest run measured.
+struct IngestRun {
+    rate: f64,
+    accepted: u64,
+    elapsed: Duration,
+    failed: usize,
+    stored: u64,
+    total: u64,
+    first_error: Option<String>,
+}
+
+impl IngestRun {
+    fn rate_text(&self) -> String {
+        format!(
+            "{} rows/s ({} rows accepted in {:.2} s)",
+            thousands(self.rate as u64),
+            thousands(self.accepted),
+            self.elapsed.as_secs_f64()
+        )
+    }
+
+    fn outcome_text(&self) -> String {
+        format!(
+            "{} failed, {} of {} stored{}",
+            self.failed,
+            thousands(self.stored),
+            thousands(self.total),
+            self.first_error
+                .as_ref()
+                .map(|e| format!("; first error: {e}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// 4 clients send 100 batches of 1,000 records each to a fresh master.
+fn ingest_run(bin: &Path, ids: Ids) -> Res<IngestRun> {
     let dir = bench_dir()?;
     let db = dir.join("ingest.db");
     remove_db(&db);
     let (mut master, base) = start_master(bin, &db, &dir.join("ingest-master.log"), &[], true)?;
     // The body must be what the earlier tool's agents send: 33 fields per record.
-    let sample: Value = serde_json::from_str(&sync_body("check", 0, 0, 0))
+    let sample: Value = serde_json::from_str(&sync_body("check", 0, 0, 0, ids))
         .map_err(|e| format!("sync body: {e}"))?;
     let fields = sample["connections"][0].as_object().map_or(0, |o| o.len());
     if fields != 33 {
@@ -705,7 +787,7 @@ fn figure_ingest(r: &mut Report, bin: &Path) -> Res<()> {
                         ));
                         break;
                     }
-                    let body = sync_body(&agent_id, th, b, now);
+                    let body = sync_body(&agent_id, th, b, now, ids);
                     let res = agent
                         .post(&url)
                         .header("content-type", "application/json")
@@ -763,32 +845,16 @@ fn figure_ingest(r: &mut Report, bin: &Path) -> Res<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    r.line(
-        "master ingest, 4 clients x 100 batches x 1,000 records",
-        &format!(
-            "{} rows/s ({} rows accepted in {:.2} s)",
-            thousands(rate as u64),
-            thousands(accepted),
-            elapsed.as_secs_f64()
-        ),
-        ">= 100,000 rows/s",
-        rate >= 100_000.0,
-    );
-    r.line(
-        "master ingest, failed requests / rows stored",
-        &format!(
-            "{failed} failed, {} of {} stored{}",
-            thousands(stored),
-            thousands(total),
-            first_error
-                .map(|e| format!("; first error: {e}"))
-                .unwrap_or_default()
-        ),
-        "0 failed, all stored",
-        failed == 0 && stored == total,
-    );
     let _ = master.terminate(Duration::from_secs(20));
-    Ok(())
+    Ok(IngestRun {
+        rate,
+        accepted,
+        elapsed,
+        failed,
+        stored,
+        total,
+        first_error,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------------------
