@@ -232,11 +232,17 @@ fn write_agent(path: &std::path::Path, agent: &str, conns: Vec<Conn>) {
     h.join().unwrap().unwrap();
 }
 
-/// A fresh fixture database; without `rollups` they are dropped before any data is written.
-pub(crate) fn fixture(name: &str, rollups: bool) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mct-api-{}-{name}-{rollups}", std::process::id()));
+/// An empty directory of this test process, `mct-api-{pid}-{name}` under the system's temporary directory.
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mct-api-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A fresh fixture database; without `rollups` they are dropped before any data is written.
+pub(crate) fn fixture(name: &str, rollups: bool) -> PathBuf {
+    let dir = fresh_dir(&format!("{name}-{rollups}"));
     let path = dir.join("t.db");
     drop(open(&path, Access::Write).unwrap());
     for (agent, conns) in fixture_conns() {
@@ -1109,9 +1115,7 @@ fn auth_routing_and_methods() {
 
 #[test]
 fn empty_database_answers_zeroes() {
-    let dir = std::env::temp_dir().join(format!("mct-api-{}-empty", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("empty");
     let path = dir.join("t.db");
     open(&path, Access::Write).unwrap();
     let api = Api::new(&path);
@@ -1356,9 +1360,7 @@ fn documented_shapes() {
 
 /// Temp ARP and leases files naming two of the fixture's devices.
 fn device_files(name: &str) -> crate::devices::Devices {
-    let dir = std::env::temp_dir().join(format!("mct-api-{}-{name}-dev", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir(&format!("{name}-dev"));
     let arp = dir.join("arp");
     let leases = dir.join("leases");
     std::fs::write(
@@ -1654,9 +1656,7 @@ fn ranged_groups_sort_by_their_sums() {
 
 /// A database whose geoip arrays are odd on purpose (duplicates, empty, invalid, not an array, escapes).
 fn geo_fixture(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mct-api-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir(name);
     let path = dir.join("t.db");
     drop(open(&path, Access::Write).unwrap());
     let t = t0();
@@ -1915,9 +1915,7 @@ fn start_times_within_a_minute_order_and_filter_to_the_millisecond() {
         ("n0", t + 60_000),
         ("n1", t + 61_000),
     ];
-    let dir = std::env::temp_dir().join(format!("mct-api-{}-minute", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("minute");
     let path = dir.join("t.db");
     // written in an order unlike their starts
     let conns = [2, 4, 0, 3, 1].map(|i| {
