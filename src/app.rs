@@ -6,9 +6,9 @@
 //! sender gone, commits what it holds and returns. Nothing received is lost on SIGINT/SIGTERM.
 
 use crate::cli::{AgentConfig, MasterConfig};
-use crate::collector::CollectorConfig;
-use crate::diff::Tracker;
 use crate::error::{Error, Result};
+use crate::mihomo::collector::CollectorConfig;
+use crate::mihomo::diff::Tracker;
 use crate::retention::RetentionPolicy;
 use crate::store::{self, Access, WriteCmd, Writer, WriterConfig};
 use crate::sync::SyncConfig;
@@ -119,7 +119,7 @@ impl Running {
         let stop = self.stop.clone();
         crate::info!("collector: tracking mihomo at {}", cfg.authority());
         self.producers.push(spawn("collector", move || {
-            crate::collector::run(cfg, tracker, tx, stop)
+            crate::mihomo::collector::run(cfg, tracker, tx, stop)
         })?);
         Ok(())
     }
@@ -321,7 +321,7 @@ mod tests {
             })
             .collect();
         let body = serde_json::json!({"agent_id": "a1", "connections": records});
-        let answer = crate::ingest::handle_sync(
+        let answer = crate::api::ingest::handle_sync(
             &serde_json::to_vec(&body).unwrap(),
             &running.writer().unwrap(),
             0,

@@ -5,9 +5,9 @@
 //! command line wins). Tokens can be read from a file (`--api-token-file`, ...) so they never show in `ps`.
 //! An unknown or malformed flag is an error naming it (exit code 2).
 
-use crate::collector::CollectorConfig;
 use crate::error::{Error, Result};
 use crate::log::Level;
+use crate::mihomo::collector::CollectorConfig;
 use std::ffi::OsString;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -47,7 +47,7 @@ pub struct MasterConfig {
     /// dnsmasq's leases, for device names (`--dhcp-leases`).
     pub dhcp_leases: PathBuf,
     /// `/metrics`: series per dimension (`--metrics-max-series`) and the host dimension (`--metrics-hosts`).
-    pub metrics: crate::metrics::MetricsConfig,
+    pub metrics: crate::counters::MetricsConfig,
 }
 
 /// `agent`: collects next to mihomo into a local database and syncs it to a master.
@@ -291,9 +291,9 @@ fn positive(f: &mut Flags, flag: &'static str, default: u64) -> Result<u64> {
 }
 
 /// Reads `--mihomo-config` (mihomo's config.yaml) for defaults of host, port and secret.
-fn mihomo_defaults(f: &mut Flags) -> Result<crate::mihomo_config::ControllerInfo> {
+fn mihomo_defaults(f: &mut Flags) -> Result<crate::mihomo::config::ControllerInfo> {
     match f.string("--mihomo-config")? {
-        Some(path) => crate::mihomo_config::read(&path),
+        Some(path) => crate::mihomo::config::read(&path),
         None => Ok(Default::default()),
     }
 }
@@ -301,7 +301,7 @@ fn mihomo_defaults(f: &mut Flags) -> Result<crate::mihomo_config::ControllerInfo
 fn mihomo(
     f: &mut Flags,
     host: String,
-    defaults: crate::mihomo_config::ControllerInfo,
+    defaults: crate::mihomo::config::ControllerInfo,
 ) -> Result<CollectorConfig> {
     let cfg = CollectorConfig {
         host,
@@ -311,7 +311,7 @@ fn mihomo(
             .or(defaults.secret),
         interval_ms: positive(f, "--interval-ms", 1000)?,
     };
-    crate::collector::validate(&cfg)?;
+    crate::mihomo::collector::validate(&cfg)?;
     Ok(cfg)
 }
 
@@ -399,11 +399,11 @@ pub fn parse(args: Vec<OsString>) -> Result<Command> {
                     .string("--dhcp-leases")?
                     .unwrap_or_else(|| "/tmp/dhcp.leases".into())
                     .into(),
-                metrics: crate::metrics::MetricsConfig {
+                metrics: crate::counters::MetricsConfig {
                     max_series: positive(
                         &mut f,
                         "--metrics-max-series",
-                        crate::metrics::DEFAULT_MAX_SERIES as u64,
+                        crate::counters::DEFAULT_MAX_SERIES as u64,
                     )?
                     .min(10_000) as usize,
                     hosts: f.args.contains("--metrics-hosts"),
@@ -594,7 +594,7 @@ mod tests {
             (m.arp_file.to_str(), m.dhcp_leases.to_str()),
             (Some("/proc/net/arp"), Some("/tmp/dhcp.leases"))
         );
-        assert_eq!(m.metrics, crate::metrics::MetricsConfig::default());
+        assert_eq!(m.metrics, crate::counters::MetricsConfig::default());
         let Command::Master(m) = p("master --database x.db --arp-file /a --dhcp-leases /b --metrics-max-series 7 --metrics-hosts").unwrap() else {
             panic!()
         };

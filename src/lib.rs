@@ -18,7 +18,7 @@
 //!  main: waits for SIGINT/SIGTERM, sets the stop flag, joins everything
 //! ```
 //!
-//! - `collector` ([`collector`], [`snapshot`], [`diff`]): one thread reads mihomo's full snapshots, diffs them
+//! - `collector` ([`mihomo::collector`], [`mihomo::snapshot`], [`mihomo::diff`]): one thread reads mihomo's full snapshots, diffs them
 //!   against the open set and sends [`model::ConnectionDiff`]s (opened, byte deltas, closed).
 //! - `writer` ([`store::writer`]): the only thread that writes the database. It coalesces diffs and commits
 //!   them in one transaction every `--commit-interval-ms` (2 s); other writes arrive as closures.
@@ -26,7 +26,7 @@
 //!   server of our own ([`api::http`]: one thread per connection, limits on every byte and second, requests
 //!   handed over a bounded channel); handlers are plain functions from a parsed request to a reply. Two lanes,
 //!   so that slow queries never make agents' syncs time out: the workers serve `POST /sync` (parsed and
-//!   validated there, applied by the writer in one transaction, [`ingest`]) and `/health`; every other request
+//!   validated there, applied by the writer in one transaction, [`api::ingest`]) and `/health`; every other request
 //!   goes over a bounded queue (`503` when full or after 15 s) to `api-query-N` (one per four workers), which
 //!   answers `GET`s through a 4 s single-flight answer cache ([`api::cache`]).
 //! - `sync` ([`sync`], agent only): pushes rows whose change counter passed the acknowledged cursor.
@@ -56,20 +56,16 @@ pub mod agent_id;
 pub mod api;
 pub mod app;
 pub mod cli;
-pub mod collector;
+pub mod counters;
 pub mod devices;
-pub mod diff;
 pub mod error;
-pub mod ingest;
 pub mod log;
-pub mod metrics;
-pub mod mihomo_config;
+pub mod mihomo;
 pub mod model;
 pub mod retention;
 pub mod service;
 #[cfg(feature = "simulator")]
 pub mod simulate;
-pub mod snapshot;
 pub mod store;
 pub mod sync;
 pub mod test_hooks;

@@ -56,7 +56,7 @@ pub fn enabled(level: Level) -> bool {
 pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
     if level == Level::Error {
         // Counted for `/metrics` (mct_errors_total); the message itself is never exported.
-        crate::metrics::record_error();
+        crate::counters::record_error();
     }
     let now = crate::timefmt::format_rfc3339(crate::timefmt::now_ms(), false);
     let mut err = std::io::stderr().lock();

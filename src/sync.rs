@@ -255,7 +255,7 @@ pub fn store_cursor(conn: &Connection, cursor: (i64, i64)) -> Result<()> {
     .map_err(Error::db("store sync cursor"))
 }
 
-/// One record in our wire format (see [`crate::ingest`]): the connection's metadata under its column names,
+/// One record in our wire format (see [`crate::api::ingest`]): the connection's metadata under its column names,
 /// times as RFC 3339, and the traffic rows to merge.
 #[derive(Serialize, Debug)]
 pub struct OutRecord {

@@ -228,7 +228,7 @@ fn route(ctx: &Ctx<'_>, req: &ApiRequest<'_>, path: &str) -> Result<Reply, ApiEr
                     "this server does not accept uploads (no database writer)",
                 ));
             };
-            match crate::ingest::handle_sync(req.body, writer, ctx.now_ms) {
+            match crate::api::ingest::handle_sync(req.body, writer, ctx.now_ms) {
                 Ok(data) => Ok(Reply::json(200, table::success(&data.to_string(), &[]))),
                 Err((status, message)) => Err(ApiError::status(status, message)),
             }

@@ -27,6 +27,7 @@ pub mod cache;
 pub mod connections;
 pub mod handler;
 pub mod http;
+pub mod ingest;
 pub mod metrics;
 pub mod options;
 pub mod params;
@@ -58,7 +59,7 @@ pub struct ApiConfig {
     /// Where device names come from (`group_by=source_ip`, `/connections`, `/metrics`); `None`: no names.
     pub devices: Option<Arc<crate::devices::Devices>>,
     /// How `/metrics` caps its series.
-    pub metrics: crate::metrics::MetricsConfig,
+    pub metrics: crate::counters::MetricsConfig,
 }
 
 /// A running server.

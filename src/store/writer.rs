@@ -179,11 +179,11 @@ struct PendingFlow {
 impl Pending {
     fn add(&mut self, diff: ConnectionDiff) {
         let at = diff.at_ms;
-        crate::metrics::add(&crate::metrics::DIFFS, 1);
-        crate::metrics::add(&crate::metrics::OPENED, diff.opened.len());
-        crate::metrics::add(&crate::metrics::REOPENED, diff.reopened.len());
-        crate::metrics::add(&crate::metrics::FLOWS, diff.flows.len());
-        crate::metrics::add(&crate::metrics::CLOSED, diff.closed.len());
+        crate::counters::add(&crate::counters::DIFFS, 1);
+        crate::counters::add(&crate::counters::OPENED, diff.opened.len());
+        crate::counters::add(&crate::counters::REOPENED, diff.reopened.len());
+        crate::counters::add(&crate::counters::FLOWS, diff.flows.len());
+        crate::counters::add(&crate::counters::CLOSED, diff.closed.len());
         self.changes +=
             diff.opened.len() + diff.reopened.len() + diff.flows.len() + diff.closed.len();
         self.opened.reserve(diff.opened.len());
@@ -647,7 +647,7 @@ impl Writer {
             self.dropped_ids
                 .extend(cut.into_iter().filter(|id| !closed_ids.contains(id)));
             dropped = n as u64;
-            crate::metrics::add(&crate::metrics::DROPPED, n);
+            crate::counters::add(&crate::counters::DROPPED, n);
             self.pending.changes = self.pending.held();
         }
         if let Some(f) = &mut self.failing {
@@ -702,7 +702,7 @@ impl Writer {
         );
         match result {
             Ok(()) => {
-                crate::metrics::observe_commit(started.elapsed());
+                crate::counters::observe_commit(started.elapsed());
                 self.next_seq += 1;
                 for c in &pending.closed {
                     self.live.remove(&c.id);

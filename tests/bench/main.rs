@@ -551,8 +551,8 @@ fn figure_tracking(r: &mut Report, bin: &Path) -> Res<()> {
 // d. parse + diff of a 10,000-connection snapshot, in-process
 
 fn figure_parse_diff(r: &mut Report) -> Res<()> {
-    use mihomo_connections_tracker::diff::Tracker;
-    use mihomo_connections_tracker::snapshot;
+    use mihomo_connections_tracker::mihomo::diff::Tracker;
+    use mihomo_connections_tracker::mihomo::snapshot;
     const N: usize = 10_000;
     let t0 = timefmt::now_ms();
     // No churn: steady state means the same ids with their bytes moved.

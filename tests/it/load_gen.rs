@@ -18,10 +18,10 @@
 //! contention for the CPU rather than the master's, and the master's rows could only be checked against
 //! fifty local databases. A thread per agent costs a fraction of that and knows exactly what it sent.
 
-use mihomo_connections_tracker::diff::Tracker;
+use mihomo_connections_tracker::mihomo::diff::Tracker;
+use mihomo_connections_tracker::mihomo::snapshot;
 use mihomo_connections_tracker::model::{Bytes, ConnMeta, ConnectionDiff};
 use mihomo_connections_tracker::simulate::{Rng, SimModel};
-use mihomo_connections_tracker::snapshot;
 use mihomo_connections_tracker::store::writer::spread;
 use mihomo_connections_tracker::sync::{encode_batch, Batch, OutRecord};
 use mihomo_connections_tracker::timefmt::{self, format_rfc3339, MINUTE_MS};

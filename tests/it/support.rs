@@ -1,8 +1,8 @@
 //! Shared test plumbing: temporary directories, waiting with a deadline, reading the database.
 
 use mihomo_connections_tracker::cli::MasterConfig;
-use mihomo_connections_tracker::collector::CollectorConfig;
 use mihomo_connections_tracker::log::Level;
+use mihomo_connections_tracker::mihomo::collector::CollectorConfig;
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

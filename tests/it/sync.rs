@@ -1,7 +1,7 @@
 //! Agents syncing to a master, end to end on loopback: the real writer on both sides, the real sync thread,
 //! and a tiny fake master (tiny_http, one thread) that feeds bodies to `ingest::handle_sync`.
 
-use mihomo_connections_tracker::ingest::handle_sync;
+use mihomo_connections_tracker::api::ingest::handle_sync;
 use mihomo_connections_tracker::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
 use mihomo_connections_tracker::retention::{self, RetentionPolicy};
 use mihomo_connections_tracker::store::{self, Access, WriteCmd, Writer, WriterConfig};
@@ -933,13 +933,13 @@ fn measure_ingest_and_catch_up() {
         let started = Instant::now();
         let parsed: Vec<_> = bodies
             .iter()
-            .map(|b| mihomo_connections_tracker::ingest::parse_batch(b).unwrap())
+            .map(|b| mihomo_connections_tracker::api::ingest::parse_batch(b).unwrap())
             .collect();
         let parse = started.elapsed().as_secs_f64();
         let mut c = store::open(&dir.join("direct.db"), Access::Write).unwrap();
         let started = Instant::now();
         for b in &parsed {
-            mihomo_connections_tracker::ingest::apply_batch(&mut c, b, T0).unwrap();
+            mihomo_connections_tracker::api::ingest::apply_batch(&mut c, b, T0).unwrap();
         }
         eprintln!(
             "one thread: parse {parse:.2} s, store {:.2} s",

@@ -1,7 +1,7 @@
 //! What the fuzz targets run, shared with the stable corpus replay (`tests/it/fuzz_corpus.rs` includes this
 //! file), so the corpus is checked by `make test` through exactly the code the fuzzers drive.
 //!
-//! - [`snapshot`]: the input is a stream of mihomo frames separated by `0xFF` bytes. Each goes through
+//! - [`mihomo::snapshot`]: the input is a stream of mihomo frames separated by `0xFF` bytes. Each goes through
 //!   [`snapshot::parse`], every entry is decoded ([`Entry::meta`]) and the [`Tracker`] diffs it. Besides "no
 //!   panic", the byte bookkeeping must hold: every flow continues its id's totals exactly
 //!   (`before + delta == totals`), and a close reports at most what was counted.
@@ -10,9 +10,9 @@
 
 use mct::api::handler::{handle, ApiRequest, Ctx};
 use mct::api::params::{self, ConnState, Filters, Format, Match, Order, Params, Where};
-use mct::diff::Tracker;
+use mct::mihomo::diff::Tracker;
 use mct::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
-use mct::snapshot::{self, Entry};
+use mct::mihomo::snapshot::{self, Entry};
 use mihomo_connections_tracker as mct;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,7 +33,7 @@ pub fn snapshot(data: &[u8]) {
         while let Some((&c, rest)) = piece.split_first() {
             match c {
                 b'!' => tracker.stream_lost(),
-                b'~' => at += 3 * mct::diff::REOPEN_WINDOW_MS,
+                b'~' => at += 3 * mct::mihomo::diff::REOPEN_WINDOW_MS,
                 _ => break,
             }
             piece = rest;

@@ -4,14 +4,14 @@
 //! (mihomo accepts either; sing-box and old Clash one or the other). mihomo never answers pings, so a dead
 //! peer is detected by silence: no frame for [`CollectorConfig::dead_after`] drops the socket. tungstenite
 //! does the upgrade; the frames are read by our `FrameReader`, and each push is parsed as its payload streams
-//! in ([`crate::snapshot::read`]; memory: a push is 2 MB at 2,500 connections, and none of it is held whole).
+//! in ([`crate::mihomo::snapshot::read`]; memory: a push is 2 MB at 2,500 connections, and none of it is held whole).
 //! Reads use a short socket timeout so the stop flag is noticed quickly; partial frames are kept across
 //! timeouts. A push is applied to the tracker only once it parsed whole: a bad one changes nothing.
 //! Reconnects back off exponentially (1 s doubling to 30 s, ±20 % jitter); a refused secret (`401`) is
 //! reported once and retried every minute. Log lines are written on state changes only, never per try.
 
-use crate::diff::Tracker;
 use crate::error::{Error, Result};
+use crate::mihomo::diff::Tracker;
 use crate::store::WriteCmd;
 use std::io::ErrorKind;
 use std::io::{Read, Write};
@@ -239,7 +239,7 @@ fn session(
             last_byte: last_frame,
             failed: None,
         };
-        let parsed = crate::snapshot::read(&mut payload, |id| tracker.knows(id));
+        let parsed = crate::mihomo::snapshot::read(&mut payload, |id| tracker.knows(id));
         // whatever the parser left (after a bad push): skipped, so the next push starts clean
         let _ = std::io::copy(&mut payload, &mut std::io::sink());
         if let Some(e) = payload.failed.take() {
@@ -275,7 +275,7 @@ fn session(
         }
         match parsed {
             Ok(snap) => {
-                crate::metrics::add(&crate::metrics::FRAMES, 1);
+                crate::counters::add(&crate::counters::FRAMES, 1);
                 if snap.skipped > 0 {
                     crate::warn!(
                         "collector: skipped {} connections without a usable id",

@@ -34,8 +34,8 @@
 
 use super::params::ApiResult;
 use super::stats::Totals;
+use crate::counters::{self as m, Exposition, Kind, MetricsConfig, OTHER};
 use crate::devices::Devices;
-use crate::metrics::{self as m, Exposition, Kind, MetricsConfig, OTHER};
 use crate::store::WriteCmd;
 use rusqlite::{Connection, OptionalExtension};
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -17,8 +17,8 @@
 //!   was last seen (never before its start) and it closes no earlier than that, so no duration is negative.
 //!   A start after first sight (in our future) is taken as first sight.
 
+use crate::mihomo::snapshot::{IdKey, Snapshot};
 use crate::model::{Bytes, Closed, ConnectionDiff, Flow, OpenRow};
-use crate::snapshot::{IdKey, Snapshot};
 use std::collections::HashMap;
 
 /// How long a closed id is remembered so that it can be reopened instead of duplicated.
@@ -77,7 +77,7 @@ impl Tracker {
     }
 
     /// Whether `id` is open or recently closed: the next [`Tracker::apply`] will not need its metadata
-    /// ([`crate::snapshot::read`] keeps the raw JSON of the others only).
+    /// ([`crate::mihomo::snapshot::read`] keeps the raw JSON of the others only).
     pub fn knows(&self, id: &IdKey) -> bool {
         self.open.contains_key(id) || self.recently_closed.contains_key(id)
     }
@@ -344,7 +344,7 @@ pub fn human_duration(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::parse;
+    use crate::mihomo::snapshot::parse;
 
     #[test]
     fn ids_keep_their_exact_text() {
@@ -685,7 +685,7 @@ mod perf {
         let f0 = mk(0);
         let mut t = Tracker::new(vec![]);
         let s = std::time::Instant::now();
-        let snap = crate::snapshot::parse(f0.as_bytes()).unwrap();
+        let snap = crate::mihomo::snapshot::parse(f0.as_bytes()).unwrap();
         let d = t.apply(&snap, 1000);
         eprintln!(
             "first: {} bytes, {} opened, {:?}",
@@ -702,7 +702,7 @@ mod perf {
         let (mut parse_ns, mut total_ns) = (0, 0);
         for (k, f) in frames.iter().enumerate() {
             let c0 = cpu();
-            let snap = crate::snapshot::parse(f.as_bytes()).unwrap();
+            let snap = crate::mihomo::snapshot::parse(f.as_bytes()).unwrap();
             let c1 = cpu();
             let d = t.apply(&snap, 2000 + k as i64 * 1000);
             drop(d);

@@ -1,0 +1,8 @@
+//! Everything that talks to the mihomo core: its config file ([`config`]), the `/connections` WebSocket
+//! ([`collector`]), the parser of its pushes ([`snapshot`]) and the tracker that turns full snapshots into
+//! changes ([`diff`]).
+
+pub mod collector;
+pub mod config;
+pub mod diff;
+pub mod snapshot;
