@@ -32,11 +32,14 @@
 //! 10 min): scraping never costs more than about a tenth of one core, and those counters lag by at most
 //! that reuse time.
 
+mod exposition;
+
 use super::params::ApiResult;
 use super::stats::Totals;
-use crate::counters::{self as m, Exposition, Kind, MetricsConfig, OTHER};
+use crate::counters as m;
 use crate::devices::Devices;
 use crate::store::WriteCmd;
+use exposition::{Exposition, Kind};
 use rusqlite::{Connection, OptionalExtension};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::mpsc::SyncSender;
@@ -50,6 +53,30 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub const MIN_REUSE: Duration = Duration::from_secs(5);
 /// The longest time a grouped scan is reused.
 pub const MAX_REUSE: Duration = Duration::from_secs(600);
+
+/// How `/metrics` bounds its series.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Per dimension, the top N labels by bytes keep their own series; the rest are folded into `other`.
+    pub max_series: usize,
+    /// Also export the (capped) per-host dimension.
+    pub hosts: bool,
+}
+
+/// 50 series per dimension, no hosts.
+pub const DEFAULT_MAX_SERIES: usize = 50;
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            max_series: DEFAULT_MAX_SERIES,
+            hosts: false,
+        }
+    }
+}
+
+/// The label value that collects everything beyond the top N of a dimension.
+pub const OTHER: &str = "other";
 
 /// One capped dimension: the raw totals per label at the last refresh, and the exported accumulators.
 #[derive(Default, Debug)]
