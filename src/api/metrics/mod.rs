@@ -32,6 +32,12 @@
 //! 10 min): scraping never costs more than about a tenth of one core, and those counters lag by at most
 //! that reuse time.
 //!
+//! **Errors.** A read that fails fails the scrape: `500` with the error envelope naming what could not be
+//! read, so Prometheus marks the target down (`up` 0) instead of storing a partial exposition whose missing
+//! or zero samples would look like data. It is logged at error level when scrapes start failing and at info
+//! level when they work again, not at every scrape. (An agent without a row in table `agents` is no error: it
+//! never uploaded, so it has no sync time and 0 syncs.)
+//!
 //! The parts: [`exposition`] writes the text format, [`dimension`] folds and accumulates the capped
 //! dimensions, [`queries`] reads the database, [`families`] is the table of what is written.
 
@@ -40,11 +46,12 @@ mod exposition;
 mod families;
 mod queries;
 
-use super::params::ApiResult;
+use super::params::{ApiError, ApiResult};
 use super::stats::Totals;
 use crate::devices::Devices;
 use crate::store::WriteCmd;
 use dimension::{exported, DimState, AGENT, DEVICE, DIMENSIONS, HOST, NODE, POLICY, RULE};
+use queries::Failed;
 use rusqlite::Connection;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::SyncSender;
@@ -91,6 +98,8 @@ struct Inner {
     saved: Option<Saved>,
     /// The offsets as last handed to the writer (JSON), to write only when they change.
     persisted: String,
+    /// The last scrape failed (its error was logged; the next ones are not, until one succeeds).
+    failing: bool,
 }
 
 /// Offsets per dimension name, as stored in table `meta` under [`META_KEY`].
@@ -124,7 +133,8 @@ pub fn reuse_for(took: Duration) -> Duration {
     (took * 10).clamp(MIN_REUSE, MAX_REUSE)
 }
 
-/// Renders the whole exposition. `writer` (when given) saves the counters' offsets in table `meta`.
+/// Renders the whole exposition. `writer` (when given) saves the counters' offsets in table `meta`. A read
+/// that fails is a `500` naming it (see the module doc).
 pub fn render(
     db: &Connection,
     rollups: bool,
@@ -135,7 +145,27 @@ pub fn render(
 ) -> ApiResult<String> {
     let mut inner = state.inner.lock().unwrap_or_else(|e| e.into_inner());
     let inner = &mut *inner;
-    scrape(db, rollups, &state.cfg, inner, devices, writer, now_ms)
+    match scrape(db, rollups, &state.cfg, inner, devices, writer, now_ms) {
+        Ok(text) => {
+            if std::mem::take(&mut inner.failing) {
+                crate::info!("metrics: the database can be read again; /metrics answers again");
+            }
+            Ok(text)
+        }
+        Err(Failed { what, error }) => {
+            if std::mem::replace(&mut inner.failing, true) {
+                crate::debug!("metrics: cannot read {what}: {error}");
+            } else {
+                crate::error!(
+                    "metrics: cannot read {what}: {error}; /metrics answers 500 until it can"
+                );
+            }
+            Err(ApiError::status(
+                500,
+                format!("/metrics: cannot read {what} from the database; see the server log"),
+            ))
+        }
+    }
 }
 
 /// Refreshes the dimensions, saves their offsets when they changed, reads the rest and writes the text.
@@ -147,7 +177,7 @@ fn scrape(
     devices: Option<&Devices>,
     writer: Option<&SyncSender<WriteCmd>>,
     now_ms: i64,
-) -> ApiResult<String> {
+) -> Result<String, Failed> {
     if inner.saved.is_none() {
         inner.saved = Some(load_saved(db, inner)?);
     }
@@ -170,12 +200,19 @@ fn scrape(
 }
 
 /// The offsets saved by an earlier process (none when there are none or they cannot be parsed).
-fn load_saved(db: &Connection, inner: &mut Inner) -> ApiResult<Saved> {
+fn load_saved(db: &Connection, inner: &mut Inner) -> Result<Saved, Failed> {
     let text = queries::saved_offsets(db, META_KEY)?;
-    let saved = text
-        .as_deref()
-        .and_then(|t| serde_json::from_str(t).ok())
-        .unwrap_or_default();
+    let saved = match text.as_deref().map(serde_json::from_str::<Saved>) {
+        None => Saved::default(),
+        Some(Ok(saved)) => saved,
+        Some(Err(e)) => {
+            crate::warn!(
+                "metrics: the saved counters' offsets (table meta, key {META_KEY}) are not valid ({e}); \
+                 the counters start from the database's totals"
+            );
+            Saved::default()
+        }
+    };
     inner.persisted = text.unwrap_or_default();
     Ok(saved)
 }
@@ -201,7 +238,7 @@ fn refresh(
     rollups: bool,
     cfg: &MetricsConfig,
     inner: &mut Inner,
-) -> ApiResult<()> {
+) -> Result<(), Failed> {
     let max = cfg.max_series;
     let deleted = update(inner, AGENT, queries::agent_totals(db, rollups)?, max);
     if cfg.hosts && rollups {

@@ -1,9 +1,28 @@
-//! Every read of a scrape.
+//! Every read of a scrape, each named by what it reads: a failure comes back as a [`Failed`] that says
+//! which, so the scrape fails naming it instead of exporting a missing or zero sample.
 
 use super::dimension::add;
 use crate::api::stats::Totals;
 use rusqlite::{Connection, OptionalExtension};
 use std::collections::HashMap;
+
+/// A read of the scrape that failed: what it read, and SQLite's error.
+#[derive(Debug)]
+pub struct Failed {
+    pub what: &'static str,
+    pub error: rusqlite::Error,
+}
+
+/// Names what a query reads, for its error.
+trait Reading<T> {
+    fn reading(self, what: &'static str) -> Result<T, Failed>;
+}
+
+impl<T> Reading<T> for rusqlite::Result<T> {
+    fn reading(self, what: &'static str) -> Result<T, Failed> {
+        self.map_err(|error| Failed { what, error })
+    }
+}
 
 /// The grouped scan over connections (devices, nodes, policies, rules; hosts without rollups).
 #[derive(Default, Debug, Clone)]
@@ -25,53 +44,62 @@ pub struct AgentRow {
 }
 
 /// The counters' offsets saved by an earlier process (JSON), if any.
-pub fn saved_offsets(db: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+pub fn saved_offsets(db: &Connection, key: &str) -> Result<Option<String>, Failed> {
     db.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
         .optional()
+        .reading("the saved counters' offsets")
 }
 
 /// Totals by agent: from the hourly rollup, or a scan without it.
-pub fn agent_totals(db: &Connection, rollups: bool) -> rusqlite::Result<HashMap<String, Totals>> {
+pub fn agent_totals(db: &Connection, rollups: bool) -> Result<HashMap<String, Totals>, Failed> {
     let sql = if rollups {
         "SELECT agent_id, sum(conns), sum(upload), sum(download) FROM rollup_conn_hour GROUP BY 1"
     } else {
         "SELECT agent_id, count(*), coalesce(sum(upload), 0), coalesce(sum(download), 0)
          FROM connections GROUP BY 1"
     };
-    grouped(db, sql)
+    grouped(db, sql).reading("the totals by agent")
 }
 
 /// Totals by host from their rollup.
-pub fn host_totals(db: &Connection) -> rusqlite::Result<HashMap<String, Totals>> {
+pub fn host_totals(db: &Connection) -> Result<HashMap<String, Totals>, Failed> {
     grouped(
         db,
         "SELECT host, conns, upload, download FROM rollup_host WHERE conns > 0",
     )
+    .reading("the totals by host")
 }
 
 /// Open connections (no end time yet) by agent, in `count`.
-pub fn open_by_agent(db: &Connection) -> rusqlite::Result<HashMap<String, Totals>> {
+pub fn open_by_agent(db: &Connection) -> Result<HashMap<String, Totals>, Failed> {
     grouped(
         db,
         "SELECT agent_id, count(*), 0, 0 FROM connections WHERE end_ms IS NULL GROUP BY 1",
     )
+    .reading("the open connections by agent")
 }
 
 /// The sync state and newest update of each agent of `ids`.
 pub fn agent_rows<'a>(
     db: &Connection,
     ids: impl Iterator<Item = &'a String>,
-) -> rusqlite::Result<Vec<AgentRow>> {
-    let mut syncs =
-        db.prepare("SELECT last_sync_ms, sync_count FROM agents WHERE agent_id = ?1")?;
-    let mut newest =
-        db.prepare("SELECT max(last_updated_ms) FROM connections WHERE agent_id = ?1")?;
+) -> Result<Vec<AgentRow>, Failed> {
+    const SYNCS: &str = "the agents' sync state";
+    const NEWEST: &str = "the newest update by agent";
+    let mut syncs = db
+        .prepare("SELECT last_sync_ms, sync_count FROM agents WHERE agent_id = ?1")
+        .reading(SYNCS)?;
+    let mut newest = db
+        .prepare("SELECT max(last_updated_ms) FROM connections WHERE agent_id = ?1")
+        .reading(NEWEST)?;
     let mut rows = Vec::new();
     for id in ids {
         let (last_sync_ms, sync_count) = syncs
             .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .reading(SYNCS)?
             .unwrap_or((None, 0));
-        let newest_update_ms = newest.query_row([id], |r| r.get(0))?;
+        let newest_update_ms = newest.query_row([id], |r| r.get(0)).reading(NEWEST)?;
         rows.push(AgentRow {
             id: id.clone(),
             last_sync_ms,
@@ -83,10 +111,10 @@ pub fn agent_rows<'a>(
 }
 
 /// page_count * page_size (without the WAL).
-pub fn database_size(db: &Connection) -> rusqlite::Result<i64> {
+pub fn database_size(db: &Connection) -> Result<i64, Failed> {
     let one = |sql: &str| db.query_row(sql, [], |r| r.get::<_, i64>(0));
-    let pages = one("PRAGMA page_count")?;
-    let page_size = one("PRAGMA page_size")?;
+    let pages = one("PRAGMA page_count").reading("the database size")?;
+    let page_size = one("PRAGMA page_size").reading("the database size")?;
     Ok(pages * page_size)
 }
 
@@ -119,9 +147,9 @@ fn grouped(db: &Connection, sql: &str) -> rusqlite::Result<HashMap<String, Total
 
 /// One pass over the connections, for devices, nodes, policies and rules (and hosts when there is no
 /// rollup of them).
-pub fn scan(db: &Connection, rollups: bool, hosts: bool) -> rusqlite::Result<Scan> {
+pub fn scan(db: &Connection, rollups: bool, hosts: bool) -> Result<Scan, Failed> {
     let mut s = Scan::default();
-    for (k, t) in combinations(db)? {
+    for (k, t) in combinations(db).reading("the totals by device, node, policy and rule")? {
         let mut f = k.split('\0');
         let mut next = || f.next().unwrap_or("").to_string();
         let (device, node, policy, rule, payload) = (next(), next(), next(), next(), next());
@@ -133,7 +161,7 @@ pub fn scan(db: &Connection, rollups: bool, hosts: bool) -> rusqlite::Result<Sca
     if hosts && !rollups {
         let sql = "SELECT CASE WHEN host <> '' THEN host ELSE destination_ip END, count(*),
                 coalesce(sum(upload), 0), coalesce(sum(download), 0) FROM connections GROUP BY 1";
-        s.host = Some(grouped(db, sql)?);
+        s.host = Some(grouped(db, sql).reading("the totals by host")?);
     }
     Ok(s)
 }
