@@ -38,8 +38,8 @@
 //! level when they work again, not at every scrape. (An agent without a row in table `agents` is no error: it
 //! never uploaded, so it has no sync time and 0 syncs.)
 //!
-//! The parts: [`exposition`] writes the text format, [`dimension`] folds and accumulates the capped
-//! dimensions, [`queries`] reads the database, [`families`] is the table of what is written.
+//! The parts: `exposition.rs` writes the text format, `dimension.rs` folds and accumulates the capped
+//! dimensions, `queries.rs` reads the database, `families.rs` is the table of what is written.
 
 mod dimension;
 mod exposition;
