@@ -47,7 +47,7 @@ pub struct MasterConfig {
     /// dnsmasq's leases, for device names (`--dhcp-leases`).
     pub dhcp_leases: PathBuf,
     /// `/metrics`: series per dimension (`--metrics-max-series`) and the host dimension (`--metrics-hosts`).
-    pub metrics: crate::counters::MetricsConfig,
+    pub metrics: crate::api::metrics::MetricsConfig,
 }
 
 /// `agent`: collects next to mihomo into a local database and syncs it to a master.
@@ -399,11 +399,11 @@ pub fn parse(args: Vec<OsString>) -> Result<Command> {
                     .string("--dhcp-leases")?
                     .unwrap_or_else(|| "/tmp/dhcp.leases".into())
                     .into(),
-                metrics: crate::counters::MetricsConfig {
+                metrics: crate::api::metrics::MetricsConfig {
                     max_series: positive(
                         &mut f,
                         "--metrics-max-series",
-                        crate::counters::DEFAULT_MAX_SERIES as u64,
+                        crate::api::metrics::DEFAULT_MAX_SERIES as u64,
                     )?
                     .min(10_000) as usize,
                     hosts: f.args.contains("--metrics-hosts"),
@@ -594,7 +594,7 @@ mod tests {
             (m.arp_file.to_str(), m.dhcp_leases.to_str()),
             (Some("/proc/net/arp"), Some("/tmp/dhcp.leases"))
         );
-        assert_eq!(m.metrics, crate::counters::MetricsConfig::default());
+        assert_eq!(m.metrics, crate::api::metrics::MetricsConfig::default());
         let Command::Master(m) = p("master --database x.db --arp-file /a --dhcp-leases /b --metrics-max-series 7 --metrics-hosts").unwrap() else {
             panic!()
         };

@@ -59,7 +59,7 @@ pub struct ApiConfig {
     /// Where device names come from (`group_by=source_ip`, `/connections`, `/metrics`); `None`: no names.
     pub devices: Option<Arc<crate::devices::Devices>>,
     /// How `/metrics` caps its series.
-    pub metrics: crate::counters::MetricsConfig,
+    pub metrics: metrics::MetricsConfig,
 }
 
 /// A running server.

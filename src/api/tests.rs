@@ -1495,7 +1495,7 @@ fn metrics_known_numbers_caps_and_auth() {
         );
         assert_eq!(api.call("POST", "/metrics", None).status, 405);
         // Capped: one series per dimension, the rest in "other".
-        api.metrics = super::metrics::MetricsState::new(crate::counters::MetricsConfig {
+        api.metrics = super::metrics::MetricsState::new(crate::api::metrics::MetricsConfig {
             max_series: 1,
             hosts: true,
         });

@@ -339,7 +339,7 @@ fn metrics_scrape_time() {
         .unwrap();
     for hosts in [false, true] {
         let state = mihomo_connections_tracker::api::metrics::MetricsState::new(
-            mihomo_connections_tracker::counters::MetricsConfig {
+            mihomo_connections_tracker::api::metrics::MetricsConfig {
                 max_series: 50,
                 hosts,
             },

@@ -31,14 +31,29 @@
 //! 2.6-3.5 s warm), so its answer is reused for ten times as long as it took (at least 5 s, at most
 //! 10 min): scraping never costs more than about a tenth of one core, and those counters lag by at most
 //! that reuse time.
+//!
+//! **Errors.** A read that fails fails the scrape: `500` with the error envelope naming what could not be
+//! read, so Prometheus marks the target down (`up` 0) instead of storing a partial exposition whose missing
+//! or zero samples would look like data. It is logged at error level when scrapes start failing and at info
+//! level when they work again, not at every scrape. (An agent without a row in table `agents` is no error: it
+//! never uploaded, so it has no sync time and 0 syncs.)
+//!
+//! The parts: `exposition.rs` writes the text format, `dimension.rs` folds and accumulates the capped
+//! dimensions, `queries.rs` reads the database, `families.rs` is the table of what is written.
 
-use super::params::ApiResult;
+mod dimension;
+mod exposition;
+mod families;
+mod queries;
+
+use super::params::{ApiError, ApiResult};
 use super::stats::Totals;
-use crate::counters::{self as m, Exposition, Kind, MetricsConfig, OTHER};
 use crate::devices::Devices;
 use crate::store::WriteCmd;
-use rusqlite::{Connection, OptionalExtension};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use dimension::{exported, DimState, AGENT, DEVICE, DIMENSIONS, HOST, NODE, POLICY, RULE};
+use queries::Failed;
+use rusqlite::Connection;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::SyncSender;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -51,146 +66,40 @@ pub const MIN_REUSE: Duration = Duration::from_secs(5);
 /// The longest time a grouped scan is reused.
 pub const MAX_REUSE: Duration = Duration::from_secs(600);
 
-/// One capped dimension: the raw totals per label at the last refresh, and the exported accumulators.
-#[derive(Default, Debug)]
-struct DimState {
-    prev: HashMap<String, Totals>,
-    exposed: HashMap<String, Totals>,
-    /// The labels with their own series, by bytes descending.
-    top: Vec<String>,
-    /// Whether anything was ever folded into `other`.
-    other: bool,
+/// How `/metrics` bounds its series.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Per dimension, the top N labels by bytes keep their own series; the rest are folded into `other`.
+    pub max_series: usize,
+    /// Also export the (capped) per-host dimension.
+    pub hosts: bool,
 }
 
-fn add(a: &mut Totals, b: Totals) {
-    a.count += b.count;
-    a.upload += b.upload;
-    a.download += b.download;
-}
+/// 50 series per dimension, no hosts.
+pub const DEFAULT_MAX_SERIES: usize = 50;
 
-impl DimState {
-    /// Takes fresh raw totals: each label's growth (never negative) goes to its series. True when some label
-    /// went down (rows were deleted).
-    fn update(&mut self, raw: HashMap<String, Totals>, max: usize) -> bool {
-        let dropped = self.prev.iter().any(|(k, before)| {
-            let now = raw.get(k).copied().unwrap_or_default();
-            now.count < before.count || now.upload < before.upload || now.download < before.download
-        });
-        let mut order: Vec<(&String, i64)> = raw.iter().map(|(k, t)| (k, t.total())).collect();
-        super::stats::rank(&mut order);
-        let top: Vec<String> = order.iter().take(max).map(|(k, _)| (*k).clone()).collect();
-        let in_top: HashSet<&str> = top.iter().map(String::as_str).collect();
-        for (label, now) in &raw {
-            let before = self.prev.get(label).copied().unwrap_or_default();
-            let growth = Totals {
-                count: (now.count - before.count).max(0),
-                upload: (now.upload - before.upload).max(0),
-                download: (now.download - before.download).max(0),
-            };
-            let series = if in_top.contains(label.as_str()) {
-                label.as_str()
-            } else {
-                self.other = true;
-                OTHER
-            };
-            add(self.exposed.entry(series.to_string()).or_default(), growth);
-        }
-        // Labels that left the top N keep their accumulator (they may come back) until there are too many.
-        if self.exposed.len() > 4 * max + 1 {
-            self.exposed
-                .retain(|k, _| k == OTHER || in_top.contains(k.as_str()));
-        }
-        self.top = top;
-        self.prev = raw;
-        dropped
-    }
-
-    /// Per exported series, what it carries beyond the raw totals of its members now (deleted rows, labels
-    /// that moved): persisted so that a restart continues the counters instead of resetting them.
-    fn offsets(&self) -> BTreeMap<String, [i64; 3]> {
-        let mut members: HashMap<&str, Totals> = HashMap::new();
-        for (label, t) in &self.prev {
-            add(members.entry(self.series_of(label)).or_default(), *t);
-        }
-        self.series()
-            .into_iter()
-            .map(|(k, e)| {
-                let r = members.get(k).copied().unwrap_or_default();
-                (
-                    k.to_string(),
-                    [
-                        e.count - r.count,
-                        e.upload - r.upload,
-                        e.download - r.download,
-                    ],
-                )
-            })
-            .filter(|(_, o)| *o != [0, 0, 0])
-            .collect()
-    }
-
-    /// Adds offsets saved by an earlier process to the series that exist now (right after the first update).
-    fn seed(&mut self, offsets: &BTreeMap<String, [i64; 3]>) {
-        let series: Vec<String> = self.series().iter().map(|(k, _)| k.to_string()).collect();
-        for k in series {
-            if let Some(o) = offsets.get(&k) {
-                let e = self.exposed.entry(k).or_default();
-                // Offsets may be negative (a label promoted out of `other` starts its series low).
-                e.count = (e.count + o[0]).max(0);
-                e.upload = (e.upload + o[1]).max(0);
-                e.download = (e.download + o[2]).max(0);
-            }
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            max_series: DEFAULT_MAX_SERIES,
+            hosts: false,
         }
     }
-
-    /// The exported series: (label, totals), top N by bytes, then `other`.
-    fn series(&self) -> Vec<(&str, Totals)> {
-        let mut out: Vec<(&str, Totals)> = self
-            .top
-            .iter()
-            .filter(|k| k.as_str() != OTHER)
-            .map(|k| (k.as_str(), self.exposed.get(k).copied().unwrap_or_default()))
-            .collect();
-        if self.other || self.top.iter().any(|k| k == OTHER) {
-            out.push((OTHER, self.exposed.get(OTHER).copied().unwrap_or_default()));
-        }
-        out
-    }
-
-    /// The series a raw label is counted in now.
-    fn series_of<'a>(&self, label: &'a str) -> &'a str {
-        if self.top.iter().any(|k| k == label) {
-            label
-        } else {
-            OTHER
-        }
-    }
-}
-
-/// The grouped scan over connections (devices, nodes, policies, rules; hosts without rollups).
-#[derive(Default, Debug, Clone)]
-struct Scan {
-    device: HashMap<String, Totals>,
-    node: HashMap<String, Totals>,
-    policy: HashMap<String, Totals>,
-    rule: HashMap<String, Totals>,
-    host: Option<HashMap<String, Totals>>,
 }
 
 #[derive(Default, Debug)]
 struct Inner {
-    agent: DimState,
-    device: DimState,
-    node: DimState,
-    policy: DimState,
-    rule: DimState,
-    host: DimState,
+    /// Per dimension of [`DIMENSIONS`].
+    dims: [DimState; DIMENSIONS.len()],
     /// When the last grouped scan ran and how long it took.
     scanned: Option<(Instant, Duration)>,
-    /// Offsets loaded from the database at the first scrape, applied to each dimension's first update.
+    /// Offsets loaded from the database at the first scrape; each dimension's are applied (and removed) at
+    /// its first update.
     saved: Option<Saved>,
     /// The offsets as last handed to the writer (JSON), to write only when they change.
     persisted: String,
+    /// The last scrape failed (its error was logged; the next ones are not, until one succeeds).
+    failing: bool,
 }
 
 /// Offsets per dimension name, as stored in table `meta` under [`META_KEY`].
@@ -219,96 +128,151 @@ impl MetricsState {
     }
 }
 
-fn rule_label(rule: &str, payload: &str) -> String {
-    if payload.is_empty() {
-        rule.to_string()
-    } else {
-        format!("{rule} ({payload})")
-    }
-}
-
-fn grouped(db: &Connection, sql: &str) -> ApiResult<HashMap<String, Totals>> {
-    let mut stmt = db.prepare(sql)?;
-    let mut rows = stmt.query([])?;
-    let mut out = HashMap::new();
-    while let Some(r) = rows.next()? {
-        let t = Totals {
-            count: r.get(1)?,
-            upload: r.get(2)?,
-            download: r.get(3)?,
-        };
-        add(
-            out.entry(r.get::<_, Option<String>>(0)?.unwrap_or_default())
-                .or_default(),
-            t,
-        );
-    }
-    Ok(out)
-}
-
-fn scan(db: &Connection, rollups: bool, hosts: bool) -> ApiResult<Scan> {
-    let mut s = Scan::default();
-    // Reading the rows and adding them up here is about 4 times faster than SQLite's GROUP BY over five
-    // text columns (which sorts a million rows): the key is built in one reused buffer, so a row allocates
-    // nothing unless its combination is new.
-    let mut stmt = db.prepare(
-        "SELECT source_ip, node, policy, rule, rule_payload, upload, download FROM connections",
-    )?;
-    let mut rows = stmt.query([])?;
-    let mut combos: HashMap<String, Totals> = HashMap::new();
-    let mut key = String::new();
-    while let Some(r) = rows.next()? {
-        key.clear();
-        for i in 0..5 {
-            if i > 0 {
-                key.push('\0');
-            }
-            if let rusqlite::types::ValueRef::Text(t) = r.get_ref(i)? {
-                key.push_str(&String::from_utf8_lossy(t));
-            }
-        }
-        let t = Totals {
-            count: 1,
-            upload: r.get(5)?,
-            download: r.get(6)?,
-        };
-        match combos.get_mut(key.as_str()) {
-            Some(x) => add(x, t),
-            None => {
-                combos.insert(key.clone(), t);
-            }
-        }
-    }
-    for (k, t) in combos {
-        let mut f = k.split('\0');
-        let mut next = || f.next().unwrap_or("").to_string();
-        let (device, node, policy, rule, payload) = (next(), next(), next(), next(), next());
-        add(s.device.entry(device).or_default(), t);
-        add(s.node.entry(node).or_default(), t);
-        add(s.policy.entry(policy).or_default(), t);
-        add(s.rule.entry(rule_label(&rule, &payload)).or_default(), t);
-    }
-    if hosts && !rollups {
-        s.host = Some(grouped(
-            db,
-            "SELECT CASE WHEN host <> '' THEN host ELSE destination_ip END, count(*),
-                coalesce(sum(upload), 0), coalesce(sum(download), 0) FROM connections GROUP BY 1",
-        )?);
-    }
-    Ok(s)
-}
-
 /// How long a scan that took `took` is reused.
 pub fn reuse_for(took: Duration) -> Duration {
     (took * 10).clamp(MIN_REUSE, MAX_REUSE)
 }
 
-/// Per-agent facts from table `agents` and the newest update of each agent's connections.
-struct AgentRow {
-    id: String,
-    last_sync_ms: Option<i64>,
-    sync_count: i64,
-    newest_update_ms: Option<i64>,
+/// Renders the whole exposition. `writer` (when given) saves the counters' offsets in table `meta`. A read
+/// that fails is a `500` naming it (see the module doc).
+pub fn render(
+    db: &Connection,
+    rollups: bool,
+    state: &MetricsState,
+    devices: Option<&Devices>,
+    writer: Option<&SyncSender<WriteCmd>>,
+    now_ms: i64,
+) -> ApiResult<String> {
+    let mut inner = state.inner.lock().unwrap_or_else(|e| e.into_inner());
+    let inner = &mut *inner;
+    match scrape(db, rollups, &state.cfg, inner, devices, writer, now_ms) {
+        Ok(text) => {
+            if std::mem::take(&mut inner.failing) {
+                crate::info!("metrics: the database can be read again; /metrics answers again");
+            }
+            Ok(text)
+        }
+        Err(Failed { what, error }) => {
+            if std::mem::replace(&mut inner.failing, true) {
+                crate::debug!("metrics: cannot read {what}: {error}");
+            } else {
+                crate::error!(
+                    "metrics: cannot read {what}: {error}; /metrics answers 500 until it can"
+                );
+            }
+            Err(ApiError::status(
+                500,
+                format!("/metrics: cannot read {what} from the database; see the server log"),
+            ))
+        }
+    }
+}
+
+/// Refreshes the dimensions, saves their offsets when they changed, reads the rest and writes the text.
+fn scrape(
+    db: &Connection,
+    rollups: bool,
+    cfg: &MetricsConfig,
+    inner: &mut Inner,
+    devices: Option<&Devices>,
+    writer: Option<&SyncSender<WriteCmd>>,
+    now_ms: i64,
+) -> Result<String, Failed> {
+    if inner.saved.is_none() {
+        inner.saved = Some(load_saved(db, inner)?);
+    }
+    refresh(db, rollups, cfg, inner)?;
+    persist(inner, cfg.hosts, writer);
+    let open = queries::open_by_agent(db)?;
+    let agents = queries::agent_rows(db, inner.dims[AGENT].top.iter())?;
+    let database_bytes = queries::database_size(db)?;
+    Ok(families::write(&families::Facts {
+        max_series: cfg.max_series,
+        hosts: cfg.hosts,
+        dims: &inner.dims,
+        devices: devices.map(Devices::table),
+        open: inner.dims[AGENT].fold_counts(&open),
+        agents,
+        database_bytes,
+        scan_seconds: inner.scanned.map(|(_, d)| d.as_secs_f64()).unwrap_or(0.0),
+        now_ms,
+    }))
+}
+
+/// The offsets saved by an earlier process (none when there are none or they cannot be parsed).
+fn load_saved(db: &Connection, inner: &mut Inner) -> Result<Saved, Failed> {
+    let text = queries::saved_offsets(db, META_KEY)?;
+    let saved = match text.as_deref().map(serde_json::from_str::<Saved>) {
+        None => Saved::default(),
+        Some(Ok(saved)) => saved,
+        Some(Err(e)) => {
+            crate::warn!(
+                "metrics: the saved counters' offsets (table meta, key {META_KEY}) are not valid ({e}); \
+                 the counters start from the database's totals"
+            );
+            Saved::default()
+        }
+    };
+    inner.persisted = text.unwrap_or_default();
+    Ok(saved)
+}
+
+/// Feeds fresh totals to dimension `i`; at its first update it also gets the offsets an earlier process
+/// saved. True when some label went down (rows were deleted).
+fn update(inner: &mut Inner, i: usize, raw: HashMap<String, Totals>, max: usize) -> bool {
+    let dropped = inner.dims[i].update(raw, max);
+    if let Some(o) = inner
+        .saved
+        .as_mut()
+        .and_then(|s| s.remove(DIMENSIONS[i].key))
+    {
+        inner.dims[i].seed(&o);
+    }
+    dropped
+}
+
+/// Agents (and hosts from their rollup) every time; the grouped scan when the last one is too old, or
+/// at once when rows were deleted (retention), so every dimension keeps their totals before a restart.
+fn refresh(
+    db: &Connection,
+    rollups: bool,
+    cfg: &MetricsConfig,
+    inner: &mut Inner,
+) -> Result<(), Failed> {
+    let max = cfg.max_series;
+    let deleted = update(inner, AGENT, queries::agent_totals(db, rollups)?, max);
+    if cfg.hosts && rollups {
+        update(inner, HOST, queries::host_totals(db)?, max);
+    }
+    let stale = deleted
+        || match inner.scanned {
+            None => true,
+            Some((at, took)) => at.elapsed() >= reuse_for(took),
+        };
+    if !stale {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let s = queries::scan(db, rollups, cfg.hosts)?;
+    let took = started.elapsed();
+    crate::debug!(
+        "metrics: grouped scan took {} ms, reused for {} s",
+        took.as_millis(),
+        reuse_for(took).as_secs()
+    );
+    for (i, raw) in [
+        (DEVICE, s.device),
+        (NODE, s.node),
+        (POLICY, s.policy),
+        (RULE, s.rule),
+    ] {
+        update(inner, i, raw, max);
+    }
+    if let Some(h) = s.host {
+        update(inner, HOST, h, max);
+    }
+    inner.scanned = Some((started, took));
+    Ok(())
 }
 
 /// Hands the offsets to the writer when they changed (rarely: after deletions or when the top N changes).
@@ -316,20 +280,10 @@ struct AgentRow {
 fn persist(inner: &mut Inner, hosts: bool, writer: Option<&SyncSender<WriteCmd>>) {
     let Some(writer) = writer else { return };
     let mut all: Saved = BTreeMap::new();
-    let mut dims = vec![
-        ("agent", &inner.agent),
-        ("device", &inner.device),
-        ("node", &inner.node),
-        ("policy", &inner.policy),
-        ("rule", &inner.rule),
-    ];
-    if hosts {
-        dims.push(("host", &inner.host));
-    }
-    for (name, dim) in dims {
-        let o = dim.offsets();
+    for i in exported(hosts) {
+        let o = inner.dims[i].offsets();
         if !o.is_empty() {
-            all.insert(name.to_string(), o);
+            all.insert(DIMENSIONS[i].key.to_string(), o);
         }
     }
     let text = serde_json::to_string(&all).unwrap_or_default();
@@ -351,442 +305,5 @@ fn persist(inner: &mut Inner, hosts: bool, writer: Option<&SyncSender<WriteCmd>>
     }
 }
 
-/// Renders the whole exposition. `writer` (when given) saves the counters' offsets in table `meta`.
-pub fn render(
-    db: &Connection,
-    rollups: bool,
-    state: &MetricsState,
-    devices: Option<&Devices>,
-    writer: Option<&SyncSender<WriteCmd>>,
-    now_ms: i64,
-) -> ApiResult<String> {
-    let cfg = &state.cfg;
-    let mut inner = state.inner.lock().unwrap_or_else(|e| e.into_inner());
-    let inner = &mut *inner;
-    let first = inner.saved.is_none();
-    if first {
-        let text: Option<String> = db
-            .query_row("SELECT value FROM meta WHERE key = ?1", [META_KEY], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        let saved: Saved = text
-            .as_deref()
-            .and_then(|t| serde_json::from_str(t).ok())
-            .unwrap_or_default();
-        inner.persisted = text.unwrap_or_default();
-        inner.saved = Some(saved);
-    }
-    let saved = inner.saved.clone().unwrap_or_default();
-    let seed = |name: &str, dim: &mut DimState| {
-        if let Some(o) = saved.get(name) {
-            dim.seed(o);
-        }
-    };
-
-    // Cheap every time: agents from the rollup (or a scan without it), hosts from their rollup.
-    let agents = if rollups {
-        grouped(
-            db,
-            "SELECT agent_id, sum(conns), sum(upload), sum(download) FROM rollup_conn_hour GROUP BY 1",
-        )?
-    } else {
-        grouped(
-            db,
-            "SELECT agent_id, count(*), coalesce(sum(upload), 0), coalesce(sum(download), 0)
-             FROM connections GROUP BY 1",
-        )?
-    };
-    // Rows were deleted (retention): rescan now, so every dimension keeps their totals before a restart.
-    let deleted = inner.agent.update(agents, cfg.max_series);
-    if first {
-        seed("agent", &mut inner.agent);
-    }
-    if cfg.hosts && rollups {
-        let hosts = grouped(
-            db,
-            "SELECT host, conns, upload, download FROM rollup_host WHERE conns > 0",
-        )?;
-        inner.host.update(hosts, cfg.max_series);
-        if first {
-            seed("host", &mut inner.host);
-        }
-    }
-
-    // The grouped scan, reused while fresh enough.
-    let stale = deleted
-        || match inner.scanned {
-            None => true,
-            Some((at, took)) => at.elapsed() >= reuse_for(took),
-        };
-    if stale {
-        let started = Instant::now();
-        let s = scan(db, rollups, cfg.hosts)?;
-        let took = started.elapsed();
-        crate::debug!(
-            "metrics: grouped scan took {} ms, reused for {} s",
-            took.as_millis(),
-            reuse_for(took).as_secs()
-        );
-        inner.device.update(s.device, cfg.max_series);
-        inner.node.update(s.node, cfg.max_series);
-        inner.policy.update(s.policy, cfg.max_series);
-        inner.rule.update(s.rule, cfg.max_series);
-        if let Some(h) = s.host {
-            inner.host.update(h, cfg.max_series);
-        }
-        if inner.scanned.is_none() {
-            seed("device", &mut inner.device);
-            seed("node", &mut inner.node);
-            seed("policy", &mut inner.policy);
-            seed("rule", &mut inner.rule);
-            if !rollups {
-                seed("host", &mut inner.host);
-            }
-        }
-        inner.scanned = Some((started, took));
-    }
-    persist(inner, cfg.hosts, writer);
-
-    let mut e = Exposition::default();
-    let dims: Vec<(&str, &str, &str, &DimState)> = {
-        let mut d = vec![
-            ("mct", "agent", "agent", &inner.agent),
-            ("mct_device", "device", "device (source IP)", &inner.device),
-            ("mct_node", "node", "exit node", &inner.node),
-            ("mct_policy", "policy", "policy group", &inner.policy),
-            ("mct_rule", "rule", "rule (`Type (payload)`)", &inner.rule),
-        ];
-        if cfg.hosts {
-            d.push(("mct_host", "host", "host (or destination IP)", &inner.host));
-        }
-        d
-    };
-    for (prefix, label, what, dim) in &dims {
-        let series = dim.series();
-        let name = format!("{prefix}_bytes_total");
-        e.family(
-            &name,
-            Kind::Counter,
-            &format!("Bytes of recorded connections by {what} and direction; beyond the top {} by bytes folded into \"other\".", cfg.max_series),
-        );
-        for (l, t) in &series {
-            e.sample(
-                &name,
-                &[(label, l), ("direction", "download")],
-                t.download as f64,
-            );
-            e.sample(
-                &name,
-                &[(label, l), ("direction", "upload")],
-                t.upload as f64,
-            );
-        }
-        let name = format!("{prefix}_connections_total");
-        e.family(
-            &name,
-            Kind::Counter,
-            &format!("Connections recorded, by {what}."),
-        );
-        for (l, t) in &series {
-            e.sample(&name, &[(label, l)], t.count as f64);
-        }
-    }
-
-    if let Some(devices) = devices {
-        let table = devices.table();
-        e.family(
-            "mct_device_info",
-            Kind::Gauge,
-            "MAC address and name of a device, from the ARP table and DHCP leases (always 1).",
-        );
-        for l in &inner.device.top {
-            if let Some(d) = table.get(l) {
-                e.sample(
-                    "mct_device_info",
-                    &[("device", l), ("mac", &d.mac), ("name", &d.name)],
-                    1.0,
-                );
-            }
-        }
-    }
-
-    // Open connections by agent, folded like the agent counters.
-    let open = grouped(
-        db,
-        "SELECT agent_id, count(*), 0, 0 FROM connections WHERE end_ms IS NULL GROUP BY 1",
-    )?;
-    let mut open_by: Vec<(&str, i64)> = inner.agent.series().iter().map(|(l, _)| (*l, 0)).collect();
-    for (agent, t) in &open {
-        let s = inner.agent.series_of(agent);
-        match open_by.iter_mut().find(|(l, _)| *l == s) {
-            Some(x) => x.1 += t.count,
-            None => open_by.push((OTHER, t.count)),
-        }
-    }
-    e.family(
-        "mct_open_connections",
-        Kind::Gauge,
-        "Connections open now (no end time yet), by agent.",
-    );
-    for (l, n) in &open_by {
-        e.sample("mct_open_connections", &[("agent", l)], *n as f64);
-    }
-
-    // Per-agent sync health, for the agents with their own series.
-    let mut rows = Vec::new();
-    {
-        let mut stmt =
-            db.prepare("SELECT last_sync_ms, sync_count FROM agents WHERE agent_id = ?1")?;
-        let mut newest =
-            db.prepare("SELECT max(last_updated_ms) FROM connections WHERE agent_id = ?1")?;
-        for id in inner.agent.top.iter() {
-            let (last_sync_ms, sync_count) = stmt
-                .query_row([id], |r| {
-                    Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?))
-                })
-                .unwrap_or((None, 0));
-            let newest_update_ms: Option<i64> = newest.query_row([id], |r| r.get(0))?;
-            rows.push(AgentRow {
-                id: id.clone(),
-                last_sync_ms,
-                sync_count,
-                newest_update_ms,
-            });
-        }
-    }
-    e.family(
-        "mct_agent_syncs_total",
-        Kind::Counter,
-        "Uploads (POST /sync) received from an agent.",
-    );
-    for r in &rows {
-        e.sample(
-            "mct_agent_syncs_total",
-            &[("agent", &r.id)],
-            r.sync_count as f64,
-        );
-    }
-    e.family(
-        "mct_agent_last_sync_timestamp_seconds",
-        Kind::Gauge,
-        "When an agent last uploaded (Unix seconds); absent for agents that never uploaded.",
-    );
-    for r in &rows {
-        if let Some(t) = r.last_sync_ms {
-            e.sample(
-                "mct_agent_last_sync_timestamp_seconds",
-                &[("agent", &r.id)],
-                t as f64 / 1000.0,
-            );
-        }
-    }
-    e.family(
-        "mct_agent_sync_lag_seconds",
-        Kind::Gauge,
-        "Seconds since an agent last uploaded (the master's view of its sync lag).",
-    );
-    for r in &rows {
-        if let Some(t) = r.last_sync_ms {
-            e.sample(
-                "mct_agent_sync_lag_seconds",
-                &[("agent", &r.id)],
-                (now_ms - t).max(0) as f64 / 1000.0,
-            );
-        }
-    }
-    e.family(
-        "mct_agent_data_lag_seconds",
-        Kind::Gauge,
-        "Seconds since the newest connection update the master holds from an agent (grows while an agent's backlog waits).",
-    );
-    for r in &rows {
-        if let Some(t) = r.newest_update_ms {
-            e.sample(
-                "mct_agent_data_lag_seconds",
-                &[("agent", &r.id)],
-                (now_ms - t).max(0) as f64 / 1000.0,
-            );
-        }
-    }
-
-    // The tracker's own health.
-    let pages: i64 = db.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-    let page_size: i64 = db.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-    e.family(
-        "mct_database_size_bytes",
-        Kind::Gauge,
-        "Size of the database (page_count * page_size, without the WAL).",
-    );
-    e.sample("mct_database_size_bytes", &[], (pages * page_size) as f64);
-    e.family(
-        "mct_collector_frames_total",
-        Kind::Counter,
-        "Snapshots received from mihomo and parsed by the collector.",
-    );
-    e.sample("mct_collector_frames_total", &[], m::get(&m::FRAMES) as f64);
-    e.family(
-        "mct_writer_diffs_total",
-        Kind::Counter,
-        "Diffs (frames that changed something) received by the writer.",
-    );
-    e.sample("mct_writer_diffs_total", &[], m::get(&m::DIFFS) as f64);
-    e.family(
-        "mct_writer_changes_total",
-        Kind::Counter,
-        "Changes received by the writer, by kind; rate() gives events per second.",
-    );
-    for (kind, c) in [
-        ("opened", &m::OPENED),
-        ("reopened", &m::REOPENED),
-        ("flow", &m::FLOWS),
-        ("closed", &m::CLOSED),
-    ] {
-        e.sample(
-            "mct_writer_changes_total",
-            &[("kind", kind)],
-            m::get(c) as f64,
-        );
-    }
-    e.family(
-        "mct_writer_commits_total",
-        Kind::Counter,
-        "Transactions committed by the writer.",
-    );
-    e.sample("mct_writer_commits_total", &[], m::get(&m::COMMITS) as f64);
-    e.family(
-        "mct_writer_dropped_connections_total",
-        Kind::Counter,
-        "New connections dropped because the database could not be written and memory was at its bound.",
-    );
-    e.sample(
-        "mct_writer_dropped_connections_total",
-        &[],
-        m::get(&m::DROPPED) as f64,
-    );
-    e.family(
-        "mct_writer_last_commit_seconds",
-        Kind::Gauge,
-        "Duration of the writer's last commit.",
-    );
-    e.sample(
-        "mct_writer_last_commit_seconds",
-        &[],
-        m::get(&m::LAST_COMMIT_US) as f64 / 1e6,
-    );
-    e.family(
-        "mct_writer_max_commit_seconds",
-        Kind::Gauge,
-        "Duration of the writer's longest commit since start.",
-    );
-    e.sample(
-        "mct_writer_max_commit_seconds",
-        &[],
-        m::get(&m::MAX_COMMIT_US) as f64 / 1e6,
-    );
-    e.family(
-        "mct_errors_total",
-        Kind::Counter,
-        "Errors logged since start (the messages are in the log).",
-    );
-    e.sample("mct_errors_total", &[], m::get(&m::ERRORS) as f64);
-    e.family(
-        "mct_last_error_timestamp_seconds",
-        Kind::Gauge,
-        "When the last error was logged (Unix seconds; 0: none since start).",
-    );
-    e.sample(
-        "mct_last_error_timestamp_seconds",
-        &[],
-        m::get(&m::LAST_ERROR_MS) as f64 / 1000.0,
-    );
-    e.family(
-        "mct_metrics_scan_seconds",
-        Kind::Gauge,
-        "Duration of the last grouped scan behind the device, node, policy and rule counters.",
-    );
-    e.sample(
-        "mct_metrics_scan_seconds",
-        &[],
-        inner.scanned.map(|(_, d)| d.as_secs_f64()).unwrap_or(0.0),
-    );
-    Ok(e.finish())
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn t(count: i64, upload: i64, download: i64) -> Totals {
-        Totals {
-            count,
-            upload,
-            download,
-        }
-    }
-
-    fn raw(v: &[(&str, Totals)]) -> HashMap<String, Totals> {
-        v.iter().map(|(k, t)| (k.to_string(), *t)).collect()
-    }
-
-    #[test]
-    fn folds_beyond_top_n_and_never_drops() {
-        let mut d = DimState::default();
-        d.update(
-            raw(&[("a", t(1, 0, 100)), ("b", t(2, 0, 50)), ("c", t(3, 0, 10))]),
-            2,
-        );
-        assert_eq!(
-            d.series(),
-            vec![
-                ("a", t(1, 0, 100)),
-                ("b", t(2, 0, 50)),
-                (OTHER, t(3, 0, 10))
-            ]
-        );
-        // Retention deleted rows of a (a drop) while c grew past b: nothing goes down, c's growth lands in
-        // its new series and other keeps what it had.
-        d.update(
-            raw(&[("a", t(1, 0, 60)), ("b", t(2, 0, 50)), ("c", t(4, 0, 80))]),
-            2,
-        );
-        assert_eq!(
-            d.series(),
-            vec![
-                ("c", t(1, 0, 70)),
-                ("a", t(1, 0, 100)),
-                (OTHER, t(3, 0, 10))
-            ]
-        );
-        // b is now folded: its growth goes to other.
-        d.update(
-            raw(&[("a", t(1, 0, 60)), ("b", t(3, 0, 55)), ("c", t(4, 0, 80))]),
-            2,
-        );
-        assert_eq!(d.series()[2], (OTHER, t(4, 0, 15)));
-    }
-
-    #[test]
-    fn offsets_carry_counters_over_a_restart() {
-        let mut d = DimState::default();
-        d.update(raw(&[("a", t(2, 0, 100)), ("b", t(1, 0, 10))]), 1);
-        assert!(d.offsets().is_empty(), "nothing deleted yet");
-        // a lost a row of 60 bytes.
-        assert!(d.update(raw(&[("a", t(1, 0, 40)), ("b", t(1, 0, 10))]), 1));
-        let saved = d.offsets();
-        assert_eq!(saved.get("a"), Some(&[1, 0, 60]));
-        // A new process sees only the live rows, and adds the offsets back.
-        let mut restarted = DimState::default();
-        assert!(!restarted.update(raw(&[("a", t(1, 0, 40)), ("b", t(1, 0, 10))]), 1));
-        restarted.seed(&saved);
-        assert_eq!(restarted.series(), d.series());
-        assert_eq!(restarted.series()[0], ("a", t(2, 0, 100)));
-    }
-
-    #[test]
-    fn reuse_grows_with_scan_time() {
-        assert_eq!(reuse_for(Duration::from_millis(1)), MIN_REUSE);
-        assert_eq!(reuse_for(Duration::from_secs(3)), Duration::from_secs(30));
-        assert_eq!(reuse_for(Duration::from_secs(3600)), MAX_REUSE);
-    }
-}
+mod tests;
