@@ -20,10 +20,30 @@ pub enum Command {
     Agent(AgentConfig),
     Simulate(SimulateArgs),
     /// Print a service definition for the given master/agent command line.
-    Service(crate::service::ServiceKind, Vec<String>),
+    Service(ServiceKind, Vec<String>),
     /// Print this text and exit 0.
     Help(&'static str),
     Version,
+}
+
+/// Which init system `service` writes a definition for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    /// OpenWrt's procd (`/etc/init.d/...`), with respawn.
+    OpenWrt,
+    /// A systemd unit.
+    Systemd,
+}
+
+impl ServiceKind {
+    /// Parses `openwrt|procd|systemd`.
+    pub fn parse(s: &str) -> Option<ServiceKind> {
+        match s {
+            "openwrt" | "procd" => Some(ServiceKind::OpenWrt),
+            "systemd" => Some(ServiceKind::Systemd),
+            _ => None,
+        }
+    }
 }
 
 /// `master`: stores what agents send, answers the API; with `--mihomo-host` also collects itself.
@@ -163,7 +183,8 @@ struct Flags {
     args: pico_args::Arguments,
 }
 
-fn env_name(flag: &str) -> String {
+/// The environment variable standing in for `flag`: `--mihomo-token` → `MCT_MIHOMO_TOKEN`.
+pub fn env_name(flag: &str) -> String {
     format!(
         "MCT_{}",
         flag.trim_start_matches('-')
@@ -489,7 +510,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command> {
                 .map_err(|e| Error::Usage(e.to_string()))?;
             let kind = kind
                 .as_deref()
-                .and_then(crate::service::ServiceKind::parse)
+                .and_then(ServiceKind::parse)
                 .ok_or_else(|| {
                     Error::Usage(
                         "service: expected openwrt or systemd, then the master/agent command line"
