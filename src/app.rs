@@ -179,12 +179,8 @@ impl Running {
     }
 }
 
-/// The warning for an API reachable from the network without a token; `None` on loopback or with a token.
-pub fn exposure_warning(addr: std::net::SocketAddr, has_token: bool) -> Option<String> {
-    (!addr.ip().is_loopback() && !has_token).then(|| {
-        format!("api: listening on {addr}, reachable from the network, without --api-token: anyone there can read your history")
-    })
-}
+/// Lives with the API, which says in one line where it listens and whether anyone on the network can read it.
+pub use crate::api::exposure_warning;
 
 /// Starts a master: the API, and in standalone mode (`--mihomo-host`) a collector of its own.
 pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
@@ -216,12 +212,7 @@ pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
             return Err(e);
         }
     };
-    let addr = api.addr();
-    crate::info!("api: listening on http://{addr}/api/v1");
-    if let Some(w) = exposure_warning(addr, cfg.api_token.is_some()) {
-        crate::warn!("{w}");
-    }
-    running.api_addr = Some(addr);
+    running.api_addr = Some(api.addr());
     running.stoppers.push(Box::new(move || api.stop()));
     if let Some(days) = cfg.retention_days {
         let policy = RetentionPolicy {
