@@ -3,7 +3,7 @@
 //! Tokens given on the command line are moved into the service's environment (`MCT_API_TOKEN`, ...), so
 //! they do not show in `ps`. The arguments are validated first, by [`cli::parse`]: a service file that cannot
 //! start is never printed. (The command line knows nothing of this module: `cli` parses `service KIND ARGS`
-//! into a [`ServiceKind`] and the raw ARGS, `main` hands them here.)
+//! into a [`ServiceKind`] and the raw ARGS, [`crate::app::run`] hands them here.)
 
 use crate::cli::{self, Command, ServiceKind};
 use crate::error::{Error, Result};
