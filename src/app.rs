@@ -5,7 +5,7 @@
 //! flag, join the producers (each drops its sender), drop our own sender, and the writer, seeing every
 //! sender gone, commits what it holds and returns. Nothing received is lost on SIGINT/SIGTERM.
 
-use crate::cli::{AgentConfig, MasterConfig};
+use crate::cli::{AgentConfig, Command, MasterConfig, SimulateArgs};
 use crate::error::{Error, Result};
 use crate::mihomo::collector::CollectorConfig;
 use crate::mihomo::diff::Tracker;
@@ -179,12 +179,8 @@ impl Running {
     }
 }
 
-/// The warning for an API reachable from the network without a token; `None` on loopback or with a token.
-pub fn exposure_warning(addr: std::net::SocketAddr, has_token: bool) -> Option<String> {
-    (!addr.ip().is_loopback() && !has_token).then(|| {
-        format!("api: listening on {addr}, reachable from the network, without --api-token: anyone there can read your history")
-    })
-}
+/// Lives with the API, which says in one line where it listens and whether anyone on the network can read it.
+pub use crate::api::exposure_warning;
 
 /// Starts a master: the API, and in standalone mode (`--mihomo-host`) a collector of its own.
 pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
@@ -216,12 +212,7 @@ pub fn start_master(cfg: &MasterConfig) -> Result<Running> {
             return Err(e);
         }
     };
-    let addr = api.addr();
-    crate::info!("api: listening on http://{addr}/api/v1");
-    if let Some(w) = exposure_warning(addr, cfg.api_token.is_some()) {
-        crate::warn!("{w}");
-    }
-    running.api_addr = Some(addr);
+    running.api_addr = Some(api.addr());
     running.stoppers.push(Box::new(move || api.stop()));
     if let Some(days) = cfg.retention_days {
         let policy = RetentionPolicy {
@@ -279,6 +270,73 @@ pub fn start_agent(cfg: &AgentConfig) -> Result<Running> {
     };
     running.start_retention(policy)?;
     Ok(running)
+}
+
+/// Runs a parsed command line: prints the help, the version or a service file, or runs a master, an agent or
+/// the simulator until SIGINT/SIGTERM, then stops it cleanly.
+pub fn run(command: Command) -> Result<()> {
+    let running = match command {
+        Command::Help(text) => {
+            print!("{text}");
+            return Ok(());
+        }
+        Command::Version => {
+            println!("mihomo-connections-tracker {}", env!("CARGO_PKG_VERSION"));
+            return Ok(());
+        }
+        Command::Service(kind, args) => {
+            let exe = std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "/usr/bin/mihomo-connections-tracker".into());
+            print!("{}", crate::service::render(kind, &exe, &args)?);
+            return Ok(());
+        }
+        Command::Master(cfg) => {
+            crate::log::set_level(cfg.log_level);
+            start_master(&cfg)?
+        }
+        Command::Agent(cfg) => {
+            crate::log::set_level(cfg.log_level);
+            start_agent(&cfg)?
+        }
+        Command::Simulate(args) => return simulate(args),
+    };
+    let sig = wait_for_signal()?;
+    crate::info!("received signal {sig}; stopping");
+    running.shutdown()?;
+    crate::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Blocks until SIGINT or SIGTERM; returns which.
+fn wait_for_signal() -> Result<i32> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(Error::io("install signal handlers"))?;
+    Ok(signals.forever().next().unwrap_or(SIGTERM))
+}
+
+/// Runs the fake mihomo ([`crate::simulate`], which says where it listens) until SIGINT/SIGTERM.
+#[cfg(feature = "simulator")]
+fn simulate(args: SimulateArgs) -> Result<()> {
+    crate::log::set_level(args.log_level);
+    let sim = crate::simulate::start(crate::simulate::SimConfig {
+        listen: args.listen,
+        connections: args.connections,
+        churn_percent: args.churn_percent,
+        secret: args.secret,
+        seed: args.seed,
+    })?;
+    wait_for_signal()?;
+    sim.stop();
+    Ok(())
+}
+
+#[cfg(not(feature = "simulator"))]
+fn simulate(_: SimulateArgs) -> Result<()> {
+    Err(Error::Usage(
+        "this build has no simulator (router builds leave it out); use the default build, e.g. `make demo`".into(),
+    ))
 }
 
 #[cfg(test)]

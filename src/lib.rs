@@ -15,7 +15,7 @@
 //!         └──────── WriteCmd::Run (advance the cursor after the master's ack) ──┘
 //!  [retention] ──── WriteCmd::Run (delete old closed rows) on a schedule
 //!  [checkpointer] (master) ── its own connection: copies the WAL into the database file
-//!  main: waits for SIGINT/SIGTERM, sets the stop flag, joins everything
+//!  app::run: waits for SIGINT/SIGTERM, sets the stop flag, joins everything
 //! ```
 //!
 //! - `collector` ([`mihomo::collector`], [`mihomo::snapshot`], [`mihomo::diff`]): one thread reads mihomo's full snapshots, diffs them

@@ -1,31 +1,14 @@
 //! `service openwrt|systemd ARGS...`: prints a ready service definition that runs this binary with ARGS.
 //!
 //! Tokens given on the command line are moved into the service's environment (`MCT_API_TOKEN`, ...), so
-//! they do not show in `ps`. The arguments are validated first: a service file that cannot start is never
-//! printed.
+//! they do not show in `ps`. The arguments are validated first, by [`cli::parse`]: a service file that cannot
+//! start is never printed. (The command line knows nothing of this module: `cli` parses `service KIND ARGS`
+//! into a [`ServiceKind`] and the raw ARGS, [`crate::app::run`] hands them here.)
 
+use crate::cli::{self, Command, ServiceKind};
 use crate::error::{Error, Result};
 
-/// Which init system.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServiceKind {
-    /// OpenWrt's procd (`/etc/init.d/...`), with respawn.
-    OpenWrt,
-    /// A systemd unit.
-    Systemd,
-}
-
-impl ServiceKind {
-    /// Parses `openwrt|procd|systemd`.
-    pub fn parse(s: &str) -> Option<ServiceKind> {
-        match s {
-            "openwrt" | "procd" => Some(ServiceKind::OpenWrt),
-            "systemd" => Some(ServiceKind::Systemd),
-            _ => None,
-        }
-    }
-}
-
+/// The flags whose values go into the environment.
 const SECRET_FLAGS: [&str; 4] = [
     "--api-token",
     "--mihomo-token",
@@ -52,15 +35,7 @@ fn split_secrets(args: &[String]) -> (Vec<String>, Vec<(String, String)>) {
                     args.get(i).cloned().unwrap_or_default()
                 }
             };
-            env.push((
-                format!(
-                    "MCT_{}",
-                    flag.trim_start_matches('-')
-                        .replace('-', "_")
-                        .to_ascii_uppercase()
-                ),
-                value,
-            ));
+            env.push((cli::env_name(flag), value));
         } else {
             keep.push(a.clone());
         }
@@ -69,11 +44,15 @@ fn split_secrets(args: &[String]) -> (Vec<String>, Vec<(String, String)>) {
     (keep, env)
 }
 
-fn sh_quote(s: &str) -> String {
-    if !s.is_empty()
+/// Whether `s` needs no quotes, in a shell or in a systemd unit.
+fn is_plain(s: &str) -> bool {
+    !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@,+".contains(&b))
-    {
+}
+
+fn sh_quote(s: &str) -> String {
+    if is_plain(s) {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
@@ -81,10 +60,7 @@ fn sh_quote(s: &str) -> String {
 }
 
 fn systemd_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@,+".contains(&b))
-    {
+    if is_plain(s) {
         s.to_string()
     } else {
         format!(
@@ -103,8 +79,8 @@ pub fn render(kind: ServiceKind, exe: &str, args: &[String]) -> Result<String> {
         Some(r @ ("master" | "agent")) => r,
         _ => return Err(Error::Usage("service: give the command to run, e.g. `service openwrt agent --mihomo-host 127.0.0.1 ...`".into())),
     };
-    match crate::cli::parse(args.iter().map(Into::into).collect())? {
-        crate::cli::Command::Master(_) | crate::cli::Command::Agent(_) => {}
+    match cli::parse(args.iter().map(Into::into).collect())? {
+        Command::Master(_) | Command::Agent(_) => {}
         _ => {
             return Err(Error::Usage(
                 "service: the command must be master or agent with its flags".into(),

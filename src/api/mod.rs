@@ -118,6 +118,7 @@ pub fn start_with_limits(
 ) -> Result<ApiServer> {
     let workers = cfg.workers.max(1);
     let query_threads = (workers / 4).max(1);
+    let has_token = cfg.token.is_some();
     // Checks the database now (a clear error at start); each thread opens its own connection at its first
     // request (memory: a router's API is mostly idle, and an open connection is ~100 KB).
     let rollups = rollup::has_rollups(&crate::store::open(&cfg.db_path, Access::Read)?);
@@ -185,13 +186,25 @@ pub fn start_with_limits(
             return Err(Error::Http(format!("cannot start the accept thread: {e}")));
         }
     };
-    crate::info!(
-        "api: listening on http://{}/api/v1 with {workers} workers and {query_threads} query threads",
-        server.addr()
+    let addr = server.addr();
+    let listening = format!(
+        "api: listening on http://{addr}/api/v1 with {workers} workers and {query_threads} query threads"
     );
+    match exposure_warning(addr, has_token) {
+        Some(warning) => crate::warn!("{listening}, {warning}"),
+        None => crate::info!("{listening}"),
+    }
     Ok(ApiServer {
         http: server,
         workers: handles,
+    })
+}
+
+/// The warning for an API reachable from the network without a token; `None` on loopback or with a token.
+pub fn exposure_warning(addr: SocketAddr, has_token: bool) -> Option<String> {
+    (!addr.ip().is_loopback() && !has_token).then(|| {
+        "reachable from the network, without --api-token: anyone there can read your history"
+            .to_string()
     })
 }
 

@@ -255,3 +255,45 @@ fn every_flag_can_come_from_the_environment() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--listen-port"));
 }
+
+#[test]
+fn a_flag_that_would_be_ignored_or_is_out_of_range_exits_2_naming_it() {
+    for (args, needle) in [
+        (
+            &["master", "--database", "x.db", "--interval-ms", "500"][..],
+            "--interval-ms needs --mihomo-host or --mihomo-config",
+        ),
+        (
+            &["master", "--database", "x.db", "--workers", "65"][..],
+            "--workers: expected a number of threads 1-64, got '65'",
+        ),
+        (
+            &[
+                "agent",
+                "--mihomo-host",
+                "h",
+                "--local-database",
+                "a.db",
+                "--sync-interval",
+                "5",
+            ][..],
+            "--sync-interval needs --master-url",
+        ),
+    ] {
+        let (code, text) = run(args);
+        assert_eq!(code, 2, "{args:?}: {text}");
+        assert!(text.contains(needle), "{args:?}: {text}");
+    }
+    // from the environment, the variable is named
+    let out = Command::new(BIN)
+        .args(["master", "--database", "x.db"])
+        .env("MCT_INTERVAL_MS", "500")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("MCT_INTERVAL_MS (--interval-ms) needs --mihomo-host"),
+        "{text}"
+    );
+}
