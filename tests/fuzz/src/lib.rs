@@ -11,8 +11,8 @@
 use mct::api::handler::{handle, ApiRequest, Ctx};
 use mct::api::params::{self, ConnState, Filters, Format, Match, Order, Params, Where};
 use mct::mihomo::diff::Tracker;
-use mct::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
 use mct::mihomo::snapshot::{self, Entry};
+use mct::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
 use mihomo_connections_tracker as mct;
 use std::collections::HashMap;
 use std::path::PathBuf;
