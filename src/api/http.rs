@@ -96,6 +96,9 @@ pub struct Job {
     pub reply: SyncSender<Reply>,
     /// When the connection handed it over.
     pub queued: Instant,
+    /// The writer's commit generation then ([`crate::counters::commit_generation_begun`]): its answer must
+    /// include every write a client was told of before this request arrived.
+    pub generation: u64,
     /// Set when nobody waits for the answer any more (the client closed, or `answer_timeout` passed).
     pub left: Arc<AtomicBool>,
 }
@@ -728,6 +731,7 @@ impl<'a> Conn<'a> {
             },
             reply: tx,
             queued: Instant::now(),
+            generation: crate::counters::commit_generation_begun(),
             left: Arc::clone(&left),
         };
         match jobs.try_send(job) {
