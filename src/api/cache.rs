@@ -248,10 +248,14 @@ mod tests {
         assert!(c.get_or_run("/k99", 0, || reply(200, "z")).1);
     }
 
-    #[test]
-    fn identical_requests_wait_for_the_one_running() {
-        let c = Arc::new(Cache::new(Duration::from_secs(60), 1 << 20, || 0));
-        let runs = Arc::new(AtomicUsize::new(0));
+    /// One request for `/slow` (arrived at generation 0) held in its computation while `meanwhile()` runs and
+    /// gives the generation at which four identical requests then arrive; the answers of the first and of
+    /// the four (they compute "again"), and how many computations ran.
+    fn one_slow_then_four(
+        c: Cache,
+        meanwhile: impl FnOnce() -> u64,
+    ) -> (String, Vec<String>, usize) {
+        let (c, runs) = (Arc::new(c), Arc::new(AtomicUsize::new(0)));
         let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
         let (go_tx, go_rx) = std::sync::mpsc::sync_channel::<()>(1);
         let first = {
@@ -261,16 +265,17 @@ mod tests {
                     runs.fetch_add(1, Ordering::SeqCst);
                     started_tx.send(()).unwrap();
                     go_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-                    reply(200, "answer")
+                    reply(200, "first")
                 })
             })
         };
         started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let arrived = meanwhile();
         let others: Vec<_> = (0..4)
             .map(|_| {
                 let (c, runs) = (Arc::clone(&c), Arc::clone(&runs));
                 std::thread::spawn(move || {
-                    c.get_or_run("/slow", 0, || {
+                    c.get_or_run("/slow", arrived, || {
                         runs.fetch_add(1, Ordering::SeqCst);
                         reply(200, "again")
                     })
@@ -278,11 +283,19 @@ mod tests {
             })
             .collect();
         go_tx.send(()).unwrap();
-        assert_eq!(first.join().unwrap().0.text(), "answer");
-        for o in others {
-            assert_eq!(o.join().unwrap().0.text(), "answer");
-        }
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let text =
+            |h: std::thread::JoinHandle<(Reply, bool)>| h.join().unwrap().0.text().to_string();
+        let first = text(first);
+        let others = others.into_iter().map(text).collect();
+        (first, others, runs.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn identical_requests_wait_for_the_one_running() {
+        let c = Cache::new(Duration::from_secs(60), 1 << 20, || 0);
+        let (first, others, runs) = one_slow_then_four(c, || 0);
+        assert_eq!((first.as_str(), runs), ("first", 1));
+        assert_eq!(others, ["first"; 4]);
     }
 
     #[test]
@@ -310,43 +323,16 @@ mod tests {
     #[test]
     fn identical_requests_after_a_commit_share_one_more_run() {
         static GENERATION: AtomicU64 = AtomicU64::new(0);
-        let c = Arc::new(Cache::new(Duration::from_secs(60), 1 << 20, || {
+        let c = Cache::new(Duration::from_secs(60), 1 << 20, || {
             GENERATION.load(Ordering::SeqCst)
-        }));
-        let runs = Arc::new(AtomicUsize::new(0));
-        let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
-        let (go_tx, go_rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let first = {
-            let (c, runs) = (Arc::clone(&c), Arc::clone(&runs));
-            std::thread::spawn(move || {
-                c.get_or_run("/slow", 0, || {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    started_tx.send(()).unwrap();
-                    go_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-                    reply(200, "old")
-                })
-            })
-        };
-        started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        // a commit while the first runs: the next four may not take its answer
-        GENERATION.store(1, Ordering::SeqCst);
-        let others: Vec<_> = (0..4)
-            .map(|_| {
-                let (c, runs) = (Arc::clone(&c), Arc::clone(&runs));
-                std::thread::spawn(move || {
-                    c.get_or_run("/slow", 1, || {
-                        runs.fetch_add(1, Ordering::SeqCst);
-                        reply(200, "new")
-                    })
-                })
-            })
-            .collect();
-        go_tx.send(()).unwrap();
-        assert_eq!(first.join().unwrap().0.text(), "old");
-        for o in others {
-            assert_eq!(o.join().unwrap().0.text(), "new");
-        }
-        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        });
+        // a commit while the first runs: the next four may not take its answer, and share one
+        let (first, others, runs) = one_slow_then_four(c, || {
+            GENERATION.store(1, Ordering::SeqCst);
+            1
+        });
+        assert_eq!((first.as_str(), runs), ("first", 2));
+        assert_eq!(others, ["again"; 4]);
     }
 
     #[test]
