@@ -57,6 +57,48 @@ pub fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
+/// The writer's commit generation, so that a reader can tell whether an answer could predate a write that a
+/// client was already told of (the API's answer cache, `api::cache`). It grows by 2 with each commit of the
+/// writer's own (a flush, a group commit of sync batches), after the commit and before anyone is told, and by
+/// 1 before and 1 after each `WriteCmd::Run` closure: such a closure may commit and report its outcome
+/// itself, so while it runs the value is odd and a request arriving then asks for an answer from after it.
+/// It assumes one writer per process (as the binary has): several, as in tests, only make readers ask for
+/// newer answers, except while two closures run at once.
+static COMMIT_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// The writer committed a transaction of its own; called before it tells anyone.
+pub fn committed() {
+    COMMIT_GENERATION.fetch_add(2, Ordering::SeqCst);
+}
+
+/// Held by the writer while it runs a `WriteCmd::Run` closure, which may commit: the commit generation is odd
+/// from [`ClosureRunning::start`] until the guard is dropped.
+pub struct ClosureRunning(());
+
+impl ClosureRunning {
+    pub fn start() -> ClosureRunning {
+        COMMIT_GENERATION.fetch_add(1, Ordering::SeqCst);
+        ClosureRunning(())
+    }
+}
+
+impl Drop for ClosureRunning {
+    fn drop(&mut self) {
+        COMMIT_GENERATION.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Commits that are complete: a database snapshot taken from now on includes every one of them.
+pub fn commit_generation() -> u64 {
+    COMMIT_GENERATION.load(Ordering::SeqCst) / 2
+}
+
+/// Commits that are complete or under way in a `WriteCmd::Run` closure (whose outcome may already have been
+/// reported): what an answer to a request arriving now must include.
+pub fn commit_generation_begun() -> u64 {
+    COMMIT_GENERATION.load(Ordering::SeqCst).div_ceil(2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

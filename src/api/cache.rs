@@ -6,6 +6,15 @@
 //! current one, so 20 users on the 24 h view send byte-identical targets for an hour), and a ranged top list
 //! costs about a second of CPU; under load identical requests pile up in the query queue, and each used to
 //! run again. An answer may be up to [`TTL`] old; agents sync every few seconds anyway.
+//!
+//! Read after write: an answer never predates a write that a client was told of before its request arrived.
+//! Each answer carries the writer's commit generation from when its computation started
+//! ([`crate::counters::commit_generation`]; every commit counted there is in its snapshot), each request the
+//! generation it saw on arrival ([`crate::counters::commit_generation_begun`]), and a request takes only an
+//! answer at least that new. It still runs each question once at a time: a request that finds an identical
+//! one running waits for it, and takes its answer when that is new enough; when not, the first waiter runs the
+//! question again for all the others. So however often the writer commits, identical requests cost at most
+//! two runs at once rather than one each.
 
 use super::handler::Reply;
 use std::collections::HashMap;
@@ -25,6 +34,8 @@ enum Entry {
     Done {
         reply: Reply,
         at: Instant,
+        /// The commit generation when its computation started.
+        generation: u64,
     },
 }
 
@@ -41,6 +52,8 @@ pub struct Cache {
     done: Condvar,
     ttl: Duration,
     max_bytes: usize,
+    /// The commit generation a computation starting now is sure to include.
+    generation: fn() -> u64,
 }
 
 fn size(key: &str, reply: &Reply) -> usize {
@@ -66,26 +79,40 @@ impl Drop for Mark<'_> {
 }
 
 impl Cache {
-    pub fn new(ttl: Duration, max_bytes: usize) -> Cache {
+    /// A cache whose answers start at the commit generation `generation()` gives (the writer's:
+    /// [`crate::counters::commit_generation`]).
+    pub fn new(ttl: Duration, max_bytes: usize, generation: fn() -> u64) -> Cache {
         Cache {
             inner: Mutex::new(Inner::default()),
             done: Condvar::new(),
             ttl,
             max_bytes,
+            generation,
         }
     }
 
-    /// The fresh answer for `key`, waiting for a running identical request, or `run()`'s (kept when it is a
-    /// `200` small enough). The second value tells whether the answer came from the cache.
-    pub fn get_or_run(&self, key: &str, run: impl FnOnce() -> Reply) -> (Reply, bool) {
+    /// The fresh answer for `key` from at least generation `arrived` (the one the request saw on arrival),
+    /// waiting for a running identical request, or `run()`'s (kept when it is a `200` small enough). The
+    /// second value tells whether the answer came from the cache.
+    pub fn get_or_run(
+        &self,
+        key: &str,
+        arrived: u64,
+        run: impl FnOnce() -> Reply,
+    ) -> (Reply, bool) {
         let waited_from = Instant::now();
+        let generation;
         {
             let Ok(mut inner) = self.inner.lock() else {
                 return (run(), false);
             };
             loop {
                 match inner.entries.get(key) {
-                    Some(Entry::Done { reply, at }) if at.elapsed() < self.ttl => {
+                    Some(Entry::Done {
+                        reply,
+                        at,
+                        generation,
+                    }) if at.elapsed() < self.ttl && *generation >= arrived => {
                         return (reply.clone(), true);
                     }
                     Some(Entry::Running) if waited_from.elapsed() < MAX_WAIT => {
@@ -102,6 +129,8 @@ impl Cache {
             if let Some(Entry::Done { reply, .. }) = inner.entries.remove(key) {
                 inner.bytes -= size(key, &reply);
             }
+            // read under the lock, before the computation starts: its snapshot will be at least this new
+            generation = (self.generation)();
             inner.entries.insert(key.to_string(), Entry::Running);
         }
         let mut mark = Mark {
@@ -122,6 +151,7 @@ impl Cache {
                     Entry::Done {
                         reply: reply.clone(),
                         at: Instant::now(),
+                        generation,
                     },
                 );
             }
@@ -135,7 +165,7 @@ impl Cache {
         let ttl = self.ttl;
         let mut freed = 0;
         inner.entries.retain(|k, e| match e {
-            Entry::Done { reply, at } if at.elapsed() >= ttl => {
+            Entry::Done { reply, at, .. } if at.elapsed() >= ttl => {
                 freed += size(k, reply);
                 false
             }
@@ -168,7 +198,7 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::sync::Arc;
 
     fn reply(status: u16, body: &str) -> Reply {
@@ -182,18 +212,18 @@ mod tests {
 
     #[test]
     fn a_fresh_answer_is_reused_and_a_stale_one_recomputed() {
-        let c = Cache::new(Duration::from_millis(200), 1 << 20);
-        let (a, hit) = c.get_or_run("/x?a=1", || reply(200, "one"));
+        let c = Cache::new(Duration::from_millis(200), 1 << 20, || 0);
+        let (a, hit) = c.get_or_run("/x?a=1", 0, || reply(200, "one"));
         assert_eq!((a.text(), hit), ("one", false));
-        let (b, hit) = c.get_or_run("/x?a=1", || reply(200, "two"));
+        let (b, hit) = c.get_or_run("/x?a=1", 0, || reply(200, "two"));
         assert_eq!((b.text(), hit), ("one", true));
         // another key is another question
         assert_eq!(
-            c.get_or_run("/x?a=2", || reply(200, "three")).0.text(),
+            c.get_or_run("/x?a=2", 0, || reply(200, "three")).0.text(),
             "three"
         );
         let deadline = Instant::now() + Duration::from_secs(5);
-        while c.get_or_run("/x?a=1", || reply(200, "four")).0.text() != "four" {
+        while c.get_or_run("/x?a=1", 0, || reply(200, "four")).0.text() != "four" {
             assert!(Instant::now() < deadline, "never went stale");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -201,46 +231,51 @@ mod tests {
 
     #[test]
     fn errors_and_large_answers_are_not_kept_and_the_bytes_stay_bounded() {
-        let c = Cache::new(Duration::from_secs(60), 8 * 1024);
-        c.get_or_run("/e", || reply(400, "bad"));
-        assert_eq!(c.get_or_run("/e", || reply(200, "ok")).0.text(), "ok");
+        let c = Cache::new(Duration::from_secs(60), 8 * 1024, || 0);
+        c.get_or_run("/e", 0, || reply(400, "bad"));
+        assert_eq!(c.get_or_run("/e", 0, || reply(200, "ok")).0.text(), "ok");
         let big = "x".repeat(2000);
-        assert!(!c.get_or_run("/big", || reply(200, &big)).1);
+        assert!(!c.get_or_run("/big", 0, || reply(200, &big)).1);
         assert!(
-            !c.get_or_run("/big", || reply(200, &big)).1,
+            !c.get_or_run("/big", 0, || reply(200, &big)).1,
             "kept over max/8"
         );
         for i in 0..100 {
-            c.get_or_run(&format!("/k{i}"), || reply(200, &"y".repeat(500)));
+            c.get_or_run(&format!("/k{i}"), 0, || reply(200, &"y".repeat(500)));
             assert!(c.bytes() <= 8 * 1024, "{} bytes", c.bytes());
         }
         // the newest is still there
-        assert!(c.get_or_run("/k99", || reply(200, "z")).1);
+        assert!(c.get_or_run("/k99", 0, || reply(200, "z")).1);
     }
 
-    #[test]
-    fn identical_requests_wait_for_the_one_running() {
-        let c = Arc::new(Cache::new(Duration::from_secs(60), 1 << 20));
-        let runs = Arc::new(AtomicUsize::new(0));
+    /// One request for `/slow` (arrived at generation 0) held in its computation while `meanwhile()` runs and
+    /// gives the generation at which four identical requests then arrive; the answers of the first and of
+    /// the four (they compute "again"), and how many computations ran.
+    fn one_slow_then_four(
+        c: Cache,
+        meanwhile: impl FnOnce() -> u64,
+    ) -> (String, Vec<String>, usize) {
+        let (c, runs) = (Arc::new(c), Arc::new(AtomicUsize::new(0)));
         let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
         let (go_tx, go_rx) = std::sync::mpsc::sync_channel::<()>(1);
         let first = {
             let (c, runs) = (Arc::clone(&c), Arc::clone(&runs));
             std::thread::spawn(move || {
-                c.get_or_run("/slow", || {
+                c.get_or_run("/slow", 0, || {
                     runs.fetch_add(1, Ordering::SeqCst);
                     started_tx.send(()).unwrap();
                     go_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-                    reply(200, "answer")
+                    reply(200, "first")
                 })
             })
         };
         started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let arrived = meanwhile();
         let others: Vec<_> = (0..4)
             .map(|_| {
                 let (c, runs) = (Arc::clone(&c), Arc::clone(&runs));
                 std::thread::spawn(move || {
-                    c.get_or_run("/slow", || {
+                    c.get_or_run("/slow", arrived, || {
                         runs.fetch_add(1, Ordering::SeqCst);
                         reply(200, "again")
                     })
@@ -248,20 +283,65 @@ mod tests {
             })
             .collect();
         go_tx.send(()).unwrap();
-        assert_eq!(first.join().unwrap().0.text(), "answer");
-        for o in others {
-            assert_eq!(o.join().unwrap().0.text(), "answer");
-        }
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let text =
+            |h: std::thread::JoinHandle<(Reply, bool)>| h.join().unwrap().0.text().to_string();
+        let first = text(first);
+        let others = others.into_iter().map(text).collect();
+        (first, others, runs.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn identical_requests_wait_for_the_one_running() {
+        let c = Cache::new(Duration::from_secs(60), 1 << 20, || 0);
+        let (first, others, runs) = one_slow_then_four(c, || 0);
+        assert_eq!((first.as_str(), runs), ("first", 1));
+        assert_eq!(others, ["first"; 4]);
+    }
+
+    #[test]
+    fn an_answer_never_predates_a_commit_the_request_saw() {
+        static GENERATION: AtomicU64 = AtomicU64::new(0);
+        let now = || GENERATION.load(Ordering::SeqCst);
+        let c = Cache::new(Duration::from_secs(60), 1 << 20, now);
+        assert!(!c.get_or_run("/s", now(), || reply(200, "before")).1);
+        assert_eq!(
+            c.get_or_run("/s", now(), || reply(200, "x")).0.text(),
+            "before"
+        );
+        // a commit is acknowledged: a request arriving after it needs a new answer
+        GENERATION.fetch_add(1, Ordering::SeqCst);
+        let (r, hit) = c.get_or_run("/s", now(), || reply(200, "after"));
+        assert_eq!((r.text(), hit), ("after", false));
+        assert_eq!(
+            c.get_or_run("/s", now(), || reply(200, "x")).0.text(),
+            "after"
+        );
+        // one that arrived before the commit may take the newer answer
+        assert_eq!(c.get_or_run("/s", 0, || reply(200, "x")).0.text(), "after");
+    }
+
+    #[test]
+    fn identical_requests_after_a_commit_share_one_more_run() {
+        static GENERATION: AtomicU64 = AtomicU64::new(0);
+        let c = Cache::new(Duration::from_secs(60), 1 << 20, || {
+            GENERATION.load(Ordering::SeqCst)
+        });
+        // a commit while the first runs: the next four may not take its answer, and share one
+        let (first, others, runs) = one_slow_then_four(c, || {
+            GENERATION.store(1, Ordering::SeqCst);
+            1
+        });
+        assert_eq!((first.as_str(), runs), ("first", 2));
+        assert_eq!(others, ["again"; 4]);
     }
 
     #[test]
     fn a_panicking_computation_lets_the_waiters_run_it() {
-        let c = Cache::new(Duration::from_secs(60), 1 << 20);
+        let c = Cache::new(Duration::from_secs(60), 1 << 20, || 0);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            c.get_or_run("/p", || panic!("boom"))
+            c.get_or_run("/p", 0, || panic!("boom"))
         }));
         assert!(r.is_err());
-        assert_eq!(c.get_or_run("/p", || reply(200, "ok")).0.text(), "ok");
+        assert_eq!(c.get_or_run("/p", 0, || reply(200, "ok")).0.text(), "ok");
     }
 }

@@ -13,6 +13,10 @@
 //! connection went unanswered while more than 4 keep-alive connections were open). Setting `SO_RCVTIMEO` on
 //! the listening socket (accepted sockets inherit it on Linux) does not rescue it: `accept()` honours that
 //! timeout too, and its first timeout would end the accept thread.
+//!
+//! The bytes themselves are parsed by httparse, the HTTP/1.x parser that ureq and tungstenite already bring
+//! in: request heads (`parse_head`) and chunk sizes. Everything around it stays ours: where a head ends and
+//! how large or slow it may be, the lanes, the body budget, and which status each refusal gets.
 
 use super::handler::Reply;
 use std::io::{ErrorKind, Read, Write};
@@ -92,6 +96,9 @@ pub struct Job {
     pub reply: SyncSender<Reply>,
     /// When the connection handed it over.
     pub queued: Instant,
+    /// The writer's commit generation then ([`crate::counters::commit_generation_begun`]): its answer must
+    /// include every write a client was told of before this request arrived.
+    pub generation: u64,
     /// Set when nobody waits for the answer any more (the client closed, or `answer_timeout` passed).
     pub left: Arc<AtomicBool>,
 }
@@ -107,6 +114,8 @@ impl Job {
 const POLL: Duration = Duration::from_millis(250);
 /// Connection threads only parse and copy bytes.
 const CONN_STACK: usize = 128 * 1024;
+/// Longest line of a chunked body (a chunk's size with its extensions, a trailer): `413` beyond.
+const MAX_LINE: usize = 4096;
 
 /// The accept thread and what it shares with the connection threads.
 pub struct Server {
@@ -443,7 +452,29 @@ impl<'a> Conn<'a> {
         Ok(std::mem::replace(&mut self.buf, rest))
     }
 
-    /// One line (without CRLF) of a chunked body, at most 4 KiB.
+    /// The size line of the next chunk (its extensions are ignored), at most [`MAX_LINE`] bytes; `Err(None)` for
+    /// a malformed one.
+    fn read_chunk_size(&mut self, deadline: Instant) -> Result<usize, Option<Stop>> {
+        loop {
+            // httparse reads a line without digits as size 0: a size needs one
+            if self.buf.first().is_some_and(|b| !b.is_ascii_hexdigit()) {
+                return Err(None);
+            }
+            match httparse::parse_chunk_size(&self.buf) {
+                Ok(httparse::Status::Complete((end, size))) => {
+                    self.buf.drain(..end);
+                    return usize::try_from(size).map_err(|_| None);
+                }
+                Ok(httparse::Status::Partial) if self.buf.len() > MAX_LINE => {
+                    return Err(Some(Stop::TooLarge))
+                }
+                Ok(httparse::Status::Partial) => self.fill(deadline).map_err(Some)?,
+                Err(httparse::InvalidChunkSize) => return Err(None),
+            }
+        }
+    }
+
+    /// One line (without CRLF) of a chunked body, at most [`MAX_LINE`] bytes.
     fn read_line(&mut self, deadline: Instant) -> Result<Vec<u8>, Stop> {
         loop {
             if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
@@ -455,7 +486,7 @@ impl<'a> Conn<'a> {
                 }
                 return Ok(line);
             }
-            if self.buf.len() > 4096 {
+            if self.buf.len() > MAX_LINE {
                 return Err(Stop::TooLarge);
             }
             self.fill(deadline)?;
@@ -473,13 +504,7 @@ impl<'a> Conn<'a> {
     ) -> Result<Vec<u8>, Option<Stop>> {
         let mut body = Vec::new();
         loop {
-            let line = self.read_line(deadline).map_err(Some)?;
-            let size = std::str::from_utf8(&line)
-                .ok()
-                .map(|l| l.split(';').next().unwrap_or("").trim())
-                .filter(|s| !s.is_empty() && s.len() <= 16)
-                .and_then(|s| usize::from_str_radix(s, 16).ok())
-                .ok_or(None)?;
+            let size = self.read_chunk_size(deadline)?;
             if size == 0 {
                 // trailers, up to the blank line
                 while !self.read_line(deadline).map_err(Some)?.is_empty() {}
@@ -557,8 +582,8 @@ impl<'a> Conn<'a> {
         self.write(&out, deadline) && self.write(body, deadline)
     }
 
-    /// Answers an error and closes.
-    fn fail(&mut self, status: u16, message: &str) {
+    /// Answers an error and closes; `None`, for the caller to return: the connection is done.
+    fn fail<T>(&mut self, status: u16, message: &str) -> Option<T> {
         let peer = self
             .stream
             .peer_addr()
@@ -569,6 +594,7 @@ impl<'a> Conn<'a> {
         if self.respond(&reply, false, true) {
             self.linger();
         }
+        None
     }
 
     /// Closes our side, then reads and discards what the client is still sending (1 s, 4 MiB at most):
@@ -594,81 +620,15 @@ impl<'a> Conn<'a> {
 
     /// Serves requests until the client closes, a limit is hit, or the server stops.
     fn serve(&mut self, jobs: &SyncSender<Job>) {
-        let limits = self.limits;
-        let mut idle = limits.head_timeout;
+        let mut idle = self.limits.head_timeout;
         loop {
-            let raw = match self.read_head(idle) {
-                Ok(raw) => raw,
-                // reading a head takes nothing from the body budget
-                Err(Stop::Closed | Stop::Busy) => return,
-                Err(Stop::Timeout) => {
-                    return self.fail(
-                        408,
-                        &format!(
-                            "request head not complete within {} ms",
-                            limits.head_timeout.as_millis()
-                        ),
-                    )
-                }
-                Err(Stop::TooLarge) => {
-                    return self.fail(
-                        431,
-                        &format!("request head larger than {} bytes", limits.max_head_bytes),
-                    )
-                }
+            let Some(head) = self.next_head(idle) else {
+                return;
             };
-            idle = limits.idle_timeout;
-            let head = match parse_head(&raw) {
-                Ok(h) => h,
-                Err((status, msg)) => return self.fail(status, &msg),
-            };
-            let max = limits.max_body_bytes;
-            if head.content_length.is_some_and(|n| n > max) {
-                return self.fail(413, &format!("request body larger than {max} bytes"));
-            }
-            let has_body = head.chunked || head.content_length.is_some_and(|n| n > 0);
-            let mut reserved = None;
-            if has_body {
-                if limits.token.is_some()
-                    && !super::handler::authorized(
-                        limits.token.as_deref(),
-                        head.authorization.as_deref(),
-                    )
-                {
-                    return self.fail(401, super::handler::UNAUTHORIZED);
-                }
-                // a chunked body (no length) reserves as it arrives: see read_chunked
-                match Reserved::take(self.budget, head.content_length.unwrap_or(0)) {
-                    Some(r) => reserved = Some(r),
-                    None => return self.fail(503, "too many uploads in progress; retry later"),
-                }
-            }
-            if has_body && head.expect_continue {
-                let deadline = Instant::now() + limits.write_timeout;
-                if !self.write(b"HTTP/1.1 100 Continue\r\n\r\n", deadline) {
-                    return;
-                }
-            }
-            let deadline = Instant::now() + limits.body_timeout;
-            let body = if let (true, Some(r)) = (head.chunked, reserved.as_mut()) {
-                match self.read_chunked(max, r, deadline) {
-                    Ok(b) => b,
-                    Err(Some(Stop::Busy)) => {
-                        return self.fail(503, "too many uploads in progress; retry later")
-                    }
-                    Err(None) => return self.fail(400, "malformed chunked request body"),
-                    Err(Some(Stop::TooLarge)) => {
-                        return self.fail(413, &format!("request body larger than {max} bytes"))
-                    }
-                    Err(Some(Stop::Timeout)) => return self.body_timed_out(),
-                    Err(Some(Stop::Closed)) => return,
-                }
-            } else {
-                match self.read_exact_body(head.content_length.unwrap_or(0), deadline) {
-                    Ok(b) => b,
-                    Err(Stop::Timeout) => return self.body_timed_out(),
-                    Err(_) => return,
-                }
+            idle = self.limits.idle_timeout;
+            // the body's share of the budget is held until its answer is written
+            let Some((body, _held)) = self.read_body(&head) else {
+                return;
             };
             let head_only = head.method == "HEAD";
             let close = head.close || head.http10 || self.stop.load(Ordering::SeqCst);
@@ -685,18 +645,75 @@ impl<'a> Conn<'a> {
         }
     }
 
-    fn body_timed_out(&mut self) {
-        crate::warn!(
-            "api: a client sent no complete body within {} ms; dropped",
-            self.limits.body_timeout.as_millis()
-        );
-        self.fail(
-            408,
-            &format!(
-                "request body not complete within {} ms",
-                self.limits.body_timeout.as_millis()
-            ),
-        );
+    /// Reads and parses the next request head; `None` when the connection is done (answered if need be).
+    fn next_head(&mut self, idle: Duration) -> Option<Head> {
+        let limits = self.limits;
+        let raw = match self.read_head(idle) {
+            Ok(raw) => raw,
+            // reading a head takes nothing from the body budget
+            Err(Stop::Closed | Stop::Busy) => return None,
+            Err(Stop::Timeout) => {
+                let ms = limits.head_timeout.as_millis();
+                return self.fail(408, &format!("request head not complete within {ms} ms"));
+            }
+            Err(Stop::TooLarge) => {
+                let max = limits.max_head_bytes;
+                return self.fail(431, &format!("request head larger than {max} bytes"));
+            }
+        };
+        match parse_head(&raw) {
+            Ok(head) => Some(head),
+            Err((status, message)) => self.fail(status, &message),
+        }
+    }
+
+    /// Reads the body `head` announces, with its share of the body budget: a body needs the token first, and
+    /// `Expect: 100-continue` is answered once its share is taken. `None` when the connection is done
+    /// (answered if need be).
+    fn read_body(&mut self, head: &Head) -> Option<(Vec<u8>, Option<Reserved<'a>>)> {
+        let (limits, budget) = (self.limits, self.budget);
+        let max = limits.max_body_bytes;
+        let too_large = || format!("request body larger than {max} bytes");
+        if head.content_length.is_some_and(|n| n > max) {
+            return self.fail(413, &too_large());
+        }
+        let length = head.content_length.unwrap_or(0);
+        if !head.chunked && length == 0 {
+            return Some((Vec::new(), None));
+        }
+        let (token, given) = (limits.token.as_deref(), head.authorization.as_deref());
+        if !super::handler::authorized(token, given) {
+            return self.fail(401, super::handler::UNAUTHORIZED);
+        }
+        const BUSY: &str = "too many uploads in progress; retry later";
+        // a chunked body (no length) reserves as it arrives: see read_chunked
+        let Some(mut reserved) = Reserved::take(budget, length) else {
+            return self.fail(503, BUSY);
+        };
+        if head.expect_continue {
+            let deadline = Instant::now() + limits.write_timeout;
+            if !self.write(b"HTTP/1.1 100 Continue\r\n\r\n", deadline) {
+                return None;
+            }
+        }
+        let deadline = Instant::now() + limits.body_timeout;
+        let body = if head.chunked {
+            self.read_chunked(max, &mut reserved, deadline)
+        } else {
+            self.read_exact_body(length, deadline).map_err(Some)
+        };
+        match body {
+            Ok(body) => Some((body, Some(reserved))),
+            Err(None) => self.fail(400, "malformed chunked request body"),
+            Err(Some(Stop::TooLarge)) => self.fail(413, &too_large()),
+            Err(Some(Stop::Busy)) => self.fail(503, BUSY),
+            Err(Some(Stop::Timeout)) => {
+                let ms = limits.body_timeout.as_millis();
+                crate::warn!("api: a client sent no complete body within {ms} ms; dropped");
+                self.fail(408, &format!("request body not complete within {ms} ms"))
+            }
+            Err(Some(Stop::Closed)) => None,
+        }
     }
 
     /// Hands the request to a worker and waits for its answer; `None` when the client closed meanwhile.
@@ -714,6 +731,7 @@ impl<'a> Conn<'a> {
             },
             reply: tx,
             queued: Instant::now(),
+            generation: crate::counters::commit_generation_begun(),
             left: Arc::clone(&left),
         };
         match jobs.try_send(job) {
@@ -787,46 +805,40 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
+/// Why a head is refused: its status and message.
+type Refusal = (u16, String);
 
-/// Parses a request head; `Err((status, message))` for a request to refuse.
-fn parse_head(raw: &[u8]) -> Result<Head, (u16, String)> {
+/// The message for a head that is not UTF-8 (most likely a path or query sent unencoded).
+const NOT_UTF8: &str =
+    "request line or headers are not valid UTF-8 (percent-encode the path and query)";
+
+/// Methods longer than this are refused (httparse has no limit of its own).
+const MAX_METHOD: usize = 32;
+
+/// Parses a complete request head (as [`Conn::read_head`] cut it) with httparse, then reads the headers our
+/// server acts on; `Err((status, message))` for a request to refuse.
+fn parse_head(raw: &[u8]) -> Result<Head, Refusal> {
     let bad = |m: &str| (400, m.to_string());
-    let text = std::str::from_utf8(raw).map_err(|_| {
-        bad("request line or headers are not valid UTF-8 (percent-encode the path and query)")
-    })?;
-    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
-    let line = lines.next().unwrap_or("");
-    let mut parts = line.split(' ');
-    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(m), Some(t), Some(v), None) => (m, t, v),
-        _ => return Err(bad("malformed request line")),
-    };
-    if !is_token(method) || method.len() > 32 {
+    let text = std::str::from_utf8(raw).map_err(|_| bad(NOT_UTF8))?;
+    // Every header ends in a newline, so this many always suffice: the only bound on headers stays the
+    // head's size.
+    let lines = raw.iter().filter(|&&b| b == b'\n').count();
+    let mut headers = vec![httparse::EMPTY_HEADER; lines];
+    let mut req = httparse::Request::new(&mut headers);
+    let parsed = req.parse(raw);
+    if req.method.is_some_and(|m| m.len() > MAX_METHOD) {
         return Err(bad("malformed method"));
     }
-    if target.is_empty() || target.bytes().any(|b| b.is_ascii_control()) {
-        return Err(bad("malformed request target"));
+    match parsed {
+        Ok(httparse::Status::Complete(_)) => {}
+        // cannot happen: the head ends with its blank line
+        Ok(httparse::Status::Partial) => return Err(bad("incomplete request head")),
+        Err(e) => return Err(head_refusal(e, req.method.is_some(), text)),
     }
-    let http10 = match version {
-        "HTTP/1.1" => false,
-        "HTTP/1.0" => true,
-        v if v.starts_with("HTTP/") => {
-            return Err((
-                505,
-                format!("{} is not supported; use HTTP/1.1", super::params::clip(v)),
-            ))
-        }
-        _ => return Err(bad("malformed request line")),
-    };
     let mut head = Head {
-        method: method.to_ascii_uppercase(),
-        target: target.to_string(),
-        http10,
+        method: req.method.unwrap_or_default().to_ascii_uppercase(),
+        target: req.path.unwrap_or_default().to_string(),
+        http10: req.version == Some(0),
         close: false,
         authorization: None,
         no_cache: false,
@@ -835,58 +847,79 @@ fn parse_head(raw: &[u8]) -> Result<Head, (u16, String)> {
         expect_continue: false,
     };
     let mut transfer_encoding = false;
-    for l in lines {
-        if l.is_empty() {
-            continue;
-        }
-        if l.starts_with([' ', '\t']) {
-            return Err(bad("folded header lines are not accepted"));
-        }
-        let (name, value) = l
-            .split_once(':')
-            .ok_or_else(|| bad("malformed header line"))?;
-        if !is_token(name) {
-            return Err(bad("malformed header name"));
-        }
-        let value = value.trim_matches([' ', '\t']);
-        if name.eq_ignore_ascii_case("content-length") {
-            let n: usize = value
-                .parse()
-                .ok()
-                .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
-                .ok_or_else(|| bad("Content-Length is not a number"))?;
-            if head.content_length.is_some_and(|m| m != n) {
-                return Err(bad("conflicting Content-Length headers"));
-            }
-            head.content_length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            transfer_encoding = true;
-            if !value.eq_ignore_ascii_case("chunked") {
-                return Err((
-                    501,
-                    "only the chunked Transfer-Encoding is supported".to_string(),
-                ));
-            }
-            head.chunked = true;
-        } else if name.eq_ignore_ascii_case("connection") {
-            head.close |= value.to_ascii_lowercase().contains("close");
-        } else if name.eq_ignore_ascii_case("authorization") {
-            head.authorization = Some(value.to_string());
-        } else if name.eq_ignore_ascii_case("cache-control") || name.eq_ignore_ascii_case("pragma")
-        {
-            head.no_cache |= value.to_ascii_lowercase().contains("no-cache");
-        } else if name.eq_ignore_ascii_case("expect") {
-            if !value.eq_ignore_ascii_case("100-continue") {
-                return Err((417, "only 'Expect: 100-continue' is supported".to_string()));
-            }
-            head.expect_continue = true;
-        }
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).map_err(|_| bad(NOT_UTF8))?;
+        transfer_encoding |= h.name.eq_ignore_ascii_case("transfer-encoding");
+        head.read_header(h.name, value)?;
     }
     if transfer_encoding && head.content_length.is_some() {
         // the classic request-smuggling ambiguity: refuse rather than guess
         return Err(bad("both Content-Length and Transfer-Encoding"));
     }
     Ok(head)
+}
+
+impl Head {
+    /// Takes in one header (`value` without the whitespace around it); others than ours are ignored.
+    fn read_header(&mut self, name: &str, value: &str) -> Result<(), Refusal> {
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        if is("content-length") {
+            let n: usize = value
+                .parse()
+                .ok()
+                .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| (400, "Content-Length is not a number".to_string()))?;
+            if self.content_length.is_some_and(|m| m != n) {
+                return Err((400, "conflicting Content-Length headers".to_string()));
+            }
+            self.content_length = Some(n);
+        } else if is("transfer-encoding") {
+            if !value.eq_ignore_ascii_case("chunked") {
+                let msg = "only the chunked Transfer-Encoding is supported";
+                return Err((501, msg.to_string()));
+            }
+            self.chunked = true;
+        } else if is("connection") {
+            self.close |= value.to_ascii_lowercase().contains("close");
+        } else if is("authorization") {
+            self.authorization = Some(value.to_string());
+        } else if is("cache-control") || is("pragma") {
+            self.no_cache |= value.to_ascii_lowercase().contains("no-cache");
+        } else if is("expect") {
+            if !value.eq_ignore_ascii_case("100-continue") {
+                return Err((417, "only 'Expect: 100-continue' is supported".to_string()));
+            }
+            self.expect_continue = true;
+        }
+        Ok(())
+    }
+}
+
+/// The status and message for a head httparse refused: `505` for a well-formed request line naming an HTTP
+/// version other than 1.0 and 1.1 (`HTTP/2.0`, the HTTP/2 preface), `400` for everything else.
+fn head_refusal(e: httparse::Error, has_method: bool, text: &str) -> Refusal {
+    let line = text.split('\n').next().unwrap_or("");
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let mut parts = line.split(' ');
+    let version = parts.nth(2).filter(|_| parts.next().is_none());
+    let message = match e {
+        httparse::Error::Version | httparse::Error::NewLine => match version {
+            Some(v) if v.starts_with("HTTP/") && v != "HTTP/1.0" && v != "HTTP/1.1" => {
+                let v = super::params::clip(v);
+                return (505, format!("{v} is not supported; use HTTP/1.1"));
+            }
+            _ => "malformed request line",
+        },
+        httparse::Error::Token if !has_method => "malformed method",
+        httparse::Error::Token => "malformed request line",
+        httparse::Error::HeaderName if text.contains("\n ") || text.contains("\n\t") => {
+            "folded header lines are not accepted"
+        }
+        httparse::Error::HeaderName => "malformed header line",
+        httparse::Error::HeaderValue => "malformed header value",
+        _ => "malformed request head",
+    };
+    (400, message.to_string())
 }
 
 fn reason(status: u16) -> &'static str {

@@ -145,7 +145,11 @@ pub fn start_with_limits(
         rollups,
         devices: cfg.devices,
         metrics: metrics::MetricsState::new(cfg.metrics),
-        cache: cache::Cache::new(cache::TTL, cache::MAX_BYTES),
+        cache: cache::Cache::new(
+            cache::TTL,
+            cache::MAX_BYTES,
+            crate::counters::commit_generation,
+        ),
     });
     let mut handles = Vec::with_capacity(workers + query_threads);
     // The workers hold the only senders: when they end, the query threads do.
@@ -371,8 +375,9 @@ fn serve(
         devices: shared.devices.as_deref(),
         metrics: Some(&shared.metrics),
     };
-    // Only answers the token allows are looked up; every client with the token sees the same data. A client
-    // asking for `no-cache` (a benchmark, a script that just wrote) bypasses it.
+    // Only answers the token allows are looked up; every client with the token sees the same data, and none
+    // older than a write acknowledged before the request arrived. A client asking for `no-cache` (a
+    // benchmark) bypasses it.
     let cacheable = rq.method == "GET"
         && !rq.no_cache
         && path.starts_with("/api/v1/")
@@ -381,7 +386,7 @@ fn serve(
     let (reply, cached) = if cacheable {
         shared
             .cache
-            .get_or_run(&rq.target, || handler::handle(&ctx, &req))
+            .get_or_run(&rq.target, job.generation, || handler::handle(&ctx, &req))
     } else {
         (handler::handle(&ctx, &req), false)
     };

@@ -1968,3 +1968,64 @@ fn start_times_within_a_minute_order_and_filter_to_the_millisecond() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Read after write through the real server and its answer cache: a summary read, an acknowledged sync, then
+/// the same read at once must include the sync (it was answered from the cache for up to 4 s).
+#[test]
+fn a_read_right_after_an_acknowledged_sync_includes_it() {
+    let dir = fresh_dir("read-after-write");
+    let path = dir.join("t.db");
+    let writer = Writer::new(open(&path, Access::Write).unwrap(), WriterConfig::default()).unwrap();
+    let (tx, rx) = std::sync::mpsc::sync_channel(16);
+    let writing = std::thread::spawn(move || writer.run(rx));
+    let cfg = super::ApiConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token: None,
+        db_path: path,
+        workers: 2,
+        max_body_bytes: 1 << 20,
+        devices: None,
+        metrics: Default::default(),
+    };
+    let server = super::start(cfg, Some(tx)).unwrap();
+    let base = format!("http://{}/api/v1", server.addr());
+    let http: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .build()
+        .into();
+    let count = || {
+        let mut r = http
+            .get(&format!("{base}/stats?type=summary"))
+            .call()
+            .unwrap();
+        let body = r.body_mut().read_to_string().unwrap();
+        assert_eq!(r.status(), 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()["data"]["count"].clone()
+    };
+    assert_eq!(count(), 0);
+    for n in 1..=3 {
+        let body = json!({
+            "agent_id": "a1",
+            "timestamp": "2025-04-28T10:05:00Z",
+            "connections": [{
+                "id": format!("c{n}"),
+                "host": "example.com",
+                "upload": 10,
+                "download": 20,
+                "start": "2025-04-28T10:00:00Z",
+                "last_updated": "2025-04-28T10:05:00Z",
+            }],
+        });
+        let mut r = http
+            .post(&format!("{base}/sync"))
+            .send(body.to_string().as_bytes())
+            .unwrap();
+        let answer = r.body_mut().read_to_string().unwrap();
+        assert_eq!(r.status(), 200, "{answer}");
+        assert_eq!(count(), n, "the read right after acknowledged sync {n}");
+    }
+    server.stop();
+    writing.join().unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -451,6 +451,7 @@ impl Writer {
                 Ok(WriteCmd::Run(f)) => {
                     self.flush_logged(true);
                     deadline = self.next_deadline();
+                    let _generation = crate::counters::ClosureRunning::start();
                     f(&mut self.conn);
                 }
                 Ok(WriteCmd::Flush(reply)) => {
@@ -492,7 +493,9 @@ impl Writer {
             for w in writes {
                 (w.apply)(&tx)?;
             }
-            tx.commit().map_err(Error::db("commit group"))
+            tx.commit().map_err(Error::db("commit group"))?;
+            crate::counters::committed();
+            Ok(())
         };
         match run(&mut self.conn, &group) {
             Ok(()) => group.into_iter().for_each(|w| (w.done)(Ok(()))),
@@ -703,6 +706,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 crate::counters::observe_commit(started.elapsed());
+                crate::counters::committed();
                 self.next_seq += 1;
                 for c in &pending.closed {
                     self.live.remove(&c.id);

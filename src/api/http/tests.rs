@@ -513,3 +513,72 @@ fn no_cache_is_read_from_cache_control_or_pragma() {
     assert!(parse("GET / HTTP/1.1\r\npragma: no-cache\r\n\r\n"));
     assert!(!parse("GET / HTTP/1.1\r\nCache-Control: max-age=0\r\n\r\n"));
 }
+
+#[test]
+fn heads_are_refused_with_the_status_of_their_first_fault() {
+    let status = |raw: &[u8]| parse_head(raw).err().map(|(s, _)| s);
+    // accepted: bare LF line ends, whitespace around values, HTTP/1.0
+    let head =
+        parse_head(b"get /a?b=c HTTP/1.0\nAuthorization: \t Bearer x \t\nContent-Length: 2\n\n")
+            .unwrap();
+    assert_eq!(
+        (head.method.as_str(), head.target.as_str(), head.http10),
+        ("GET", "/a?b=c", true)
+    );
+    assert_eq!(
+        (head.authorization.as_deref(), head.content_length),
+        (Some("Bearer x"), Some(2))
+    );
+    let cases: &[(&[u8], Option<u16>)] = &[
+        (b"GET / HTTP/1.1\r\nX:\r\n\r\n", None),
+        (b"GET / HTTP/1.10\r\n\r\n", Some(505)),
+        (b"GET / HTTP/1.1x\r\n\r\n", Some(505)),
+        (b"GET / HTTP/3\r\n\r\n", Some(505)),
+        (b"GET / HTTX/1.1\r\n\r\n", Some(400)),
+        (b"GET / HTTP/2.0 x\r\n\r\n", Some(400)),
+        (b"GET  / HTTP/1.1\r\n\r\n", Some(400)),
+        // the method's length is checked before the version
+        (
+            &[&[b'M'; 33][..], b" / HTTP/2.0\r\n\r\n"].concat(),
+            Some(400),
+        ),
+        (&[&[b'M'; 32][..], b" / HTTP/1.1\r\n\r\n"].concat(), None),
+        // UTF-8 before everything else, as before
+        (b"GET / HTTP/2.0\r\nX: \xff\r\n\r\n", Some(400)),
+        (b"GET / HTTP/1.1\r\nX : a\r\n\r\n", Some(400)),
+        (b"GET / HTTP/1.1\r\n: a\r\n\r\n", Some(400)),
+        (b"GET / HTTP/1.1\r\nContent-Length: +1\r\n\r\n", Some(400)),
+        (
+            b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            None,
+        ),
+        (b"GET / HTTP/1.1\r\nExpect: 100-CONTINUE\r\n\r\n", None),
+    ];
+    for (raw, want) in cases {
+        assert_eq!(status(raw), *want, "{}", String::from_utf8_lossy(raw));
+    }
+    let (_, folded) = parse_head(b"GET / HTTP/1.1\r\nX: a\r\n\tb\r\n\r\n").unwrap_err();
+    assert!(folded.contains("folded"), "{folded}");
+}
+
+#[test]
+fn chunk_sizes_need_a_digit_and_may_carry_extensions() {
+    let e = Echo::start(small());
+    let chunked = |lines: &str| {
+        let raw = format!("POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{lines}");
+        one(&e, raw.as_bytes())
+    };
+    let (st, _, body) = chunked("2 ; a=\"b\"\r\nxy\r\n0\r\n\r\n");
+    assert_eq!((st, body.as_str()), (200, "POST /c None xy"));
+    assert_eq!(chunked("00000000000000002\r\nxy\r\n0\r\n\r\n").0, 400);
+    for bad in [
+        "\r\nxy\r\n0\r\n\r\n",
+        ";x\r\n0\r\n\r\n",
+        " 2\r\nxy\r\n0\r\n\r\n",
+        "2 3\r\n",
+    ] {
+        assert_eq!(chunked(bad).0, 400, "{bad:?}");
+    }
+    // a size line still without its end past 4 KiB
+    assert_eq!(chunked(&format!("1;{}", "e".repeat(5000))).0, 413);
+}
