@@ -30,18 +30,68 @@ impl Drop for TempDir {
     }
 }
 
-/// Polls `f` every 20 ms until it returns `Some`, or panics after 20 s naming `what`.
-pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// How long a test waits for something that takes milliseconds when all is well.
+pub const WAIT: Duration = Duration::from_secs(20);
+/// How often a poll looks again.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// What one poll of [`wait_until`] found: done, with a value, or not yet, with what it saw instead.
+pub trait Polled {
+    type Value;
+    /// The state a poll observed when it was not done, for the message of a timeout.
+    type Seen: std::fmt::Display;
+    fn check(self) -> Result<Self::Value, Self::Seen>;
+}
+
+impl Polled for bool {
+    type Value = ();
+    type Seen = &'static str;
+    fn check(self) -> Result<(), &'static str> {
+        self.then_some(()).ok_or("false")
     }
+}
+
+impl<T> Polled for Option<T> {
+    type Value = T;
+    type Seen = &'static str;
+    fn check(self) -> Result<T, &'static str> {
+        self.ok_or("None")
+    }
+}
+
+/// `Err` carries what the poll saw, formatted only if the wait times out.
+impl<T, E: std::fmt::Display> Polled for Result<T, E> {
+    type Value = T;
+    type Seen = E;
+    fn check(self) -> Result<T, E> {
+        self
+    }
+}
+
+/// Calls `poll` every `every` until it is done and returns its value; after `within`, panics naming `what`
+/// and the state the last poll saw.
+pub fn wait_until<P: Polled>(
+    what: &str,
+    within: Duration,
+    every: Duration,
+    mut poll: impl FnMut() -> P,
+) -> P::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = match poll().check() {
+            Ok(v) => return v,
+            Err(seen) => seen,
+        };
+        if Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for {what}; last seen: {seen}");
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// [`wait_until`] with the usual patience: [`WAIT`], polling every [`POLL`].
+pub fn wait_for<P: Polled>(what: &str, poll: impl FnMut() -> P) -> P::Value {
+    wait_until(what, WAIT, POLL, poll)
 }
 
 /// A standalone master config for tests: API on 127.0.0.1:0, fast commits.
@@ -113,21 +163,29 @@ pub fn stored(db: &Path) -> Vec<Stored> {
 
 /// Waits until the stored rows satisfy `pred`; returns them.
 pub fn wait_stored(db: &Path, what: &str, pred: impl Fn(&[Stored]) -> bool) -> Vec<Stored> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    wait_for(what, || {
         let rows = if db.exists() { stored(db) } else { Vec::new() };
         if pred(&rows) {
-            return rows;
+            Ok(rows)
+        } else {
+            Err(RowsSeen(rows))
         }
-        if Instant::now() > deadline {
-            let open = rows.iter().filter(|r| r.end_ms.is_none()).count();
-            panic!(
-                "timed out waiting for {what}: {} rows, {open} open; first rows {:?}",
-                rows.len(),
-                &rows[..rows.len().min(3)]
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    })
+}
+
+/// Stored rows as a timeout message shows them: how many, how many open, the first few.
+struct RowsSeen(Vec<Stored>);
+
+impl std::fmt::Display for RowsSeen {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let rows = &self.0;
+        let open = rows.iter().filter(|r| r.end_ms.is_none()).count();
+        write!(
+            f,
+            "{} rows, {open} open; first rows {:?}",
+            rows.len(),
+            &rows[..rows.len().min(3)]
+        )
     }
 }
 
