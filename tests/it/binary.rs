@@ -118,21 +118,12 @@ impl Proc {
 
     /// Waits (20 s at most) for the exit code.
     pub fn wait_exit(&mut self) -> i32 {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.seen.push(line);
-                }
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit; stderr {:#?}",
-                self.seen
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        let what = format!("the process to exit; stderr {:#?}", self.seen);
+        let status = wait_for(&what, || self.child.try_wait().unwrap());
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(line);
         }
+        status.code().unwrap_or(-1)
     }
 }
 

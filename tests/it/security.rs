@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// The real binary with stdout and stderr going to files (so nothing it prints escapes the check).
 struct Logged {
@@ -43,18 +42,13 @@ impl Logged {
 
     /// Waits (20 s at most) until it printed `needle`; returns the line.
     fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(l) = self.text().lines().find(|l| l.contains(needle)) {
-                return l.to_string();
+        wait_for(&format!("a line with {needle:?}"), || {
+            let text = self.text();
+            match text.lines().find(|l| l.contains(needle)) {
+                Some(l) => Ok(l.to_string()),
+                None => Err(format!("the output so far:\n{text}")),
             }
-            assert!(
-                Instant::now() < deadline,
-                "no line with {needle:?} in:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 
     fn api_addr(&self) -> SocketAddr {
@@ -67,11 +61,10 @@ impl Logged {
         let _ = Command::new("kill")
             .args(["-s", "TERM", &self.child.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "did not stop:\n{}", self.text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for("it to stop", || match self.child.try_wait().unwrap() {
+            Some(_) => Ok(()),
+            None => Err(format!("the output so far:\n{}", self.text())),
+        });
         self.text()
     }
 }
