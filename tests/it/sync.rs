@@ -1,6 +1,7 @@
 //! Agents syncing to a master, end to end on loopback: the real writer on both sides, the real sync thread,
 //! and a tiny fake master (tiny_http, one thread) that feeds bodies to `ingest::handle_sync`.
 
+use crate::support::{wait_until, POLL};
 use mihomo_connections_tracker::api::ingest::handle_sync;
 use mihomo_connections_tracker::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
 use mihomo_connections_tracker::retention::{self, RetentionPolicy};
@@ -236,14 +237,6 @@ fn count(path: &Path, sql: &str) -> i64 {
         .unwrap()
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 type Hook = Box<dyn FnMut(&[u8]) + Send>;
 
 /// A master on 127.0.0.1: tiny_http, one thread, the real ingest and writer.
@@ -377,6 +370,25 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Waits until the agent's sync status satisfies `ok`; a timeout shows the whole status.
+    fn wait(&self, what: &str, ok: impl Fn(&SyncStatus) -> bool) {
+        let s = &self.status;
+        wait_until(what, WAIT, POLL, || {
+            ok(s).then_some(()).ok_or_else(|| {
+                format!(
+                    "{:?}, {} failed attempts, {} batches and {} rows acked, last error {:?}",
+                    s.state(),
+                    s.failed_attempts(),
+                    s.batches_acked(),
+                    s.rows_acked(),
+                    s.last_error()
+                )
+            })
+        });
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -393,21 +405,16 @@ impl Drop for Agent {
 
 /// Waits until the master holds exactly what the agent holds.
 fn wait_synced(agent_db: &Db, master: &Path, agent_id: &str) {
-    let mut last = None;
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait_until("the master to catch up", WAIT, POLL, || {
         let want = dump(&agent_db.path, agent_id);
         let got = dump(master, agent_id);
         if want == got && !want.conns.is_empty() {
-            return;
-        }
-        if Instant::now() > deadline {
+            Ok(())
+        } else {
             let (w, g) = (want.conns.len(), got.conns.len());
-            last.get_or_insert((w, g));
-            panic!("master never caught up: agent has {w} rows, master {g}");
+            Err(format!("agent has {w} rows, master {g}"))
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    });
 }
 
 #[test]
@@ -426,8 +433,8 @@ fn master_down_then_up_everything_arrives_once_with_final_bytes_and_end_times() 
         1000,
         Duration::from_millis(300),
     );
-    wait_until("the agent to notice the master is down", || {
-        agent.status.failed_attempts() >= 2 && agent.status.state() == LinkState::Unreachable
+    agent.wait("the agent to notice the master is down", |s| {
+        s.failed_attempts() >= 2 && s.state() == LinkState::Unreachable
     });
     assert!(
         agent.status.last_error().contains("timeout"),
@@ -437,15 +444,13 @@ fn master_down_then_up_everything_arrives_once_with_final_bytes_and_end_times() 
     // Nothing listening at all: connection refused.
     drop(hung);
     let failed = agent.status.failed_attempts();
-    wait_until("a refused connection", || {
-        agent.status.failed_attempts() > failed
-    });
+    agent.wait("a refused connection", |s| s.failed_attempts() > failed);
     // Still collecting while the master is away.
     make_conns(&agent_db, "d", 10, T0 + 600_000);
     let master = FakeMaster::start(&dir, port, None);
     wait_synced(&agent_db, master.path(), "r1");
-    wait_until("the agent to see the master back", || {
-        agent.status.state() == LinkState::Synced
+    agent.wait("the agent to see the master back", |s| {
+        s.state() == LinkState::Synced
     });
     assert_eq!(count(master.path(), "SELECT count(*) FROM connections"), 50);
     let closed = count(
@@ -527,11 +532,13 @@ fn backlog_of_6000_rows_arrives_whole_batch_after_batch() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    wait_until("the cursor to reach the last row", || {
-        sync::load_cursor(&store::open(&agent_db.path, Access::Read).unwrap())
+    wait_until("the cursor to reach the last row", WAIT, POLL, || {
+        let now = sync::load_cursor(&store::open(&agent_db.path, Access::Read).unwrap())
             .unwrap()
-            .unwrap()
-            == max
+            .unwrap();
+        (now == max)
+            .then_some(())
+            .ok_or_else(|| format!("the cursor at {now:?}, the last row at {max:?}"))
     });
     assert!(cursor <= max);
 }
@@ -578,7 +585,7 @@ fn row_updated_while_its_batch_is_in_flight_is_sent_again() {
         }));
     }
     let agent = Agent::start(&agent_db, &master.url(), "r1", None, 1000);
-    wait_until("the update during the batch", || {
+    wait_until("the update during the batch", WAIT, POLL, || {
         fired.load(Ordering::SeqCst)
     });
     wait_synced(&agent_db, master.path(), "r1");
@@ -591,8 +598,8 @@ fn row_updated_while_its_batch_is_in_flight_is_sent_again() {
         )
         .unwrap();
     assert_eq!((end, down), (Some(T0 + 300_000), 190_100));
-    wait_until("the agent to count the resent row", || {
-        agent.status.rows_acked() >= 21
+    agent.wait("the agent to count the resent row", |s| {
+        s.rows_acked() >= 21
     });
 }
 
@@ -627,8 +634,8 @@ fn wrong_token_is_reported_data_is_kept_then_everything_arrives() {
     let before = dump(&agent_db.path, "r1");
     let master = FakeMaster::start(&dir, 0, Some("right"));
     let agent = Agent::start(&agent_db, &master.url(), "r1", Some("wrong"), 1000);
-    wait_until("the agent to report the refused token", || {
-        agent.status.state() == LinkState::Unauthorized
+    agent.wait("the agent to report the refused token", |s| {
+        s.state() == LinkState::Unauthorized
     });
     assert!(
         agent.status.last_error().contains("401"),
@@ -645,8 +652,8 @@ fn wrong_token_is_reported_data_is_kept_then_everything_arrives() {
     // The master's operator fixes the token: the agent's retries succeed without a restart.
     *master.token.lock().unwrap() = Some("wrong".into());
     wait_synced(&agent_db, master.path(), "r1");
-    wait_until("the agent to see the token accepted", || {
-        agent.status.state() == LinkState::Synced
+    agent.wait("the agent to see the token accepted", |s| {
+        s.state() == LinkState::Synced
     });
     assert!(master.requests.load(Ordering::SeqCst) >= 2);
 }
@@ -883,8 +890,11 @@ fn retention_thread_runs_at_start_offline_and_stops_promptly() {
     };
     let stop = Arc::new(AtomicBool::new(false));
     let h = retention::spawn_retention(policy, Duration::from_secs(3600), db.tx(), stop.clone());
-    wait_until("retention to run at start", || {
-        count(&db.path, "SELECT count(*) FROM connections") == 5
+    wait_until("retention to run at start", WAIT, POLL, || {
+        let n = count(&db.path, "SELECT count(*) FROM connections");
+        (n == 5)
+            .then_some(())
+            .ok_or_else(|| format!("{n} connections"))
     });
     assert_eq!(
         count(
@@ -983,9 +993,7 @@ fn measure_ingest_and_catch_up() {
     let master2 = FakeMaster::start(&dir.join("m2"), 0, None);
     let started = Instant::now();
     let agent = Agent::start(&agent_db, &master2.url(), "r1", None, 1000);
-    wait_until("the backlog to drain", || {
-        agent.status.rows_acked() >= 100_000
-    });
+    agent.wait("the backlog to drain", |s| s.rows_acked() >= 100_000);
     eprintln!(
         "catch-up: 100,000 rows in {:.2} s",
         started.elapsed().as_secs_f64()
