@@ -378,24 +378,37 @@ impl World {
     }
 }
 
+/// Waits (30 s at most) until the rows of `db` are `want` exactly.
 fn wait_rows(db: &Path, what: &str, want: &[(String, i64, i64, bool)]) -> Vec<Stored> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows = if db.exists() { stored(db) } else { Vec::new() };
+    let (within, every) = (Duration::from_secs(30), Duration::from_millis(50));
+    wait_until(what, within, every, || {
+        let rows = stored_so_far(db);
         let got = summary(&rows);
         if got == want {
-            return rows;
+            Ok(rows)
+        } else {
+            Err(Mismatch { got, want })
         }
-        if Instant::now() > deadline {
-            let missing: Vec<_> = want.iter().filter(|w| !got.contains(w)).take(5).collect();
-            let extra: Vec<_> = got.iter().filter(|g| !want.contains(g)).take(5).collect();
-            panic!(
-                "timed out waiting for {what}: {} rows, want {}; missing {missing:?}; unexpected {extra:?}",
-                got.len(),
-                want.len()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    })
+}
+
+/// Rows that are not yet what a test waits for: how many, and the first few missing and unexpected.
+struct Mismatch<'a> {
+    got: Vec<(String, i64, i64, bool)>,
+    want: &'a [(String, i64, i64, bool)],
+}
+
+impl std::fmt::Display for Mismatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let (got, want) = (&self.got, self.want);
+        let missing: Vec<_> = want.iter().filter(|w| !got.contains(w)).take(5).collect();
+        let extra: Vec<_> = got.iter().filter(|g| !want.contains(g)).take(5).collect();
+        write!(
+            f,
+            "{} rows, want {}; missing {missing:?}; unexpected {extra:?}",
+            got.len(),
+            want.len()
+        )
     }
 }
 
@@ -493,6 +506,7 @@ fn agent_life(fake: &FakeMihomo, world: &mut World, rng: &mut Rng, adb: &Path, d
     };
     match death {
         Death::After(life) => {
+            // time passes on purpose: the world moves on, a push every 20-200 ms, until the agent dies
             let until = Instant::now() + life;
             while Instant::now() < until {
                 let pause = step(world);
@@ -616,6 +630,7 @@ fn master_sigkilled_and_restarted_while_two_agents_sync_loses_and_duplicates_not
     let kills = 8;
     for k in 0..kills {
         let mut m = master(&mdb, mport);
+        // time passes on purpose: the master lives 0.8-2.5 s while the agents push every 20-150 ms
         let until = Instant::now() + Duration::from_millis(rng.range(800, 2500));
         while Instant::now() < until {
             for (fake, world) in fakes.iter().zip(worlds.iter_mut()) {
@@ -646,24 +661,24 @@ fn master_sigkilled_and_restarted_while_two_agents_sync_loses_and_duplicates_not
     let c = || Connection::open(&mdb).unwrap();
     let want: usize = worlds.iter().map(|w| w.shown.len()).sum();
     // 60 s: an agent that met the master down several times in a row waits up to 16 s before its next try
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n: i64 = c()
-            .query_row(
-                "SELECT count(*) FROM connections WHERE end_ms IS NOT NULL",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        if n as usize == want {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out: {n} of {want} connections closed on the master"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(50));
+    wait_until(
+        "every connection closed on the master",
+        within,
+        every,
+        || {
+            let n: i64 = c()
+                .query_row(
+                    "SELECT count(*) FROM connections WHERE end_ms IS NOT NULL",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            (n as usize == want)
+                .then_some(())
+                .ok_or_else(|| format!("{n} of {want} connections closed on the master"))
+        },
+    );
     for (name, world) in names.iter().zip(&worlds) {
         let got: Vec<(String, i64, i64, bool)> = c()
             .prepare("SELECT id, upload, download, end_ms IS NULL FROM connections WHERE agent_id = ?1 ORDER BY id")

@@ -161,10 +161,19 @@ pub fn stored(db: &Path) -> Vec<Stored> {
     .unwrap()
 }
 
+/// [`stored`], or no rows while the database file is not there yet.
+pub fn stored_so_far(db: &Path) -> Vec<Stored> {
+    if db.exists() {
+        stored(db)
+    } else {
+        Vec::new()
+    }
+}
+
 /// Waits until the stored rows satisfy `pred`; returns them.
 pub fn wait_stored(db: &Path, what: &str, pred: impl Fn(&[Stored]) -> bool) -> Vec<Stored> {
     wait_for(what, || {
-        let rows = if db.exists() { stored(db) } else { Vec::new() };
+        let rows = stored_so_far(db);
         if pred(&rows) {
             Ok(rows)
         } else {
