@@ -689,6 +689,7 @@ fn slow_idle_and_kept_alive_clients_never_block_a_normal_request() {
                 for s in &mut socks {
                     let _ = s.write_all(&[*b]);
                 }
+                // slow on purpose: a byte every 200 ms
                 std::thread::sleep(Duration::from_millis(200));
             }
         })
@@ -697,33 +698,35 @@ fn slow_idle_and_kept_alive_clients_never_block_a_normal_request() {
     answered_promptly("20 slow, 20 idle and 12 kept-alive clients");
     // beyond the connection limit (256): refused at once with 503, not left hanging
     let mut extra = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let refused = loop {
+    // one more connection per poll, as fast as they come
+    let refused = wait_until("a 503", Duration::from_secs(10), Duration::ZERO, || {
         let (status, head, body) = call(addr, &health());
         match status {
             200 => extra.push(TcpStream::connect(addr).unwrap()),
-            503 => break (head, body),
+            503 => return Ok((head, body)),
             other => panic!("{other} {head}"),
         }
-        assert!(
-            Instant::now() < deadline,
+        Err(format!(
             "never refused with {} connections",
             52 + extra.len()
-        );
-    };
+        ))
+    });
     assert!(refused.1.contains("too many connections"), "{refused:?}");
     p.wait_line("refusing");
     // and once they go, everyone is served again
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     trickle.join().unwrap();
     drop((slow, idle, kept, extra));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while call(addr, &health()).0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "still refused after the clients left"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "everyone served after the clients left",
+        Duration::from_secs(10),
+        POLL,
+        || {
+            let status = call(addr, &health()).0;
+            (status == 200)
+                .then_some(())
+                .ok_or_else(|| format!("still refused: {status}"))
+        },
+    );
     assert!(p.child.try_wait().unwrap().is_none());
 }
