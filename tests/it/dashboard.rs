@@ -260,23 +260,18 @@ impl Browser {
 
     /// Waits (at most 20 s) until the texts of `css` satisfy `pred`; returns them.
     fn wait_texts(&self, what: &str, css: &str, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
+        wait_until(what, WAIT, Duration::from_millis(50), || {
             let texts = self.texts(css);
             if pred(&texts) {
-                return texts;
+                Ok(texts)
+            } else {
+                Err(PageSeen {
+                    browser: self,
+                    css,
+                    texts,
+                })
             }
-            if std::time::Instant::now() > deadline {
-                // Evidence for the message; failures here must not hide the timeout itself.
-                let _ = self.try_screenshot(&screenshot_path("dashboard-failure.png"));
-                let log = self.console();
-                panic!(
-                    "timed out waiting for {what}: {css} shows {texts:?} (see target/dashboard-failure.png); \
-                     browser console: {log:?}"
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     fn click(&self, element: &str) {
@@ -338,6 +333,28 @@ impl Drop for Browser {
             .args(["-KILL", "--", &format!("-{pid}")])
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// What the page showed when a wait timed out. Formatted once, for the message: it saves a screenshot
+/// and reads the browser console as evidence (their own failures must not hide the timeout itself).
+struct PageSeen<'a> {
+    browser: &'a Browser,
+    css: &'a str,
+    texts: Vec<String>,
+}
+
+impl std::fmt::Display for PageSeen<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let _ = self
+            .browser
+            .try_screenshot(&screenshot_path("dashboard-failure.png"));
+        let log = self.browser.console();
+        write!(
+            f,
+            "{} shows {:?} (see target/dashboard-failure.png); browser console: {log:?}",
+            self.css, self.texts
+        )
     }
 }
 
