@@ -1,6 +1,6 @@
 //! Agents and a master as real processes: nothing lost, nothing duplicated, whatever happens to either.
 
-use crate::binary::Proc;
+use crate::binary::{master_args, Proc};
 use crate::fake_mihomo::{frame, FakeMihomo};
 use crate::support::*;
 use std::net::TcpListener;
@@ -18,16 +18,7 @@ const N: usize = 3000;
 
 /// A master on `port`, with `extra` flags, once its API listens (also used by `faults`).
 pub(crate) fn master(db: &std::path::Path, port: u16, extra: &[&str]) -> Proc {
-    let port = port.to_string();
-    let mut args = vec![
-        "master",
-        "--database",
-        db.to_str().unwrap(),
-        "--listen-port",
-        &port,
-    ];
-    args.extend_from_slice(extra);
-    let mut p = Proc::spawn(&args);
+    let mut p = Proc::spawn(&master_args(db, port, extra));
     p.wait_line("api: listening on");
     p
 }

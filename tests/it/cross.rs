@@ -15,7 +15,6 @@ fn cross_built_binary_records_and_stops_cleanly() {
     let db = dir.path("t.db");
     let fake = FakeMihomo::start(None);
     let args = standalone_args(&db, &fake, 100, &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut p = Proc::spawn_with(&runner, &[&bin], &args);
     p.wait_line("api: listening on");
     fake.wait_connected();

@@ -5,7 +5,7 @@
 //! the disk are moved through the debug build's hooks file (`MCT_TEST_HOOKS`, `src/test_hooks.rs`).
 
 use crate::agent_master::{agent, free_port};
-use crate::binary::{standalone_args, Proc, BIN};
+use crate::binary::{master_args, standalone_args, Proc, BIN};
 use crate::fake_mihomo::{frame, FakeMihomo};
 use crate::support::*;
 use mihomo_connections_tracker::timefmt::{format_rfc3339, now_ms, SANE_MS};
@@ -100,7 +100,7 @@ impl Hooks {
         std::fs::rename(&tmp, &self.path).unwrap();
     }
     /// Runs the binary with this hooks file.
-    fn spawn(&self, args: &[&str]) -> Proc {
+    fn spawn(&self, args: &[impl AsRef<std::ffi::OsStr>]) -> Proc {
         let env = format!("MCT_TEST_HOOKS={}", self.path.display());
         Proc::spawn_with("env", &[&env, BIN], args)
     }
@@ -125,8 +125,7 @@ fn frame_started(totals: u64, conns: &[(&str, u64, u64, &str)], start_ms: i64) -
 
 /// A standalone master recording the fake mihomo, with hooks.
 fn standalone(hooks: &Hooks, db: &Path, mihomo: &FakeMihomo, extra: &[&str]) -> Proc {
-    let args = standalone_args(db, mihomo, 30, extra);
-    hooks.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    hooks.spawn(&standalone_args(db, mihomo, 30, extra))
 }
 
 /// Per connection: start, last update, end, first and last traffic minute, smallest bucket.
@@ -534,18 +533,11 @@ fn agent_sigkilled_20_times_at_random_moments_loses_and_duplicates_nothing() {
     let (adb, mdb) = (dir.path("agent.db"), dir.path("master.db"));
     let fake = FakeMihomo::start(None);
     let mport = free_port();
-    let mut m = Proc::spawn(&[
-        "master",
-        "--database",
-        mdb.to_str().unwrap(),
-        "--listen-port",
-        &mport.to_string(),
-        "--commit-interval-ms",
-        "30",
-        "--log-level",
-        "debug",
-    ]);
-    m.wait_line("api: listening on");
+    let mut m = crate::agent_master::master(
+        &mdb,
+        mport,
+        &["--commit-interval-ms", "30", "--log-level", "debug"],
+    );
     let mut world = World::default();
     let started = Instant::now();
     for life in 0..20 {
@@ -716,13 +708,6 @@ fn http_get(url: &str) -> String {
         .unwrap()
 }
 
-/// The API base of a master from its "api: listening on http://.../api/v1" line.
-fn api_base(p: &mut Proc) -> String {
-    let line = p.wait_line("api: listening on");
-    let after = line.split("listening on ").nth(1).unwrap();
-    after.split_whitespace().next().unwrap().to_string()
-}
-
 /// Stops a process with SIGTERM; returns every stderr line it wrote.
 fn stop(mut p: Proc) -> Vec<String> {
     p.signal("TERM");
@@ -743,7 +728,7 @@ fn a_full_disk_holds_the_newest_changes_in_bounded_memory_and_writes_them_when_s
     hooks.set("max_held_changes", 300);
     let fake = FakeMihomo::start(None);
     let mut m = standalone(&hooks, &db, &fake, &[]);
-    let api = api_base(&mut m);
+    let api = format!("http://{}/api/v1", m.api_addr());
     fake.wait_connected();
     let mut world = World::default();
     let mut rng = Rng(7);
@@ -826,14 +811,7 @@ fn a_master_with_a_full_disk_answers_503_and_the_agent_retries_until_it_is_store
     let (adb, mdb) = (dir.path("agent.db"), dir.path("master.db"));
     let mut hooks = Hooks::new(&dir);
     let mport = free_port();
-    let port = mport.to_string();
-    let mut m = hooks.spawn(&[
-        "master",
-        "--database",
-        mdb.to_str().unwrap(),
-        "--listen-port",
-        &port,
-    ]);
+    let mut m = hooks.spawn(&master_args(&mdb, mport, &[]));
     m.wait_line("api: listening on");
     let fake = FakeMihomo::start(None);
     let mut a = agent(&adb, fake.addr.port(), mport, "router-1");

@@ -2,7 +2,7 @@
 //! oversized and odd frames, and against HTTP clients that send broken, oversized, slow or malicious
 //! requests. Each case: the program stays up, says what happened in its log, and the data around it is exact.
 
-use crate::binary::Proc;
+use crate::binary::{master_args, Proc};
 use crate::fake_mihomo::FakeMihomo;
 use crate::support::*;
 use std::io::{Read, Write};
@@ -287,13 +287,6 @@ fn hostile_frames_from_mihomo_leave_the_good_data_exact() {
     );
 }
 
-/// The API address from the "listening on http://ADDR/api/v1" line.
-pub fn api_addr(p: &mut Proc) -> SocketAddr {
-    let line = p.wait_line("api: listening on http://");
-    let rest = &line[line.find("http://").unwrap() + 7..];
-    rest[..rest.find('/').unwrap()].parse().unwrap()
-}
-
 /// A request with `Connection: close` (so the answer ends with the connection).
 pub fn req(method: &str, target: &[u8], headers: &[&[u8]], body: &[u8]) -> Vec<u8> {
     let mut r = Vec::new();
@@ -334,20 +327,19 @@ const TOKEN: &str = "hostile-T0ken-5e1f";
 fn hostile_http_clients_get_clear_answers_and_never_tie_up_the_server() {
     let dir = TempDir::new("hostile-http");
     let db = dir.path("t.db");
-    let mut p = Proc::spawn(&[
-        "master",
-        "--database",
-        db.to_str().unwrap(),
-        "--listen-port",
-        "0",
-        "--api-token",
-        TOKEN,
-        "--max-body-bytes",
-        "1000",
-        "--log-level",
-        "debug",
-    ]);
-    let addr = api_addr(&mut p);
+    let mut p = Proc::spawn(&master_args(
+        &db,
+        0,
+        &[
+            "--api-token",
+            TOKEN,
+            "--max-body-bytes",
+            "1000",
+            "--log-level",
+            "debug",
+        ],
+    ));
+    let addr = p.api_addr();
     let auth = format!("Authorization: Bearer {TOKEN}");
     let auth = auth.as_bytes();
     let big_token = format!("Authorization: Bearer {}", "t".repeat(1 << 20));
@@ -641,16 +633,8 @@ fn read_one(s: &mut TcpStream) -> (u16, String) {
 fn slow_idle_and_kept_alive_clients_never_block_a_normal_request() {
     let dir = TempDir::new("hostile-slow");
     let db = dir.path("t.db");
-    let mut p = Proc::spawn(&[
-        "master",
-        "--database",
-        db.to_str().unwrap(),
-        "--listen-port",
-        "0",
-        "--workers",
-        "2",
-    ]);
-    let addr = api_addr(&mut p);
+    let mut p = Proc::spawn(&master_args(&db, 0, &["--workers", "2"]));
+    let addr = p.api_addr();
     let health = || req("GET", b"/api/v1/health", &[], b"");
     // answered within a generous bound, polling: never waits for a slow client to give up
     let answered_promptly = |what: &str| {
