@@ -118,15 +118,8 @@ fn master_down_then_up_and_agent_killed_mid_sync_lose_nothing() {
         "the master to hold every connection with final bytes",
         || (master_rows(&mdb) == want).then_some(()),
     );
-    let c = rusqlite::Connection::open(&mdb).unwrap();
-    let agents: Vec<String> = c
-        .prepare("SELECT DISTINCT agent_id FROM connections")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    assert_eq!(agents, ["router-1"]);
+    let agents: Vec<(String,)> = query(&mdb, "SELECT DISTINCT agent_id FROM connections", []);
+    assert_eq!(agents, [("router-1".to_string(),)]);
     assert_traffic_matches_totals(&stored(&mdb));
     assert_traffic_matches_totals(&stored(&adb));
     eprintln!("master had {after_kill} rows when the agent was killed");

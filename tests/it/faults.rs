@@ -9,7 +9,6 @@ use crate::binary::{master_args, standalone_args, Proc, BIN};
 use crate::fake_mihomo::{frame, FakeMihomo};
 use crate::support::*;
 use mihomo_connections_tracker::timefmt::{format_rfc3339, now_ms, SANE_MS};
-use rusqlite::Connection;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -140,27 +139,21 @@ struct Times {
 }
 
 fn times(db: &Path) -> Vec<Times> {
-    let c = Connection::open(db).unwrap();
-    c.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut s = c
-        .prepare(
-            "SELECT c.id, c.start_ms, c.last_updated_ms, c.end_ms, min(t.minute), min(min(t.upload, t.download))
-             FROM connections c LEFT JOIN traffic t ON t.conn = c.pk GROUP BY c.pk ORDER BY c.id",
+    let sql = "SELECT c.id, c.start_ms, c.last_updated_ms, c.end_ms, min(t.minute), min(min(t.upload, t.download))
+         FROM connections c LEFT JOIN traffic t ON t.conn = c.pk GROUP BY c.pk ORDER BY c.id";
+    let rows: Vec<(String, i64, i64, Option<i64>, Option<i64>, Option<i64>)> = query(db, sql, []);
+    rows.into_iter()
+        .map(
+            |(id, start_ms, last_updated_ms, end_ms, first_minute, min_bucket)| Times {
+                id,
+                start_ms,
+                last_updated_ms,
+                end_ms,
+                first_minute,
+                min_bucket,
+            },
         )
-        .unwrap();
-    s.query_map([], |r| {
-        Ok(Times {
-            id: r.get(0)?,
-            start_ms: r.get(1)?,
-            last_updated_ms: r.get(2)?,
-            end_ms: r.get(3)?,
-            first_minute: r.get(4)?,
-            min_bucket: r.get(5)?,
-        })
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
+        .collect()
 }
 
 /// No negative duration, nothing before a connection's start, no negative bucket.
@@ -650,35 +643,27 @@ fn master_sigkilled_and_restarted_while_two_agents_sync_loses_and_duplicates_not
         fake.push(f);
     }
     // both agents number their connections alike: the master keeps them apart by agent id
-    let c = || Connection::open(&mdb).unwrap();
     let want: usize = worlds.iter().map(|w| w.shown.len()).sum();
     // 60 s: an agent that met the master down several times in a row waits up to 16 s before its next try
     let (within, every) = (Duration::from_secs(60), Duration::from_millis(50));
+    let closed = "SELECT count(*) FROM connections WHERE end_ms IS NOT NULL";
     wait_until(
         "every connection closed on the master",
         within,
         every,
         || {
-            let n: i64 = c()
-                .query_row(
-                    "SELECT count(*) FROM connections WHERE end_ms IS NOT NULL",
-                    [],
-                    |r| r.get(0),
-                )
-                .unwrap();
+            let (n,): (i64,) = query_one(&mdb, closed);
             (n as usize == want)
                 .then_some(())
                 .ok_or_else(|| format!("{n} of {want} connections closed on the master"))
         },
     );
     for (name, world) in names.iter().zip(&worlds) {
-        let got: Vec<(String, i64, i64, bool)> = c()
-            .prepare("SELECT id, upload, download, end_ms IS NULL FROM connections WHERE agent_id = ?1 ORDER BY id")
-            .unwrap()
-            .query_map([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let got: Vec<(String, i64, i64, bool)> = query(
+            &mdb,
+            "SELECT id, upload, download, end_ms IS NULL FROM connections WHERE agent_id = ?1 ORDER BY id",
+            [name],
+        );
         assert_eq!(got, world.expected_closed(), "{name}");
     }
     assert_traffic_matches_totals(&stored(&mdb));

@@ -594,10 +594,7 @@ fn hostile_http_clients_get_clear_answers_and_never_tie_up_the_server() {
         }
     }
     assert_eq!(asked, 7 * 26 * 4);
-    let c = rusqlite::Connection::open(&db).unwrap();
-    let n: i64 = c
-        .query_row("SELECT count(*) FROM connections", [], |r| r.get(0))
-        .unwrap();
+    let (n,): (i64,) = query_one(&db, "SELECT count(*) FROM connections");
     assert_eq!(n, 0, "the connections table is there and untouched");
     assert!(p.child.try_wait().unwrap().is_none());
 }

@@ -191,14 +191,10 @@ fn real_frames_of_mihomo_sing_box_and_clash() {
         r.len() == 3 && r.iter().all(|x| x.end_ms.is_some())
     });
     assert_traffic_matches_totals(&rows);
-    let c = rusqlite::Connection::open(&db).unwrap();
-    let (host, node, policy, rule, payload, chains, geo, start): (String, String, String, String, String, String, String, i64) = c
-        .query_row(
-            "SELECT host, node, policy, rule, rule_payload, chains, destination_geoip, start_ms FROM connections WHERE id = 'b7e4a1d0-2c3f-4e8a-8d6b-91f0c2a5e3d4'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
-        )
-        .unwrap();
+    let (host, node, policy, rule, payload, chains, geo, start): (String, String, String, String, String, String, String, i64) = query_one(
+        &db,
+        "SELECT host, node, policy, rule, rule_payload, chains, destination_geoip, start_ms FROM connections WHERE id = 'b7e4a1d0-2c3f-4e8a-8d6b-91f0c2a5e3d4'",
+    );
     assert_eq!(
         (
             host.as_str(),
@@ -217,11 +213,10 @@ fn real_frames_of_mihomo_sing_box_and_clash() {
         mihomo_connections_tracker::timefmt::format_rfc3339(start, true),
         "2026-07-14T13:05:02.090Z"
     );
-    let clash: (String, String, i64, i64) = c
-        .query_row("SELECT node, policy, upload, download FROM connections WHERE id = '9a1f3c55-0b7e-4d2a-8c61-2f4e5d6a7b8c'", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })
-        .unwrap();
+    let clash: (String, String, i64, i64) = query_one(
+        &db,
+        "SELECT node, policy, upload, download FROM connections WHERE id = '9a1f3c55-0b7e-4d2a-8c61-2f4e5d6a7b8c'",
+    );
     assert_eq!(clash, ("JP-02".into(), "Proxy".into(), 2048, 65536));
     // the youtube connection was seen by mihomo and sing-box frames with the same counters: counted once
     assert_eq!(

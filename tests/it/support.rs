@@ -72,31 +72,47 @@ pub struct Stored {
     pub traffic_down: i64,
 }
 
-/// Every connection row with the sums of its traffic buckets, ordered by id.
-pub fn stored(db: &Path) -> Vec<Stored> {
+/// The rows of `sql` with `params` in the database `db`, each read as a tuple such as `(String, i64)`.
+pub fn query<T>(db: &Path, sql: &str, params: impl rusqlite::Params) -> Vec<T>
+where
+    T: for<'a> TryFrom<&'a rusqlite::Row<'a>, Error = rusqlite::Error>,
+{
     let c = Connection::open(db).unwrap();
     c.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut s = c
-        .prepare(
-            "SELECT c.id, c.upload, c.download, c.end_ms,
-                coalesce((SELECT sum(upload) FROM traffic WHERE conn = c.pk), 0),
-                coalesce((SELECT sum(download) FROM traffic WHERE conn = c.pk), 0)
-             FROM connections c ORDER BY c.id",
+    let mut s = c.prepare(sql).unwrap();
+    let rows = s.query_map(params, |r| T::try_from(r)).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+/// The first row of `sql` in `db`, as a tuple; panics when there is none.
+pub fn query_one<T>(db: &Path, sql: &str) -> T
+where
+    T: for<'a> TryFrom<&'a rusqlite::Row<'a>, Error = rusqlite::Error>,
+{
+    let mut rows = query(db, sql, []);
+    assert!(!rows.is_empty(), "no row from {sql}");
+    rows.swap_remove(0)
+}
+
+/// Every connection row with the sums of its traffic buckets, ordered by id.
+pub fn stored(db: &Path) -> Vec<Stored> {
+    let sql = "SELECT c.id, c.upload, c.download, c.end_ms,
+            coalesce((SELECT sum(upload) FROM traffic WHERE conn = c.pk), 0),
+            coalesce((SELECT sum(download) FROM traffic WHERE conn = c.pk), 0)
+         FROM connections c ORDER BY c.id";
+    let rows: Vec<(String, i64, i64, Option<i64>, i64, i64)> = query(db, sql, []);
+    rows.into_iter()
+        .map(
+            |(id, upload, download, end_ms, traffic_up, traffic_down)| Stored {
+                id,
+                upload,
+                download,
+                end_ms,
+                traffic_up,
+                traffic_down,
+            },
         )
-        .unwrap();
-    s.query_map([], |r| {
-        Ok(Stored {
-            id: r.get(0)?,
-            upload: r.get(1)?,
-            download: r.get(2)?,
-            end_ms: r.get(3)?,
-            traffic_up: r.get(4)?,
-            traffic_down: r.get(5)?,
-        })
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
+        .collect()
 }
 
 /// [`stored`], or no rows while the database file is not there yet.
