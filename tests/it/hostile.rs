@@ -306,6 +306,11 @@ pub fn req(method: &str, target: &[u8], headers: &[&[u8]], body: &[u8]) -> Vec<u
     r
 }
 
+/// A `GET` of `target` with `headers` ([`req`]).
+pub fn get(target: &[u8], headers: &[&[u8]]) -> Vec<u8> {
+    req("GET", target, headers, b"")
+}
+
 /// Sends `raw` on a fresh connection and reads the answer to the end: (status, head, body).
 pub fn call(addr: SocketAddr, raw: &[u8]) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -347,170 +352,56 @@ fn hostile_http_clients_get_clear_answers_and_never_tie_up_the_server() {
     let prefix_token = format!("Authorization: Bearer {}", &TOKEN[..TOKEN.len() - 1]);
     let big_body = vec![b'{'; 2000];
     let stats = b"/api/v1/stats?type=summary";
-    let cases: Vec<(&str, Vec<u8>, &[u16])> = vec![
-        ("no token", req("GET", stats, &[], b""), &[401]),
-        (
-            "wrong token",
-            req("GET", stats, &[b"Authorization: Bearer nope"], b""),
-            &[401],
-        ),
-        (
-            "token plus a byte",
-            req("GET", stats, &[near_token.as_bytes()], b""),
-            &[401],
-        ),
-        (
-            "token minus a byte",
-            req("GET", stats, &[prefix_token.as_bytes()], b""),
-            &[401],
-        ),
-        (
-            "Basic scheme",
-            req("GET", stats, &[b"Authorization: Basic aG9zdGlsZQ=="], b""),
-            &[401],
-        ),
-        (
-            "1 MiB token",
-            req("GET", stats, &[big_token.as_bytes()], b""),
-            &[431],
-        ),
-        ("the right token", req("GET", stats, &[auth], b""), &[200]),
-        (
-            "body over the limit",
-            req("POST", b"/api/v1/sync", &[auth], &big_body),
-            &[413],
-        ),
-        (
-            "chunked body over the limit",
-            [
-                &b"POST /api/v1/sync HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"[..],
-                auth,
-                b"\r\n\r\n7d0\r\n",
-                &big_body,
-                b"\r\n0\r\n\r\n",
-            ]
-            .concat(),
-            &[413],
-        ),
-        (
-            "body that is not UTF-8",
-            req(
-                "POST",
-                b"/api/v1/sync",
-                &[auth],
-                b"{\"agent_id\":\"\xff\xfe\"}",
-            ),
-            &[400],
-        ),
-        (
-            "body that is not JSON",
-            req("POST", b"/api/v1/sync", &[auth], b"\x00\x01\x02"),
-            &[400],
-        ),
-        (
-            "path not UTF-8",
-            req("GET", b"/api/v1/\xff\xfe", &[auth], b""),
-            &[400],
-        ),
-        (
-            "query not UTF-8",
-            req("GET", b"/api/v1/stats?host=\xc3\x28", &[auth], b""),
-            &[400],
-        ),
-        (
-            "query escape not UTF-8",
-            req("GET", b"/api/v1/stats?host=%c3%28", &[auth], b""),
-            &[400],
-        ),
-        (
-            "header not UTF-8",
-            req("GET", stats, &[b"Authorization: Bearer \xff\xfe"], b""),
-            &[400],
-        ),
-        (
-            "traversal /../",
-            req("GET", b"/../../../../etc/passwd", &[auth], b""),
-            &[404],
-        ),
-        (
-            "traversal %2e%2e",
-            req("GET", b"/%2e%2e/%2e%2e/etc/passwd", &[auth], b""),
-            &[404],
-        ),
-        (
-            "traversal //etc/passwd",
-            req("GET", b"//etc/passwd", &[auth], b""),
-            &[404],
-        ),
-        (
-            "traversal after a dashboard file",
-            req("GET", b"/dashboard.js/../../etc/passwd", &[auth], b""),
-            &[404],
-        ),
-        (
-            "traversal %2f",
-            req("GET", b"/..%2f..%2fetc%2fpasswd", &[auth], b""),
-            &[404],
-        ),
-        (
-            "traversal without the token",
-            req("GET", b"/../etc/passwd", &[], b""),
-            &[401],
-        ),
-        (
-            "unknown method",
-            req("BREW", b"/api/v1/stats", &[auth], b""),
-            &[405],
-        ),
-        (
-            "DELETE",
-            req("DELETE", b"/api/v1/connections", &[auth], b""),
-            &[405],
-        ),
-        ("TRACE", req("TRACE", b"/", &[auth], b""), &[405]),
-        (
-            "OPTIONS preflight",
-            req(
-                "OPTIONS",
-                stats,
-                &[
-                    b"Origin: http://evil.example",
-                    b"Access-Control-Request-Method: GET",
-                ],
-                b"",
-            ),
-            &[401],
-        ),
-        (
-            "CONNECT",
-            req("CONNECT", b"example.com:443", &[auth], b""),
-            &[404],
-        ),
-        ("HTTP/0.9", b"GET /\r\n\r\n".to_vec(), &[400]),
-        (
-            "HTTP/2 preface",
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
-            &[505],
-        ),
-        (
-            "TLS hello",
-            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n".to_vec(),
-            &[400],
-        ),
-        (
-            "smuggling: both lengths",
-            req(
-                "POST",
-                b"/api/v1/sync",
-                &[auth, b"Transfer-Encoding: chunked"],
-                b"0\r\n\r\n",
-            ),
-            &[400],
-        ),
+    let sync = |body: &[u8]| req("POST", b"/api/v1/sync", &[auth], body);
+    let chunked_big = [
+        &b"POST /api/v1/sync HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"[..],
+        auth,
+        b"\r\n\r\n7d0\r\n",
+        &big_body,
+        b"\r\n0\r\n\r\n",
+    ]
+    .concat();
+    let preflight = [
+        &b"Origin: http://evil.example"[..],
+        b"Access-Control-Request-Method: GET",
+    ];
+    let both_lengths = [auth, b"Transfer-Encoding: chunked"];
+    #[rustfmt::skip] // a table: one case a line
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("no token", get(stats, &[]), 401),
+        ("wrong token", get(stats, &[b"Authorization: Bearer nope"]), 401),
+        ("token plus a byte", get(stats, &[near_token.as_bytes()]), 401),
+        ("token minus a byte", get(stats, &[prefix_token.as_bytes()]), 401),
+        ("Basic scheme", get(stats, &[b"Authorization: Basic aG9zdGlsZQ=="]), 401),
+        ("1 MiB token", get(stats, &[big_token.as_bytes()]), 431),
+        ("the right token", get(stats, &[auth]), 200),
+        ("body over the limit", sync(&big_body), 413),
+        ("chunked body over the limit", chunked_big, 413),
+        ("body that is not UTF-8", sync(b"{\"agent_id\":\"\xff\xfe\"}"), 400),
+        ("body that is not JSON", sync(b"\x00\x01\x02"), 400),
+        ("path not UTF-8", get(b"/api/v1/\xff\xfe", &[auth]), 400),
+        ("query not UTF-8", get(b"/api/v1/stats?host=\xc3\x28", &[auth]), 400),
+        ("query escape not UTF-8", get(b"/api/v1/stats?host=%c3%28", &[auth]), 400),
+        ("header not UTF-8", get(stats, &[b"Authorization: Bearer \xff\xfe"]), 400),
+        ("traversal /../", get(b"/../../../../etc/passwd", &[auth]), 404),
+        ("traversal %2e%2e", get(b"/%2e%2e/%2e%2e/etc/passwd", &[auth]), 404),
+        ("traversal //etc/passwd", get(b"//etc/passwd", &[auth]), 404),
+        ("traversal after a dashboard file", get(b"/dashboard.js/../../etc/passwd", &[auth]), 404),
+        ("traversal %2f", get(b"/..%2f..%2fetc%2fpasswd", &[auth]), 404),
+        ("traversal without the token", get(b"/../etc/passwd", &[]), 401),
+        ("unknown method", req("BREW", b"/api/v1/stats", &[auth], b""), 405),
+        ("DELETE", req("DELETE", b"/api/v1/connections", &[auth], b""), 405),
+        ("TRACE", req("TRACE", b"/", &[auth], b""), 405),
+        ("OPTIONS preflight", req("OPTIONS", stats, &preflight, b""), 401),
+        ("CONNECT", req("CONNECT", b"example.com:443", &[auth], b""), 404),
+        ("HTTP/0.9", b"GET /\r\n\r\n".to_vec(), 400),
+        ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), 505),
+        ("TLS hello", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n".to_vec(), 400),
+        ("smuggling: both lengths", req("POST", b"/api/v1/sync", &both_lengths, b"0\r\n\r\n"), 400),
     ];
     for (name, raw, want) in &cases {
         let (status, head, body) = call(addr, raw);
-        assert!(want.contains(&status), "{name}: {status} {head}\n{body}");
+        assert!(status == *want, "{name}: {status} {head}\n{body}");
         assert!(!body.contains("root:"), "{name}: {body}");
         // the error envelope, never SQL or a stack
         if status >= 400 {
@@ -529,34 +420,9 @@ fn hostile_http_clients_get_clear_answers_and_never_tie_up_the_server() {
     p.wait_line("413 request body larger than 1000 bytes");
 
     // SQL-injection strings in every parameter of every endpoint: 200 or 400, never 500, nothing changes.
-    let params = [
-        "from",
-        "to",
-        "agent_id",
-        "network",
-        "rule",
-        "process",
-        "destination",
-        "host",
-        "source_ip",
-        "policy",
-        "node",
-        "inbound",
-        "destination_port",
-        "geoip",
-        "limit",
-        "offset",
-        "sort_by",
-        "sort_order",
-        "type",
-        "group_by",
-        "interval",
-        "metric",
-        "filter_type",
-        "query",
-        "format",
-        "state",
-    ];
+    let params = "from to agent_id network rule process destination host source_ip policy node \
+                  inbound destination_port geoip limit offset sort_by sort_order type group_by \
+                  interval metric filter_type query format state";
     let payloads = [
         "%27%20OR%201%3D1--",
         "1%3B%20DROP%20TABLE%20connections%3B--",
@@ -576,7 +442,7 @@ fn hostile_http_clients_get_clear_answers_and_never_tie_up_the_server() {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut asked = 0;
     for e in endpoints {
-        for k in params {
+        for k in params.split_whitespace() {
             for v in payloads {
                 // one keep-alive connection for all of them
                 let target = format!("{e}{k}={v}");
