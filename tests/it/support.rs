@@ -159,6 +159,17 @@ pub fn summary(rows: &[Stored]) -> Vec<(String, i64, i64, bool)> {
         .collect()
 }
 
+/// The rows are `want` as [`summary`] shows them, and their traffic adds up to their totals.
+#[track_caller]
+pub fn assert_stored(rows: &[Stored], want: &[(&str, i64, i64, bool)]) {
+    let want: Vec<(String, i64, i64, bool)> = want
+        .iter()
+        .map(|&(id, up, down, open)| (id.to_string(), up, down, open))
+        .collect();
+    assert_eq!(summary(rows), want);
+    assert_traffic_matches_totals(rows);
+}
+
 /// Traffic buckets always add up to the totals: the invariant behind honest time series.
 pub fn assert_traffic_matches_totals(rows: &[Stored]) {
     for r in rows {
