@@ -3,6 +3,8 @@
 use mihomo_connections_tracker::cli::MasterConfig;
 use mihomo_connections_tracker::log::Level;
 use mihomo_connections_tracker::mihomo::collector::CollectorConfig;
+use mihomo_connections_tracker::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
+use mihomo_connections_tracker::store::{self, Access, WriteCmd, Writer, WriterConfig};
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -58,6 +60,47 @@ pub fn master_config(
         arp_file: "/nonexistent/arp".into(),
         dhcp_leases: "/nonexistent/dhcp.leases".into(),
         metrics: Default::default(),
+    }
+}
+
+/// Writes `diffs` into `db` as agent `agent_id` with the real writer, and waits until it has stopped.
+pub fn write_diffs(db: &Path, agent_id: &str, diffs: impl IntoIterator<Item = ConnectionDiff>) {
+    let cfg = WriterConfig {
+        agent_id: agent_id.into(),
+        ..WriterConfig::default()
+    };
+    let w = Writer::new(store::open(db, Access::Write).unwrap(), cfg).unwrap();
+    let (tx, rx) = std::sync::mpsc::sync_channel(8);
+    let h = std::thread::spawn(move || w.run(rx));
+    for d in diffs {
+        tx.send(WriteCmd::Diff(d)).unwrap();
+    }
+    drop(tx);
+    h.join().unwrap().unwrap();
+}
+
+/// The whole life of one connection in one change: opened, `bytes` flowed from its start to `to_ms`, then
+/// closed at `to_ms` when `closed`.
+pub fn whole_connection(meta: ConnMeta, bytes: Bytes, to_ms: i64, closed: bool) -> ConnectionDiff {
+    let id = meta.id.clone();
+    let flow = Flow {
+        id: id.clone(),
+        totals: bytes,
+        delta: bytes,
+        from_ms: meta.start_ms,
+        to_ms,
+    };
+    let end = Closed {
+        id,
+        end_ms: to_ms,
+        totals: bytes,
+    };
+    ConnectionDiff {
+        at_ms: to_ms,
+        opened: vec![(meta, Bytes::default())],
+        flows: vec![flow],
+        closed: if closed { vec![end] } else { Vec::new() },
+        ..ConnectionDiff::default()
     }
 }
 
