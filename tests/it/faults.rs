@@ -347,6 +347,28 @@ impl World {
             .collect();
         frame(self.totals, &conns)
     }
+    /// Pushes the current state.
+    fn show(&mut self, fake: &FakeMihomo) {
+        let f = self.frame(None);
+        fake.push(f);
+    }
+    /// Every open connection ends: pushes the empty state.
+    fn end_all(&mut self, fake: &FakeMihomo) {
+        self.open.clear();
+        self.show(fake);
+    }
+    /// `pushes` pushes, each growing the open connections and opening `new` more.
+    fn grow_by(&mut self, fake: &FakeMihomo, rng: &mut Rng, pushes: usize, new: usize) {
+        for _ in 0..pushes {
+            self.grow(rng);
+            self.open_new(new, rng);
+            self.show(fake);
+        }
+    }
+    /// Waits until the rows of `db` hold every connection open now ([`World::is_durable_in`]).
+    fn wait_durable_in(&self, db: &Path, what: &str) {
+        wait_for(what, || self.is_durable_in(&stored(db)).then_some(()));
+    }
     /// Every id shown, with its final counters, closed.
     fn expected_closed(&self) -> Vec<(String, i64, i64, bool)> {
         self.shown
@@ -364,6 +386,14 @@ impl World {
                 .is_some_and(|r| (r.upload, r.download) == (up as i64, down as i64))
         })
     }
+}
+
+/// A world of `n` new connections, shown.
+fn first_shown(fake: &FakeMihomo, mut rng: Rng, n: usize) -> (World, Rng) {
+    let mut world = World::default();
+    world.open_new(n, &mut rng);
+    world.show(fake);
+    (world, rng)
 }
 
 /// Waits (30 s at most) until the rows of `db` are `want` exactly.
@@ -436,8 +466,7 @@ fn mihomo_flapping_and_core_restarts_count_every_byte_once() {
         }
     }
     fake.wait_connected();
-    let f = world.frame(None);
-    fake.push(f);
+    world.show(&fake);
     fake.push(frame(world.totals + 1, &[]));
     let rows = wait_rows(
         &db,
@@ -477,19 +506,14 @@ enum Death<'a> {
 /// waited for in its database; then some connections end, and the world moves on until `death`.
 fn agent_life(fake: &FakeMihomo, world: &mut World, rng: &mut Rng, adb: &Path, death: Death) {
     fake.wait_connected();
-    let f = world.frame(None);
-    fake.push(f);
-    wait_for("the agent to store the state it was shown", || {
-        world.is_durable_in(&stored(adb)).then_some(())
-    });
+    world.show(fake);
+    world.wait_durable_in(adb, "the agent to store the state it was shown");
     world.close_some(15, rng);
-    let f = world.frame(None);
-    fake.push(f);
+    world.show(fake);
     let mut step = |world: &mut World| {
         world.grow(rng);
         world.open_new(rng.range(5, 40) as usize, rng);
-        let f = world.frame(None);
-        fake.push(f);
+        world.show(fake);
         Duration::from_millis(rng.range(20, 200))
     };
     match death {
@@ -542,11 +566,8 @@ fn agent_sigkilled_20_times_at_random_moments_loses_and_duplicates_nothing() {
     }
     let mut a = agent(&adb, fake.addr.port(), mport, "router-1");
     fake.wait_connected();
-    let f = world.frame(None);
-    fake.push(f);
-    world.open.clear();
-    let f = world.frame(None);
-    fake.push(f);
+    world.show(&fake);
+    world.end_all(&fake);
     let want = world.expected_closed();
     let rows = wait_rows(
         &mdb,
@@ -618,8 +639,7 @@ fn master_sigkilled_and_restarted_while_two_agents_sync_loses_and_duplicates_not
                 world.close_some(5, &mut rng);
                 world.grow(&mut rng);
                 world.open_new(rng.range(5, 30) as usize, &mut rng);
-                let f = world.frame(None);
-                fake.push(f);
+                world.show(fake);
             }
             std::thread::sleep(Duration::from_millis(rng.range(20, 150)));
         }
@@ -634,9 +654,7 @@ fn master_sigkilled_and_restarted_while_two_agents_sync_loses_and_duplicates_not
     }
     let _m = master(&mdb, mport);
     for (fake, world) in fakes.iter().zip(worlds.iter_mut()) {
-        world.open.clear();
-        let f = world.frame(None);
-        fake.push(f);
+        world.end_all(fake);
     }
     // both agents number their connections alike: the master keeps them apart by agent id
     let want: usize = worlds.iter().map(|w| w.shown.len()).sum();
@@ -711,32 +729,19 @@ fn a_full_disk_holds_the_newest_changes_in_bounded_memory_and_writes_them_when_s
     let mut m = standalone(&hooks, &db, &fake, &[]);
     let api = format!("http://{}/api/v1", m.api_addr());
     fake.wait_connected();
-    let mut world = World::default();
-    let mut rng = Rng(7);
-    world.open_new(20, &mut rng);
-    let f = world.frame(None);
-    fake.push(f);
-    wait_for("the first 20 connections stored", || {
-        world.is_durable_in(&stored(&db)).then_some(())
-    });
+    let (mut world, mut rng) = first_shown(&fake, Rng(7), 20);
+    world.wait_durable_in(&db, "the first 20 connections stored");
 
     // the disk fills up (the database may not grow by a page) while 12 pushes bring 480 new connections
     hooks.set("max_page_count", 1);
-    for _ in 0..12 {
-        world.grow(&mut rng);
-        world.open_new(40, &mut rng);
-        let f = world.frame(None);
-        fake.push(f);
-    }
+    world.grow_by(&fake, &mut rng, 12, 40);
     m.wait_line("writer: cannot write the database (the disk is full or failing)");
     m.wait_line("dropping the oldest new connections");
     // space returns: what was held is written at the next retry (a second or two: it failed only briefly)
     hooks.set("max_page_count", 0);
     m.wait_line("the database accepts writes again");
     let dropped_line = m.wait_line("new connections were dropped");
-    world.open.clear();
-    let f = world.frame(None);
-    fake.push(f);
+    world.end_all(&fake);
     let rows = wait_stored(&db, "every stored connection closed", |r| {
         !r.is_empty() && r.iter().all(|x| x.end_ms.is_some()) && r.len() >= 20
     });
@@ -797,30 +802,17 @@ fn a_master_with_a_full_disk_answers_503_and_the_agent_retries_until_it_is_store
     let fake = FakeMihomo::start(None);
     let mut a = agent(&adb, fake.addr.port(), mport, "router-1");
     fake.wait_connected();
-    let mut world = World::default();
-    let mut rng = Rng(11);
-    world.open_new(30, &mut rng);
-    let f = world.frame(None);
-    fake.push(f);
-    wait_for("the master to store the first 30", || {
-        world.is_durable_in(&stored(&mdb)).then_some(())
-    });
+    let (mut world, mut rng) = first_shown(&fake, Rng(11), 30);
+    world.wait_durable_in(&mdb, "the master to store the first 30");
 
     hooks.set("max_page_count", 1);
-    for _ in 0..5 {
-        world.grow(&mut rng);
-        world.open_new(100, &mut rng);
-        let f = world.frame(None);
-        fake.push(f);
-    }
+    world.grow_by(&fake, &mut rng, 5, 100);
     let said = a.wait_line("HTTP 503");
     assert!(said.contains("disk is full"), "{said}");
     m.wait_line("ingest: cannot store batches");
     hooks.set("max_page_count", 0);
     m.wait_line("the database can be written again");
-    world.open.clear();
-    let f = world.frame(None);
-    fake.push(f);
+    world.end_all(&fake);
     let rows = wait_rows(
         &mdb,
         "every connection on the master",
@@ -892,28 +884,15 @@ fn a_real_full_tmpfs_is_survived_and_nothing_that_fits_is_lost() {
     let fake = FakeMihomo::start(None);
     let mut m = standalone(&hooks, &db, &fake, &[]);
     fake.wait_connected();
-    let mut world = World::default();
-    let mut rng = Rng(5);
-    world.open_new(20, &mut rng);
-    let f = world.frame(None);
-    fake.push(f);
-    wait_for("the first 20 connections stored", || {
-        world.is_durable_in(&stored(&db)).then_some(())
-    });
+    let (mut world, mut rng) = first_shown(&fake, Rng(5), 20);
+    world.wait_durable_in(&db, "the first 20 connections stored");
 
     let filler = fill(&dir.path("small"));
-    for _ in 0..6 {
-        world.grow(&mut rng);
-        world.open_new(60, &mut rng);
-        let f = world.frame(None);
-        fake.push(f);
-    }
+    world.grow_by(&fake, &mut rng, 6, 60);
     m.wait_line("writer: cannot write the database (the disk is full or failing)");
     std::fs::remove_file(&filler).unwrap();
     m.wait_line("the database accepts writes again");
-    world.open.clear();
-    let f = world.frame(None);
-    fake.push(f);
+    world.end_all(&fake);
     let rows = wait_rows(&db, "every connection, closed", &world.expected_closed());
     assert_traffic_matches_totals(&rows);
     let lines = stop(m);
