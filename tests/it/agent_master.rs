@@ -3,16 +3,6 @@
 use crate::binary::{master_args, Proc};
 use crate::fake_mihomo::{frame, FakeMihomo};
 use crate::support::*;
-use std::net::TcpListener;
-
-/// A port that was free a moment ago (for a master started later).
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 const N: usize = 3000;
 

@@ -4,7 +4,7 @@
 //! Randomness comes from a seed printed when a test fails; `MCT_FAULTS_SEED=N` replays it. The clock and
 //! the disk are moved through the debug build's hooks file (`MCT_TEST_HOOKS`, `src/test_hooks.rs`).
 
-use crate::agent_master::{agent, free_port};
+use crate::agent_master::agent;
 use crate::binary::{master_args, standalone_args, Proc, BIN};
 use crate::fake_mihomo::{frame, FakeMihomo};
 use crate::support::*;

@@ -34,6 +34,12 @@ impl Drop for TempDir {
     }
 }
 
+/// A loopback port that was free a moment ago (for a server started later).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
 /// A standalone master config for tests: API on 127.0.0.1:0, fast commits.
 pub fn master_config(
     db: &Path,
