@@ -119,6 +119,16 @@ fn agent_with(dir: &TempDir, n: usize) -> Db {
     db
 }
 
+/// Agent `r1`'s database in `dir` with `commits` commits an hour apart, each of `n` connections
+/// `{prefix}{k}-{i}` made by [`make_conns`].
+fn agent_with_backlog(dir: &TempDir, prefix: &str, commits: i64, n: usize) -> Db {
+    let db = Db::start(dir.path("agent.db"), "r1");
+    for k in 0..commits {
+        make_conns(&db, &format!("{prefix}{k}-"), n, T0 + k * 3_600_000);
+    }
+    db
+}
+
 fn bytes(upload: u64, download: u64) -> Bytes {
     Bytes { upload, download }
 }
@@ -487,11 +497,8 @@ fn master_down_then_up_everything_arrives_once_with_final_bytes_and_end_times() 
 #[test]
 fn backlog_of_6000_rows_arrives_whole_batch_after_batch() {
     let dir = TempDir::new("backlog");
-    let agent_db = Db::start(dir.path("agent.db"), "r1");
     // Three commits of 2000 rows: batches cut inside one `seq` as well as across.
-    for k in 0..3 {
-        make_conns(&agent_db, &format!("b{k}-"), 2000, T0 + k * 3_600_000);
-    }
+    let agent_db = agent_with_backlog(&dir, "b", 3, 2000);
     let master = FakeMaster::start(dir.path("master.db"), 0, None);
     let agent = Agent::start(
         &agent_db,
@@ -893,10 +900,7 @@ fn retention_thread_runs_at_start_offline_and_stops_promptly() {
 #[ignore]
 fn measure_ingest_and_catch_up() {
     let dir = TempDir::new("measure");
-    let agent_db = Db::start(dir.path("agent.db"), "r1");
-    for k in 0..5 {
-        make_conns(&agent_db, &format!("m{k}-"), 20_000, T0 + k * 3_600_000);
-    }
+    let agent_db = agent_with_backlog(&dir, "m", 5, 20_000);
     // Bodies as our agent sends them.
     let bodies = batch_bodies(&agent_db.path, 1000, sync::MAX_BATCH_BUCKETS);
     let bytes: usize = bodies.iter().map(Vec::len).sum();
