@@ -141,8 +141,8 @@ struct Times {
 fn times(db: &Path) -> Vec<Times> {
     let sql = "SELECT c.id, c.start_ms, c.last_updated_ms, c.end_ms, min(t.minute), min(min(t.upload, t.download))
          FROM connections c LEFT JOIN traffic t ON t.conn = c.pk GROUP BY c.pk ORDER BY c.id";
-    let rows: Vec<(String, i64, i64, Option<i64>, Option<i64>, Option<i64>)> = query(db, sql, []);
-    rows.into_iter()
+    query::<(String, i64, i64, Option<i64>, Option<i64>, Option<i64>)>(db, sql, [])
+        .into_iter()
         .map(
             |(id, start_ms, last_updated_ms, end_ms, first_minute, min_bucket)| Times {
                 id,
