@@ -159,18 +159,29 @@ fn fixture_conns() -> Vec<(&'static str, Vec<Conn>)> {
     ]
 }
 
-fn write_agent(path: &std::path::Path, agent: &str, conns: Vec<Conn>) {
-    let db = open(path, Access::Write).unwrap();
-    let w = Writer::new(
-        db,
-        WriterConfig {
-            agent_id: agent.into(),
-            ..WriterConfig::default()
-        },
-    )
-    .unwrap();
+/// Writes `diffs` as agent `agent` with the real writer, flushed, and waits until it has stopped.
+fn run_writer(path: &std::path::Path, agent: &str, diffs: Vec<ConnectionDiff>) {
+    let cfg = WriterConfig {
+        agent_id: agent.into(),
+        ..WriterConfig::default()
+    };
+    let w = Writer::new(open(path, Access::Write).unwrap(), cfg).unwrap();
     let (tx, rx) = std::sync::mpsc::sync_channel(16);
     let h = std::thread::spawn(move || w.run(rx));
+    for d in diffs {
+        tx.send(WriteCmd::Diff(d)).unwrap();
+    }
+    let (ftx, frx) = std::sync::mpsc::sync_channel(1);
+    tx.send(WriteCmd::Flush(ftx)).unwrap();
+    frx.recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    drop(tx);
+    h.join().unwrap().unwrap();
+}
+
+/// Writes `conns` as agent `agent`, each as the collector sees a live connection.
+fn write_agent(path: &std::path::Path, agent: &str, conns: Vec<Conn>) {
+    let mut diffs = Vec::new();
     for c in conns {
         let id = c.meta.id.clone();
         // As the collector sees a live connection: a delta every minute (pushes are every second in real
@@ -222,14 +233,9 @@ fn write_agent(path: &std::path::Path, agent: &str, conns: Vec<Conn>) {
                 totals: c.bytes,
             });
         }
-        tx.send(WriteCmd::Diff(diff)).unwrap();
+        diffs.push(diff);
     }
-    let (ftx, frx) = std::sync::mpsc::sync_channel(1);
-    tx.send(WriteCmd::Flush(ftx)).unwrap();
-    frx.recv_timeout(std::time::Duration::from_secs(10))
-        .unwrap();
-    drop(tx);
-    h.join().unwrap().unwrap();
+    run_writer(path, agent, diffs);
 }
 
 /// An empty directory of this test process, `mct-api-{pid}-{name}` under the system's temporary directory.
@@ -313,6 +319,12 @@ impl Api {
         v["data"].clone()
     }
 
+    /// GET, expecting `status` and the error envelope with a message that contains `needle`.
+    fn error_naming(&self, target: &str, status: u16, needle: &str) {
+        let msg = self.error(target, status);
+        assert!(msg.contains(needle), "{target}: {msg}");
+    }
+
     /// GET, expecting `status` and the error envelope; returns the message.
     fn error(&self, target: &str, status: u16) -> String {
         let r = self.call("GET", target, None);
@@ -333,6 +345,44 @@ fn both(name: &str) -> Vec<Api> {
     vec![a, b]
 }
 
+/// Every free-text filter parameter (and `filter_type` of filter-options).
+const FILTERS: [&str; 12] = [
+    "agent_id",
+    "network",
+    "rule",
+    "process",
+    "destination",
+    "host",
+    "geoip",
+    "source_ip",
+    "policy",
+    "node",
+    "inbound",
+    "destination_port",
+];
+
+/// The rows of `sql` on `db`, each read as a tuple such as `(String, i64)`.
+fn rows<T>(db: &Connection, sql: &str) -> Vec<T>
+where
+    T: for<'a> TryFrom<&'a rusqlite::Row<'a>, Error = rusqlite::Error>,
+{
+    let mut s = db.prepare(sql).unwrap();
+    let found = s.query_map([], |r| T::try_from(r)).unwrap();
+    found.map(Result::unwrap).collect()
+}
+
+/// The string `key` of every row of `v`.
+fn column(v: &Value, key: &str) -> Vec<String> {
+    let rows = v.as_array().unwrap().iter();
+    rows.map(|r| r[key].as_str().unwrap().to_string()).collect()
+}
+
+/// The number `key` of every row of `v`.
+fn numbers(v: &Value, key: &str) -> Vec<i64> {
+    let rows = v.as_array().unwrap().iter();
+    rows.map(|r| r[key].as_i64().unwrap()).collect()
+}
+
 fn totals(v: &Value) -> (i64, i64, i64, i64) {
     (
         v["count"].as_i64().unwrap(),
@@ -344,53 +394,52 @@ fn totals(v: &Value) -> (i64, i64, i64, i64) {
 
 #[test]
 fn summary_exact_numbers() {
+    // Unix seconds and a range not aligned to hours: [10:29, 10:31) holds c2 and 2 minutes of c1.
+    let unix = format!(
+        "from={}&to={}",
+        (t0() + 29 * MINUTE_MS) / 1000,
+        (t0() + 31 * MINUTE_MS) / 1000
+    );
+    let all_filters = "geoip=HK&policy=Proxy&node=JP-02&inbound=mixed&destination_port=443\
+                       &process=firefox&destination=1.2.3.4";
+    let cases = [
+        ("agent_id=a2", (1, 5, 7, 12)),
+        ("host=example.com", (2, 1_805, 1_800_007, 1_801_812)),
+        // host filter matches the destination IP when there is no host, like group_by=host
+        ("host=8.8.8.8", (1, 100, 200, 300)),
+        (
+            "rule=DomainSuffix%20(example.com)",
+            (2, 1_805, 1_800_007, 1_801_812),
+        ),
+        (
+            "rule=DomainSuffix&network=TCP&source_ip=10.0.0.5",
+            (1, 5, 7, 12),
+        ),
+        (all_filters, (1, 1_000, 50_000, 51_000)),
+        // [10:00, 11:00): c1 and c2 started; 60 minutes of c1 and all of c2 flowed.
+        (
+            "from=2025-04-28T10:00:00Z&to=2025-04-28%2011:00",
+            (2, 700, 600_200, 600_900),
+        ),
+        (&unix, (1, 120, 20_200, 20_320)),
+        // from is 10:30Z: c2 and c3 started; 150 minutes of c1, all of c2 and c3 flowed.
+        (
+            "from=2025-04-28T12:30:00%2B02:00",
+            (2, 2_600, 1_550_200, 1_552_800),
+        ),
+    ];
     for api in both("summary") {
         let all = api.data("/api/v1/stats?type=summary");
         assert_eq!(totals(&all), (4, 2_905, 1_850_207, 1_853_112));
         // default type is summary
         assert_eq!(api.data("/api/v1/stats"), all);
-        assert_eq!(
-            totals(&api.data("/api/v1/stats?type=summary&agent_id=a2")),
-            (1, 5, 7, 12)
-        );
-        assert_eq!(
-            totals(&api.data("/api/v1/stats?type=summary&host=example.com")),
-            (2, 1_805, 1_800_007, 1_801_812)
-        );
-        // host filter matches the destination IP when there is no host, like group_by=host
-        assert_eq!(
-            totals(&api.data("/api/v1/stats?type=summary&host=8.8.8.8")),
-            (1, 100, 200, 300)
-        );
-        assert_eq!(
-            totals(&api.data("/api/v1/stats?type=summary&rule=DomainSuffix%20(example.com)")),
-            (2, 1_805, 1_800_007, 1_801_812)
-        );
-        assert_eq!(
-            totals(&api.data(
-                "/api/v1/stats?type=summary&rule=DomainSuffix&network=TCP&source_ip=10.0.0.5"
-            )),
-            (1, 5, 7, 12)
-        );
-        assert_eq!(
-            totals(&api.data("/api/v1/stats?type=summary&geoip=HK&policy=Proxy&node=JP-02&inbound=mixed&destination_port=443&process=firefox&destination=1.2.3.4")),
-            (1, 1_000, 50_000, 51_000)
-        );
-        // [10:00, 11:00): c1 and c2 started; 60 minutes of c1 and all of c2 flowed.
-        let r =
-            api.data("/api/v1/stats?type=summary&from=2025-04-28T10:00:00Z&to=2025-04-28%2011:00");
-        assert_eq!(totals(&r), (2, 700, 600_200, 600_900));
-        // Unix seconds and a range not aligned to hours: [10:29, 10:31) holds c2 and 2 minutes of c1.
-        let from = (t0() + 29 * MINUTE_MS) / 1000;
-        let to = (t0() + 31 * MINUTE_MS) / 1000;
-        let r = api.data(&format!("/api/v1/stats?type=summary&from={from}&to={to}"));
-        assert_eq!(totals(&r), (1, 120, 20_200, 20_320));
+        for (q, want) in cases {
+            let r = api.data(&format!("/api/v1/stats?type=summary&{q}"));
+            assert_eq!(totals(&r), want, "{q}");
+        }
         // A range covering everything equals the unranged summary.
         let r = api.data("/api/v1/stats?type=summary&from=2025-01-01&to=2026-01-01");
         assert_eq!(r, all);
-        let r = api.data("/api/v1/stats?type=summary&from=2025-04-28T12:30:00%2B02:00");
-        // from is 10:30Z: c2 and c3 started; 150 minutes of c1, all of c2 and c3 flowed.
-        assert_eq!(totals(&r), (2, 2_600, 1_550_200, 1_552_800));
     }
 }
 
@@ -408,12 +457,7 @@ fn timeseries_buckets_sum_to_summary() {
             ])
         );
         let c = api.data("/api/v1/stats?type=timeseries&interval=hour&metric=connections");
-        let counts: Vec<i64> = c
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["value"].as_i64().unwrap())
-            .collect();
+        let counts: Vec<i64> = numbers(&c, "value");
         assert_eq!(counts, vec![1, 2, 0, 1]);
         // every interval and metric, over a range: sums equal the summary over that range
         for range in [
@@ -432,23 +476,13 @@ fn timeseries_buckets_sum_to_summary() {
                     let pts = api.data(&format!(
                         "/api/v1/stats?type=timeseries&interval={interval}&metric={metric}{range}"
                     ));
-                    let total: i64 = pts
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|p| p["value"].as_i64().unwrap())
-                        .sum();
+                    let total: i64 = numbers(&pts, "value").into_iter().sum();
                     assert_eq!(
                         total,
                         sum[field].as_i64().unwrap(),
                         "{interval} {metric} {range}"
                     );
-                    let ts: Vec<i64> = pts
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|p| p["ts"].as_i64().unwrap())
-                        .collect();
+                    let ts: Vec<i64> = numbers(&pts, "ts");
                     assert!(ts.windows(2).all(|w| w[0] < w[1]), "ascending {interval}");
                 }
             }
@@ -493,13 +527,25 @@ fn timeseries_buckets_sum_to_summary() {
             400,
         );
         assert!(msg.contains("'interval'"), "{msg}");
-        assert!(api
-            .error("/api/v1/stats?type=timeseries&interval=year", 400)
-            .contains("minute|hour|day|week|month"));
-        assert!(api
-            .error("/api/v1/stats?type=timeseries&metric=bytes", 400)
-            .contains("'metric'"));
+        api.error_naming(
+            "/api/v1/stats?type=timeseries&interval=year",
+            400,
+            "minute|hour|day|week|month",
+        );
+        api.error_naming(
+            "/api/v1/stats?type=timeseries&metric=bytes",
+            400,
+            "'metric'",
+        );
     }
+}
+
+/// The [`totals`] of every row of `v`, added up.
+fn summed(v: &Value) -> (i64, i64, i64, i64) {
+    v.as_array().unwrap().iter().fold((0, 0, 0, 0), |a, r| {
+        let t = totals(r);
+        (a.0 + t.0, a.1 + t.1, a.2 + t.2, a.3 + t.3)
+    })
 }
 
 fn keyed(v: &Value, key: &str) -> Vec<(String, i64, i64, i64, i64)> {
@@ -518,18 +564,26 @@ fn keyed(v: &Value, key: &str) -> Vec<(String, i64, i64, i64, i64)> {
         .collect()
 }
 
+/// `group_by=host` with `query` gives `want`: (host, count, upload, download, total) per group.
+#[track_caller]
+fn assert_host_groups(api: &Api, query: &str, want: &[(&str, i64, i64, i64, i64)]) {
+    let v = api.data(&format!("/api/v1/stats?type=group&group_by=host{query}"));
+    let want: Vec<_> = want
+        .iter()
+        .map(|&(k, c, u, d, t)| (k.to_string(), c, u, d, t))
+        .collect();
+    assert_eq!(keyed(&v, "host"), want, "{query}");
+}
+
 #[test]
 fn group_by_every_key() {
     for api in both("group") {
-        let h = api.data("/api/v1/stats?type=group&group_by=host");
-        assert_eq!(
-            keyed(&h, "host"),
-            vec![
-                ("example.com".into(), 2, 1_805, 1_800_007, 1_801_812),
-                ("video.example.org".into(), 1, 1_000, 50_000, 51_000),
-                ("8.8.8.8".into(), 1, 100, 200, 300),
-            ]
-        );
+        let want = [
+            ("example.com", 2, 1_805, 1_800_007, 1_801_812),
+            ("video.example.org", 1, 1_000, 50_000, 51_000),
+            ("8.8.8.8", 1, 100, 200, 300),
+        ];
+        assert_host_groups(&api, "", &want);
         let h = api.data("/api/v1/stats?type=group&group_by=host&sort_by=count&sort_order=asc");
         let keys: Vec<String> = keyed(&h, "host").into_iter().map(|r| r.0).collect();
         assert_eq!(
@@ -607,15 +661,9 @@ fn group_by_every_key() {
             .collect();
         assert_eq!(rows.len(), 4);
         assert!(rows.contains(&("192.168.1.10".into(), "video.example.org".into(), 1)));
-        assert!(api
-            .error("/api/v1/stats?type=group&group_by=host,host", 400)
-            .contains("'group_by'"));
-        assert!(api
-            .error("/api/v1/stats?type=group&group_by=a,b,c", 400)
-            .contains("'group_by'"));
-        assert!(api
-            .error("/api/v1/stats?type=group", 400)
-            .contains("'group_by'"));
+        for bad in ["&group_by=host,host", "&group_by=a,b,c", ""] {
+            api.error_naming(&format!("/api/v1/stats?type=group{bad}"), 400, "'group_by'");
+        }
     }
 }
 
@@ -642,19 +690,9 @@ fn top_n_plus_other_equals_summary() {
                     "/api/v1/stats?type=group&group_by={by}&limit=1&other=true{range}"
                 ));
                 let rows = v.as_array().unwrap();
-                let mut acc = (0, 0, 0, 0);
-                for r in rows {
-                    let t = totals(r);
-                    acc = (acc.0 + t.0, acc.1 + t.1, acc.2 + t.2, acc.3 + t.3);
-                }
-                assert_eq!(acc, sum, "group_by={by}{range}: {v}");
+                assert_eq!(summed(&v), sum, "group_by={by}{range}: {v}");
                 let all = api.data(&format!("/api/v1/stats?type=group&group_by={by}{range}"));
-                let mut acc = (0, 0, 0, 0);
-                for r in all.as_array().unwrap() {
-                    let t = totals(r);
-                    acc = (acc.0 + t.0, acc.1 + t.1, acc.2 + t.2, acc.3 + t.3);
-                }
-                assert_eq!(acc, sum, "all groups of {by}{range}");
+                assert_eq!(summed(&all), sum, "all groups of {by}{range}");
                 if all.as_array().unwrap().len() > 1 {
                     assert_eq!(rows.len(), 2, "one row and the other row: {v}");
                     let first = by.split(',').next().unwrap();
@@ -666,28 +704,20 @@ fn top_n_plus_other_equals_summary() {
         // geoip: a connection with two countries is in two groups, so the rows add up to the sum of all groups
         let all = api.data("/api/v1/stats?type=group&group_by=geoip");
         let top = api.data("/api/v1/stats?type=group&group_by=geoip&limit=2&other=true");
-        let sum = |v: &Value| {
-            v.as_array().unwrap().iter().fold((0, 0, 0, 0), |a, r| {
-                let t = totals(r);
-                (a.0 + t.0, a.1 + t.1, a.2 + t.2, a.3 + t.3)
-            })
-        };
         assert_eq!(top.as_array().unwrap().len(), 3);
         assert_eq!(top[2]["destination_geoip"], Value::Null);
-        assert_eq!(sum(&top), sum(&all));
-        assert_eq!(sum(&all).0, 5, "4 connections, one of them in cn and hk");
+        assert_eq!(summed(&top), summed(&all));
+        assert_eq!(summed(&all).0, 5, "4 connections, one of them in cn and hk");
         // without other=true, limit just cuts
         let v = api.data("/api/v1/stats?type=group&group_by=host&limit=2");
         assert_eq!(v.as_array().unwrap().len(), 2);
         // Ranged group counts connections started in range, bytes flowed in range.
-        let v = api.data("/api/v1/stats?type=group&group_by=host&from=2025-04-28T12:00:00Z&to=2025-04-28T13:00:00Z");
-        assert_eq!(
-            keyed(&v, "host"),
-            vec![
-                ("example.com".into(), 0, 600, 600_000, 600_600),
-                ("video.example.org".into(), 1, 1_000, 50_000, 51_000),
-            ]
-        );
+        let want = [
+            ("example.com", 0, 600, 600_000, 600_600),
+            ("video.example.org", 1, 1_000, 50_000, 51_000),
+        ];
+        let range = "&from=2025-04-28T12:00:00Z&to=2025-04-28T13:00:00Z";
+        assert_host_groups(&api, range, &want);
     }
 }
 
@@ -776,12 +806,7 @@ fn connections_rows_paging_and_exports() {
         assert_eq!(rows[0]["end"], Value::Null, "c3 is open");
 
         let v = api.data("/api/v1/connections?limit=2&offset=1&sort_by=total&sort_order=asc");
-        let ids: Vec<&str> = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["id"].as_str().unwrap())
-            .collect();
+        let ids = column(&v, "id");
         assert_eq!(ids, vec!["c2", "c3"]);
         let r = api.call(
             "GET",
@@ -834,18 +859,14 @@ fn connections_rows_paging_and_exports() {
         assert_eq!(r.text().lines().count(), 4);
         assert!(r.headers.contains(&("X-Total-Count", "4".into())));
 
-        assert!(api
-            .error("/api/v1/connections?limit=10001", 400)
-            .contains("'limit'"));
-        assert!(api
-            .error("/api/v1/connections?sort_by=id", 400)
-            .contains("start|last_updated|download|upload|total"));
-        assert!(api
-            .error("/api/v1/connections?offset=-1", 400)
-            .contains("'offset'"));
-        assert!(api
-            .error("/api/v1/connections?format=xml", 400)
-            .contains("json|csv|ndjson"));
+        for (bad, needle) in [
+            ("limit=10001", "'limit'"),
+            ("sort_by=id", "start|last_updated|download|upload|total"),
+            ("offset=-1", "'offset'"),
+            ("format=xml", "json|csv|ndjson"),
+        ] {
+            api.error_naming(&format!("/api/v1/connections?{bad}"), 400, needle);
+        }
     }
 }
 
@@ -874,9 +895,7 @@ fn agents_are_real() {
             s["rules"],
             json!([{"rule": "DomainSuffix", "count": 1}, {"rule": "GeoIP", "count": 1}, {"rule": "Match", "count": 1}])
         );
-        assert!(api
-            .error("/api/v1/agents/nobody/status", 404)
-            .contains("nobody"));
+        api.error_naming("/api/v1/agents/nobody/status", 404, "nobody");
         // time passes: a1 goes inactive
         api.now_ms += 10 * MINUTE_MS;
         assert_eq!(api.data("/api/v1/agents/a1/status")["status"], "inactive");
@@ -895,12 +914,7 @@ fn agents_table_rows_count_as_activity() {
     drop(db);
     let api = Api::new(&path);
     let v = api.data("/api/v1/agents");
-    let ids: Vec<&str> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap())
-        .collect();
+    let ids = column(&v, "id");
     assert_eq!(ids, vec!["a1", "a2", "quiet"]);
     let a2 = api.data("/api/v1/agents/a2/status");
     assert_eq!(a2["status"], "active");
@@ -925,12 +939,7 @@ fn filter_options_sorted_and_limited() {
         ])
     );
     let v = api.data("/api/v1/filter-options?filter_type=geoip");
-    let vals: Vec<&str> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["value"].as_str().unwrap())
-        .collect();
+    let vals = column(&v, "value");
     assert_eq!(vals, vec!["cn", "hk", "us"]);
     let v = api.data("/api/v1/filter-options?filter_type=destination&query=8.8&limit=5");
     assert_eq!(v.as_array().unwrap().len(), 1);
@@ -939,20 +948,7 @@ fn filter_options_sorted_and_limited() {
         v,
         json!([{"field": "agent_id", "label": "a1", "value": "a1"}])
     );
-    for t in [
-        "agent_id",
-        "network",
-        "rule",
-        "process",
-        "destination",
-        "host",
-        "geoip",
-        "source_ip",
-        "policy",
-        "node",
-        "inbound",
-        "destination_port",
-    ] {
+    for t in FILTERS {
         assert!(
             !api.data(&format!("/api/v1/filter-options?filter_type={t}"))
                 .as_array()
@@ -961,12 +957,12 @@ fn filter_options_sorted_and_limited() {
             "{t}"
         );
     }
-    assert!(api
-        .error("/api/v1/filter-options?filter_type=password", 400)
-        .contains("'filter_type'"));
-    assert!(api
-        .error("/api/v1/filter-options", 400)
-        .contains("'filter_type'"));
+    api.error_naming(
+        "/api/v1/filter-options?filter_type=password",
+        400,
+        "'filter_type'",
+    );
+    api.error_naming("/api/v1/filter-options", 400, "'filter_type'");
 }
 
 fn row_count(path: &std::path::Path) -> (i64, i64) {
@@ -1027,20 +1023,7 @@ fn injection_strings_are_rejected_or_bound() {
         ));
         assert_eq!(d[0]["network"], "tcp", "descending");
         // free-text filters are bound values: they just match nothing
-        for f in [
-            "agent_id",
-            "network",
-            "rule",
-            "process",
-            "destination",
-            "host",
-            "geoip",
-            "source_ip",
-            "policy",
-            "node",
-            "inbound",
-            "destination_port",
-        ] {
+        for f in FILTERS {
             let s = api.data(&format!("/api/v1/stats?type=summary&{f}={e}"));
             assert_eq!(totals(&s), (0, 0, 0, 0), "{f}={e}");
             let g = api.data(&format!(
@@ -1175,106 +1158,56 @@ fn rollups_stay_consistent_with_raw_tables() {
     let path = fixture("rollup", true);
     let db = open(&path, Access::Write).unwrap();
     let check = |db: &Connection| {
-        let raw: (i64, i64, i64) = db
-            .query_row(
-                "SELECT count(*), sum(upload), sum(download) FROM connections",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .unwrap();
-        let roll: (i64, i64, i64) = db
-            .query_row(
-                "SELECT sum(conns), sum(upload), sum(download) FROM rollup_conn_hour",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .unwrap();
-        assert_eq!(raw, roll);
-        let raw: Vec<(i64, String, i64, i64)> = db
-            .prepare(
-                "SELECT t.minute / 60, c.agent_id, sum(t.upload), sum(t.download)
-                 FROM traffic t JOIN connections c ON c.pk = t.conn GROUP BY 1, 2 ORDER BY 1, 2",
-            )
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        let roll: Vec<(i64, String, i64, i64)> = db
-            .prepare("SELECT hour, agent_id, upload, download FROM rollup_traffic_hour WHERE upload <> 0 OR download <> 0 ORDER BY 1, 2")
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(raw, roll);
-        let raw: Vec<(String, i64, i64, i64)> = db
-            .prepare(
-                "SELECT CASE WHEN host <> '' THEN host ELSE destination_ip END, count(*), sum(upload), sum(download)
-                 FROM connections GROUP BY 1 ORDER BY 1",
-            )
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        let roll: Vec<(String, i64, i64, i64)> = db
-            .prepare(
-                "SELECT host, conns, upload, download FROM rollup_host WHERE conns > 0 ORDER BY 1",
-            )
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(raw, roll);
+        let conns = "SELECT count(*), sum(upload), sum(download) FROM connections";
+        let conns_rolled = "SELECT sum(conns), sum(upload), sum(download) FROM rollup_conn_hour";
+        assert_eq!(rows::<(i64, i64, i64)>(db, conns), rows(db, conns_rolled));
+        let traffic = "SELECT t.minute / 60, c.agent_id, sum(t.upload), sum(t.download)
+             FROM traffic t JOIN connections c ON c.pk = t.conn GROUP BY 1, 2 ORDER BY 1, 2";
+        let traffic_rolled = "SELECT hour, agent_id, upload, download FROM rollup_traffic_hour
+             WHERE upload <> 0 OR download <> 0 ORDER BY 1, 2";
+        assert_eq!(
+            rows::<(i64, String, i64, i64)>(db, traffic),
+            rows(db, traffic_rolled)
+        );
+        let hosts =
+            "SELECT CASE WHEN host <> '' THEN host ELSE destination_ip END, count(*), sum(upload),
+             sum(download) FROM connections GROUP BY 1 ORDER BY 1";
+        let hosts_rolled =
+            "SELECT host, conns, upload, download FROM rollup_host WHERE conns > 0 ORDER BY 1";
+        assert_eq!(
+            rows::<(String, i64, i64, i64)>(db, hosts),
+            rows(db, hosts_rolled)
+        );
     };
     check(&db);
     // updates (a second writer pass adds bytes to c3), then retention-style deletes with cascade
     drop(db);
     let t = t0();
     write_agent(&path, "a1", vec![]);
-    {
-        let db = open(&path, Access::Write).unwrap();
-        let w = Writer::new(
-            db,
-            WriterConfig {
-                agent_id: "a1".into(),
-                ..WriterConfig::default()
-            },
-        )
-        .unwrap();
-        let (tx, rx) = std::sync::mpsc::sync_channel(4);
-        let h = std::thread::spawn(move || w.run(rx));
-        tx.send(WriteCmd::Diff(ConnectionDiff {
-            at_ms: t + 4 * HOUR_MS,
-            flows: vec![Flow {
-                id: "c3".into(),
-                totals: Bytes {
-                    upload: 2_000,
-                    download: 60_000,
-                },
-                delta: Bytes {
-                    upload: 1_000,
-                    download: 10_000,
-                },
-                from_ms: t + 2 * HOUR_MS + 10 * MINUTE_MS,
-                to_ms: t + 4 * HOUR_MS,
-            }],
-            ..ConnectionDiff::default()
-        }))
-        .unwrap();
-        drop(tx);
-        h.join().unwrap().unwrap();
-    }
+    let more = Flow {
+        id: "c3".into(),
+        totals: Bytes {
+            upload: 2_000,
+            download: 60_000,
+        },
+        delta: Bytes {
+            upload: 1_000,
+            download: 10_000,
+        },
+        from_ms: t + 2 * HOUR_MS + 10 * MINUTE_MS,
+        to_ms: t + 4 * HOUR_MS,
+    };
+    let diff = ConnectionDiff {
+        at_ms: t + 4 * HOUR_MS,
+        flows: vec![more],
+        ..ConnectionDiff::default()
+    };
+    run_writer(&path, "a1", vec![diff]);
     let db = open(&path, Access::Write).unwrap();
     check(&db);
-    let pks: Vec<i64> = db
-        .prepare("SELECT pk FROM connections WHERE agent_id = 'a2'")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
+    let pks: Vec<i64> = rows::<(i64,)>(&db, "SELECT pk FROM connections WHERE agent_id = 'a2'")
+        .into_iter()
+        .map(|(pk,)| pk)
         .collect();
     assert_eq!(
         crate::store::rollup::delete_connections(&db, &pks).unwrap(),
@@ -1324,8 +1257,7 @@ fn documented_shapes() {
     }
     let t = api.data("/api/v1/stats?type=timeseries&interval=day&metric=connections&from=2025-04-27&to=2025-04-29");
     assert_eq!(keys(&t[0]), ["time", "ts", "value"]);
-    let a = api.data("/api/v1/agents");
-    for k in [
+    let agent_keys = [
         "id",
         "last_active",
         "connections_count",
@@ -1333,22 +1265,13 @@ fn documented_shapes() {
         "total_upload",
         "total_traffic",
         "status",
-    ] {
+    ];
+    let a = api.data("/api/v1/agents");
+    for k in agent_keys {
         assert!(a[0].get(k).is_some(), "{k}");
     }
     let st = api.data("/api/v1/agents/a1/status");
-    for k in [
-        "id",
-        "last_active",
-        "connections_count",
-        "total_download",
-        "total_upload",
-        "total_traffic",
-        "status",
-        "is_active",
-        "networks",
-        "rules",
-    ] {
+    for k in agent_keys.iter().chain(&["is_active", "networks", "rules"]) {
         assert!(st.get(k).is_some(), "{k}");
     }
     let o = api.data("/api/v1/filter-options?filter_type=rule&query=dom&limit=5");
@@ -1740,8 +1663,8 @@ fn group_by_geoip_counts_each_country_of_a_connection() {
     for q in ["", "&query=U", "&limit=2", "&query=zz"] {
         got += &format!("# filter-options{q}\n");
         let v = api.data(&format!("/api/v1/filter-options?filter_type=geoip{q}"));
-        for r in v.as_array().unwrap() {
-            got += r["value"].as_str().unwrap();
+        for value in column(&v, "value") {
+            got += &value;
             got += "\n";
         }
     }
@@ -1941,14 +1864,7 @@ fn start_times_within_a_minute_order_and_filter_to_the_millisecond() {
     });
     write_agent(&path, "a1", conns.into());
     let api = Api::new(&path);
-    let ids = |target: &str| -> Vec<String> {
-        let v = api.data(target);
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["id"].as_str().unwrap().to_string())
-            .collect()
-    };
+    let ids = |target: &str| column(&api.data(target), "id");
     assert_eq!(ids("/api/v1/connections"), ["n1", "n0", "m59", "m30", "m0"]);
     assert_eq!(
         ids("/api/v1/connections?sort_order=asc"),

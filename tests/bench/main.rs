@@ -152,20 +152,18 @@ impl Proc {
         if !ok.success() {
             return Err(format!("kill -TERM {pid} failed"));
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().map_err(|e| e.to_string())? {
-                return Ok(st);
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{} still running {timeout:?} after SIGTERM; {}",
-                    self.name,
-                    self.tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut status = None;
+        wait_until(timeout, Duration::from_millis(20), || {
+            status = self.child.try_wait().map_err(|e| e.to_string())?;
+            Ok(status.is_some())
+        })?;
+        status.ok_or_else(|| {
+            format!(
+                "{} still running {timeout:?} after SIGTERM; {}",
+                self.name,
+                self.tail()
+            )
+        })
     }
 }
 
@@ -301,22 +299,33 @@ fn get_data(agent: &ureq::Agent, url: &str) -> Res<Value> {
 
 /// Waits until `/api/v1/health` answers, or the process dies, or 15 s pass.
 fn wait_healthy(agent: &ureq::Agent, base: &str, proc: &mut Proc) -> Res<()> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let healthy = wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
         proc.alive()?;
         // API-COMPAT lists `/health` under the `/api/v1` base; accept it at the root too.
-        for path in ["/api/v1/health", "/health"] {
-            if let Ok((200, _)) = get(agent, &format!("{base}{path}")) {
-                return Ok(());
-            }
+        let ok = |path| matches!(get(agent, &format!("{base}{path}")), Ok((200, _)));
+        Ok(["/api/v1/health", "/health"].into_iter().any(ok))
+    })?;
+    if !healthy {
+        return Err(format!(
+            "{base}/api/v1/health did not answer 200 within 15 s; {}",
+            proc.tail()
+        ));
+    }
+    Ok(())
+}
+
+/// Calls `poll` every `every` until it says done (`Ok(true)`) or `within` has passed (`Ok(false)`); a
+/// poll's error ends the wait at once. The bench's poll-until helper (it does not share the tests' one).
+fn wait_until(within: Duration, every: Duration, mut poll: impl FnMut() -> Res<bool>) -> Res<bool> {
+    let deadline = Instant::now() + within;
+    loop {
+        if poll()? {
+            return Ok(true);
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "{base}/api/v1/health did not answer 200 within 15 s; {}",
-                proc.tail()
-            ));
+            return Ok(false);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(every);
     }
 }
 
@@ -433,8 +442,7 @@ fn figure_tracking(r: &mut Report, bin: &Path) -> Res<()> {
     let (mut master, base) =
         start_master(bin, &db, &dir.join("tracking-master.log"), &extra, false)?;
     // Ready when the first snapshot is in the database (independent of the HTTP API, checked at the end).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let stored = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
         master.alive()?;
         let rows = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .and_then(|c| {
@@ -443,16 +451,13 @@ fn figure_tracking(r: &mut Report, bin: &Path) -> Res<()> {
                 })
             })
             .unwrap_or(0);
-        if rows > 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "no connection stored within 15 s; {}",
-                master.tail()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        Ok(rows > 0)
+    })?;
+    if !stored {
+        return Err(format!(
+            "no connection stored within 15 s; {}",
+            master.tail()
+        ));
     }
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(secs) {
@@ -833,18 +838,15 @@ fn ingest_run(bin: &Path, ids: Ids) -> Res<IngestRun> {
     // Rows are only counted once they are in the database.
     let conn = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| format!("open {}: {e}", db.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let stored = loop {
-        let n: u64 = conn
+    let mut stored = 0;
+    wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        stored = conn
             .query_row("SELECT count(*) FROM connections", [], |r| {
                 r.get::<_, i64>(0)
             })
             .map_err(|e| e.to_string())? as u64;
-        if n >= total || Instant::now() > deadline {
-            break n;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        Ok(stored >= total)
+    })?;
     let _ = master.terminate(Duration::from_secs(20));
     Ok(IngestRun {
         rate,
@@ -1276,7 +1278,7 @@ fn figure_catch_up(r: &mut Report, bin: &Path) -> Res<()> {
         .map_err(|e| format!("open {}: {e}", master_db.display()))?;
     let deadline = Duration::from_secs(60);
     let mut arrived = 0u64;
-    while t.elapsed() < deadline {
+    wait_until(deadline, Duration::from_millis(100), || {
         agent.alive()?;
         master.alive()?;
         arrived = conn
@@ -1286,11 +1288,8 @@ fn figure_catch_up(r: &mut Report, bin: &Path) -> Res<()> {
                 |r| r.get::<_, i64>(0),
             )
             .map_err(|e| format!("count rows in the master: {e}"))? as u64;
-        if arrived >= BACKLOG {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        Ok(arrived >= BACKLOG)
+    })?;
     let took = t.elapsed();
     let label = format!(
         "agent catch-up, {} pending rows into the master",

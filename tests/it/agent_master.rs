@@ -1,33 +1,14 @@
 //! Agents and a master as real processes: nothing lost, nothing duplicated, whatever happens to either.
 
-use crate::binary::Proc;
+use crate::binary::{master_args, Proc};
 use crate::fake_mihomo::{frame, FakeMihomo};
 use crate::support::*;
-use std::net::TcpListener;
-
-/// A port that was free a moment ago (for a master started later).
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 const N: usize = 3000;
 
 /// A master on `port`, with `extra` flags, once its API listens (also used by `faults`).
 pub(crate) fn master(db: &std::path::Path, port: u16, extra: &[&str]) -> Proc {
-    let port = port.to_string();
-    let mut args = vec![
-        "master",
-        "--database",
-        db.to_str().unwrap(),
-        "--listen-port",
-        &port,
-    ];
-    args.extend_from_slice(extra);
-    let mut p = Proc::spawn(&args);
+    let mut p = Proc::spawn(&master_args(db, port, extra));
     p.wait_line("api: listening on");
     p
 }
@@ -127,15 +108,8 @@ fn master_down_then_up_and_agent_killed_mid_sync_lose_nothing() {
         "the master to hold every connection with final bytes",
         || (master_rows(&mdb) == want).then_some(()),
     );
-    let c = rusqlite::Connection::open(&mdb).unwrap();
-    let agents: Vec<String> = c
-        .prepare("SELECT DISTINCT agent_id FROM connections")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    assert_eq!(agents, ["router-1"]);
+    let agents: Vec<(String,)> = query(&mdb, "SELECT DISTINCT agent_id FROM connections", []);
+    assert_eq!(agents, [("router-1".to_string(),)]);
     assert_traffic_matches_totals(&stored(&mdb));
     assert_traffic_matches_totals(&stored(&adb));
     eprintln!("master had {after_kill} rows when the agent was killed");

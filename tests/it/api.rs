@@ -1,9 +1,10 @@
 //! The API server through a real socket on 127.0.0.1:0: envelope, auth, 404/405/413, exports, and a clean
 //! stop that joins every worker.
 
+use crate::support::{whole_connection, write_diffs, TempDir};
 use mihomo_connections_tracker::api::{self, ApiConfig};
-use mihomo_connections_tracker::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
-use mihomo_connections_tracker::store::{open, Access, WriteCmd, Writer, WriterConfig};
+use mihomo_connections_tracker::model::{Bytes, ConnMeta};
+use mihomo_connections_tracker::store::WriteCmd;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -12,15 +13,9 @@ use std::time::Duration;
 
 const T: i64 = 1_745_834_400_000; // 2025-04-28T10:00:00Z
 
-fn db(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mct-it-api-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("t.db");
-    let conn = open(&path, Access::Write).unwrap();
-    let w = Writer::new(conn, WriterConfig::default()).unwrap();
-    let (tx, rx) = std::sync::mpsc::sync_channel(4);
-    let h = std::thread::spawn(move || w.run(rx));
+/// A directory `name` holding `t.db`, with one closed connection written by the real writer.
+fn fixture(name: &str) -> TempDir {
+    let dir = TempDir::new(name);
     let bytes = Bytes {
         upload: 300,
         download: 6_000,
@@ -34,27 +29,27 @@ fn db(name: &str) -> PathBuf {
         chains: "[\"Proxy\",\"HK\"]".into(),
         ..ConnMeta::default()
     };
-    tx.send(WriteCmd::Diff(ConnectionDiff {
-        at_ms: T + 120_000,
-        opened: vec![(meta, Bytes::default())],
-        flows: vec![Flow {
-            id: "x1".into(),
-            totals: bytes,
-            delta: bytes,
-            from_ms: T,
-            to_ms: T + 120_000,
-        }],
-        closed: vec![Closed {
-            id: "x1".into(),
-            end_ms: T + 120_000,
-            totals: bytes,
-        }],
-        ..ConnectionDiff::default()
-    }))
-    .unwrap();
-    drop(tx);
-    h.join().unwrap().unwrap();
-    path
+    let diff = whole_connection(meta, bytes, T + 120_000, true);
+    write_diffs(&dir.path("t.db"), "local", [diff]);
+    dir
+}
+
+/// The API on a free loopback port serving `db_path`.
+fn config(
+    db_path: PathBuf,
+    token: Option<&str>,
+    workers: usize,
+    max_body_bytes: usize,
+) -> ApiConfig {
+    ApiConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token: token.map(str::to_string),
+        db_path,
+        workers,
+        max_body_bytes,
+        devices: None,
+        metrics: Default::default(),
+    }
 }
 
 fn agent() -> ureq::Agent {
@@ -77,21 +72,9 @@ fn get(a: &ureq::Agent, url: &str, token: Option<&str>) -> (u16, String) {
 
 #[test]
 fn serves_over_http_with_auth_limits_and_clean_stop() {
-    let path = db("socket");
+    let dir = fixture("socket");
     let (tx, _rx) = std::sync::mpsc::sync_channel::<WriteCmd>(1);
-    let server = api::start(
-        ApiConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            token: Some("tok".into()),
-            db_path: path,
-            workers: 3,
-            max_body_bytes: 1024,
-            devices: None,
-            metrics: Default::default(),
-        },
-        Some(tx),
-    )
-    .unwrap();
+    let server = api::start(config(dir.path("t.db"), Some("tok"), 3, 1024), Some(tx)).unwrap();
     let addr = server.addr();
     assert_ne!(addr.port(), 0);
     let base = format!("http://{addr}/api/v1");
@@ -189,46 +172,21 @@ fn serves_over_http_with_auth_limits_and_clean_stop() {
 
 #[test]
 fn refuses_a_database_that_is_not_ours() {
-    let dir = std::env::temp_dir().join(format!("mct-it-api-{}-bad", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("t.db");
+    let dir = TempDir::new("bad");
+    let path = dir.path("t.db");
     std::fs::write(&path, b"not a database at all, sorry").unwrap();
-    let err = api::start(
-        ApiConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            token: None,
-            db_path: path,
-            workers: 1,
-            max_body_bytes: 1024,
-            devices: None,
-            metrics: Default::default(),
-        },
-        None,
-    )
-    .err()
-    .expect("must refuse");
+    let err = api::start(config(path, None, 1, 1024), None)
+        .err()
+        .expect("must refuse");
     assert!(err.to_string().contains("not a SQLite database"), "{err}");
 }
 
 #[test]
 fn a_stalled_upload_does_not_hold_the_only_worker() {
-    let path = db("stall");
+    let dir = fixture("stall");
     let (tx, _rx) = std::sync::mpsc::sync_channel::<WriteCmd>(1);
-    let server = api::start_with_body_timeout(
-        ApiConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            token: None,
-            db_path: path,
-            workers: 1,
-            max_body_bytes: 100_000,
-            devices: None,
-            metrics: Default::default(),
-        },
-        Some(tx),
-        Duration::from_millis(200),
-    )
-    .unwrap();
+    let cfg = config(dir.path("t.db"), None, 1, 100_000);
+    let server = api::start_with_body_timeout(cfg, Some(tx), Duration::from_millis(200)).unwrap();
     let addr = server.addr();
     // Promise 5000 bytes (more than tiny_http reads ahead by itself), send 10, then stall.
     let mut stalled = TcpStream::connect(addr).unwrap();

@@ -2,7 +2,10 @@
 
 use crate::fake_mihomo::{frame, FakeMihomo};
 use crate::support::*;
+use std::ffi::OsStr;
 use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
@@ -16,46 +19,62 @@ pub struct Proc {
     pub seen: Vec<String>,
 }
 
-/// The arguments of a standalone master on a free port recording `mihomo`, committing every `commit_ms`,
-/// then `extra`.
-pub fn standalone_args(
-    db: &std::path::Path,
-    mihomo: &FakeMihomo,
-    commit_ms: u64,
-    extra: &[&str],
-) -> Vec<String> {
-    let mut args: Vec<String> = [
+/// The arguments of a master storing into `db` with its API on `port` (0: any free one), then `extra`.
+pub fn master_args(db: &Path, port: u16, extra: &[&str]) -> Vec<String> {
+    let port = port.to_string();
+    let head = [
         "master",
         "--database",
         db.to_str().unwrap(),
         "--listen-port",
-        "0",
+        &port,
+    ];
+    head.iter().chain(extra).map(|a| a.to_string()).collect()
+}
+
+/// The arguments of a standalone master on a free port recording `mihomo`, committing every `commit_ms`,
+/// then `extra`.
+pub fn standalone_args(
+    db: &Path,
+    mihomo: &FakeMihomo,
+    commit_ms: u64,
+    extra: &[&str],
+) -> Vec<String> {
+    let (port, ms) = (mihomo.addr.port().to_string(), commit_ms.to_string());
+    let own = [
         "--mihomo-host",
         "127.0.0.1",
         "--mihomo-port",
-        &mihomo.addr.port().to_string(),
+        &port,
         "--commit-interval-ms",
-        &commit_ms.to_string(),
-    ]
-    .map(String::from)
-    .into();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+        &ms,
+    ];
+    master_args(db, 0, &[&own[..], extra].concat())
+}
+
+/// The API address from a "api: listening on http://ADDR/api/v1" line.
+pub fn listen_addr(line: &str) -> SocketAddr {
+    let rest = &line[line.find("http://").unwrap() + 7..];
+    rest[..rest.find('/').unwrap()].parse().unwrap()
 }
 
 impl Proc {
-    pub fn spawn(args: &[&str]) -> Proc {
+    pub fn spawn(args: &[impl AsRef<OsStr>]) -> Proc {
         Proc::spawn_with(BIN, &[], args)
     }
 
     /// A standalone master ([`standalone_args`]) logging at debug level.
-    pub fn standalone(db: &std::path::Path, mihomo: &FakeMihomo, commit_ms: u64) -> Proc {
-        let args = standalone_args(db, mihomo, commit_ms, &["--log-level", "debug"]);
-        Proc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    pub fn standalone(db: &Path, mihomo: &FakeMihomo, commit_ms: u64) -> Proc {
+        Proc::spawn(&standalone_args(
+            db,
+            mihomo,
+            commit_ms,
+            &["--log-level", "debug"],
+        ))
     }
 
     /// Runs `program` (e.g. an emulator) with `pre` then `args`.
-    pub fn spawn_with(program: &str, pre: &[&str], args: &[&str]) -> Proc {
+    pub fn spawn_with(program: &str, pre: &[&str], args: &[impl AsRef<OsStr>]) -> Proc {
         let mut child = Command::new(program)
             .args(pre)
             .args(args)
@@ -100,6 +119,11 @@ impl Proc {
         }
     }
 
+    /// The API address, once it says it listens.
+    pub fn api_addr(&mut self) -> SocketAddr {
+        listen_addr(&self.wait_line("api: listening on http://"))
+    }
+
     /// Forgets the stderr lines written so far (the next `wait_line` sees only newer ones).
     pub fn drain(&mut self) {
         while let Ok(line) = self.lines.try_recv() {
@@ -118,21 +142,12 @@ impl Proc {
 
     /// Waits (20 s at most) for the exit code.
     pub fn wait_exit(&mut self) -> i32 {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.seen.push(line);
-                }
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit; stderr {:#?}",
-                self.seen
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        let what = format!("the process to exit; stderr {:#?}", self.seen);
+        let status = wait_for(&what, || self.child.try_wait().unwrap());
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(line);
         }
+        status.code().unwrap_or(-1)
     }
 }
 
@@ -143,7 +158,7 @@ impl Drop for Proc {
     }
 }
 
-fn run(args: &[&str]) -> (i32, String) {
+fn run(args: &[impl AsRef<OsStr>]) -> (i32, String) {
     let out = Command::new(BIN)
         .args(args)
         .stdin(Stdio::null())
@@ -192,13 +207,7 @@ fn a_file_that_is_not_a_database_is_refused_and_left_alone() {
     let db = dir.path("notes.db");
     let content = b"SQLite format 2? no: my notes, keep them\n".repeat(100);
     std::fs::write(&db, &content).unwrap();
-    let (code, text) = run(&[
-        "master",
-        "--database",
-        db.to_str().unwrap(),
-        "--listen-port",
-        "0",
-    ]);
+    let (code, text) = run(&master_args(&db, 0, &[]));
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("not a SQLite database"), "{text}");
     assert_eq!(std::fs::read(&db).unwrap(), content);
@@ -221,11 +230,7 @@ fn sigterm_commits_what_is_pending() {
     p.signal("TERM");
     assert_eq!(p.wait_exit(), 0, "{:#?}", p.seen);
     let rows = stored(&db);
-    assert_eq!(
-        summary(&rows),
-        [("a".into(), 5, 50, true), ("b".into(), 2, 20, false)]
-    );
-    assert_traffic_matches_totals(&rows);
+    assert_stored(&rows, &[("a", 5, 50, true), ("b", 2, 20, false)]);
 }
 
 #[test]

@@ -121,11 +121,7 @@ impl Browser {
             );
         }
         // A free loopback port for chromedriver (it has no "port 0" of its own).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let profile = TempDir::new("chromium-profile");
         let mut cmd = Command::new(driver_bin.unwrap());
         cmd.arg(format!("--port={port}"))
@@ -260,23 +256,18 @@ impl Browser {
 
     /// Waits (at most 20 s) until the texts of `css` satisfy `pred`; returns them.
     fn wait_texts(&self, what: &str, css: &str, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
+        wait_until(what, WAIT, Duration::from_millis(50), || {
             let texts = self.texts(css);
             if pred(&texts) {
-                return texts;
+                Ok(texts)
+            } else {
+                Err(PageSeen {
+                    browser: self,
+                    css,
+                    texts,
+                })
             }
-            if std::time::Instant::now() > deadline {
-                // Evidence for the message; failures here must not hide the timeout itself.
-                let _ = self.try_screenshot(&screenshot_path("dashboard-failure.png"));
-                let log = self.console();
-                panic!(
-                    "timed out waiting for {what}: {css} shows {texts:?} (see target/dashboard-failure.png); \
-                     browser console: {log:?}"
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     fn click(&self, element: &str) {
@@ -341,6 +332,28 @@ impl Drop for Browser {
     }
 }
 
+/// What the page showed when a wait timed out. Formatted once, for the message: it saves a screenshot
+/// and reads the browser console as evidence (their own failures must not hide the timeout itself).
+struct PageSeen<'a> {
+    browser: &'a Browser,
+    css: &'a str,
+    texts: Vec<String>,
+}
+
+impl std::fmt::Display for PageSeen<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let _ = self
+            .browser
+            .try_screenshot(&screenshot_path("dashboard-failure.png"));
+        let log = self.browser.console();
+        write!(
+            f,
+            "{} shows {:?} (see target/dashboard-failure.png); browser console: {log:?}",
+            self.css, self.texts
+        )
+    }
+}
+
 fn base64_decode(s: &str) -> Vec<u8> {
     let val = |c: u8| match c {
         b'A'..=b'Z' => c - b'A',
@@ -361,6 +374,12 @@ fn base64_decode(s: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Row `i` of `rows` contains every one of `needles`.
+#[track_caller]
+fn assert_row(rows: &[String], i: usize, needles: &[&str]) {
+    assert!(needles.iter().all(|n| rows[i].contains(n)), "{rows:?}");
 }
 
 fn screenshot_path(name: &str) -> PathBuf {
@@ -412,29 +431,15 @@ fn dashboard_shows_known_numbers_and_filters_by_a_clicked_host() {
         Some("14,417,920 bytes")
     );
     let hosts = b.wait_texts("top hosts", "#g-host tr.pick", |t| t.len() == 2);
-    assert!(
-        hosts[0].contains("video.example")
-            && hosts[0].contains("2")
-            && hosts[0].contains("10.8 MiB"),
-        "{hosts:?}"
-    );
-    assert!(
-        hosts[1].contains("news.example") && hosts[1].contains("3.00 MiB"),
-        "{hosts:?}"
-    );
+    assert_row(&hosts, 0, &["video.example", "2", "10.8 MiB"]);
+    assert_row(&hosts, 1, &["news.example", "3.00 MiB"]);
     let nodes = b.wait_texts("exit nodes", "#g-node tr.pick", |t| t.len() == 3);
-    assert!(
-        nodes[0].contains("HK-01") && nodes[0].contains("9.00 MiB"),
-        "{nodes:?}"
-    );
+    assert_row(&nodes, 0, &["HK-01", "9.00 MiB"]);
     let devices = b.wait_texts("devices", "#g-source_ip tr.pick", |t| t.len() == 2);
-    assert!(
-        devices[1].contains("192.168.1.21") && devices[1].contains("4.75 MiB"),
-        "{devices:?}"
-    );
+    assert_row(&devices, 1, &["192.168.1.21", "4.75 MiB"]);
     b.wait_texts("policies", "#g-policy tr.pick", |t| t.len() == 2);
     let rules = b.wait_texts("rules", "#g-rule tr.pick", |t| t.len() == 2);
-    assert!(rules[0].contains("DomainSuffix (example)"), "{rules:?}");
+    assert_row(&rules, 0, &["DomainSuffix (example)"]);
     // 24 hourly bars, the current hour last and holding every byte.
     b.wait_texts("24 bars", "#chart g.bar", |t| t.len() == 24);
     assert_eq!(b.attribute("#chart", "data-points").as_deref(), Some("24"));
@@ -445,10 +450,7 @@ fn dashboard_shows_known_numbers_and_filters_by_a_clicked_host() {
     );
     // Live: a is open; history: b and c.
     let open = b.wait_texts("open connections", "#open tr", |t| t.len() == 2);
-    assert!(
-        open[1].contains("video.example:443") && open[1].contains("HK-01"),
-        "{open:?}"
-    );
+    assert_row(&open, 1, &["video.example:443", "HK-01"]);
     b.wait_texts("history", "#hist tr", |t| t.len() == 3);
     b.wait_texts("history count", "#hist-count", |t| t == ["2 closed"]);
     b.screenshot(&screenshot_path("dashboard.png"));
@@ -489,7 +491,7 @@ fn dashboard_shows_known_numbers_and_filters_by_a_clicked_host() {
     let hist = b.wait_texts("history search", "#hist tr", |t| {
         t.len() == 2 && t[1].contains("news.example")
     });
-    assert!(hist[1].contains("news.example:443"), "{hist:?}");
+    assert_row(&hist, 1, &["news.example:443"]);
     b.wait_texts("history search count", "#hist-count", |t| t == ["1 closed"]);
 
     // The token is kept: a reload does not ask again.

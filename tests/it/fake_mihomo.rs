@@ -89,6 +89,7 @@ impl FakeMihomo {
                 let stream = match listener.accept() {
                     Ok((s, _)) => s,
                     Err(_) => {
+                        // nobody yet: the listener does not block, so that the stop flag is seen
                         std::thread::sleep(Duration::from_millis(10));
                         continue;
                     }

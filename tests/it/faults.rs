@@ -4,12 +4,11 @@
 //! Randomness comes from a seed printed when a test fails; `MCT_FAULTS_SEED=N` replays it. The clock and
 //! the disk are moved through the debug build's hooks file (`MCT_TEST_HOOKS`, `src/test_hooks.rs`).
 
-use crate::agent_master::{agent, free_port};
-use crate::binary::{standalone_args, Proc, BIN};
+use crate::agent_master::agent;
+use crate::binary::{master_args, standalone_args, Proc, BIN};
 use crate::fake_mihomo::{frame, FakeMihomo};
 use crate::support::*;
 use mihomo_connections_tracker::timefmt::{format_rfc3339, now_ms, SANE_MS};
-use rusqlite::Connection;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -100,7 +99,7 @@ impl Hooks {
         std::fs::rename(&tmp, &self.path).unwrap();
     }
     /// Runs the binary with this hooks file.
-    fn spawn(&self, args: &[&str]) -> Proc {
+    fn spawn(&self, args: &[impl AsRef<std::ffi::OsStr>]) -> Proc {
         let env = format!("MCT_TEST_HOOKS={}", self.path.display());
         Proc::spawn_with("env", &[&env, BIN], args)
     }
@@ -125,8 +124,7 @@ fn frame_started(totals: u64, conns: &[(&str, u64, u64, &str)], start_ms: i64) -
 
 /// A standalone master recording the fake mihomo, with hooks.
 fn standalone(hooks: &Hooks, db: &Path, mihomo: &FakeMihomo, extra: &[&str]) -> Proc {
-    let args = standalone_args(db, mihomo, 30, extra);
-    hooks.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    hooks.spawn(&standalone_args(db, mihomo, 30, extra))
 }
 
 /// Per connection: start, last update, end, first and last traffic minute, smallest bucket.
@@ -141,27 +139,21 @@ struct Times {
 }
 
 fn times(db: &Path) -> Vec<Times> {
-    let c = Connection::open(db).unwrap();
-    c.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut s = c
-        .prepare(
-            "SELECT c.id, c.start_ms, c.last_updated_ms, c.end_ms, min(t.minute), min(min(t.upload, t.download))
-             FROM connections c LEFT JOIN traffic t ON t.conn = c.pk GROUP BY c.pk ORDER BY c.id",
+    let sql = "SELECT c.id, c.start_ms, c.last_updated_ms, c.end_ms, min(t.minute), min(min(t.upload, t.download))
+         FROM connections c LEFT JOIN traffic t ON t.conn = c.pk GROUP BY c.pk ORDER BY c.id";
+    query::<(String, i64, i64, Option<i64>, Option<i64>, Option<i64>)>(db, sql, [])
+        .into_iter()
+        .map(
+            |(id, start_ms, last_updated_ms, end_ms, first_minute, min_bucket)| Times {
+                id,
+                start_ms,
+                last_updated_ms,
+                end_ms,
+                first_minute,
+                min_bucket,
+            },
         )
-        .unwrap();
-    s.query_map([], |r| {
-        Ok(Times {
-            id: r.get(0)?,
-            start_ms: r.get(1)?,
-            last_updated_ms: r.get(2)?,
-            end_ms: r.get(3)?,
-            first_minute: r.get(4)?,
-            min_bucket: r.get(5)?,
-        })
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
+        .collect()
 }
 
 /// No negative duration, nothing before a connection's start, no negative bucket.
@@ -249,17 +241,14 @@ fn clock_jumping_hours_back_and_forth_keeps_times_ordered_and_bytes_exact() {
     let rows = wait_stored(&db, "everything closed", |r| {
         r.len() == 5 && r.iter().all(|x| x.end_ms.is_some())
     });
-    assert_eq!(
-        summary(&rows),
-        [
-            ("a".into(), 4, 400, false),
-            ("b".into(), 1, 100, false),
-            ("c".into(), 2, 200, false),
-            ("d".into(), 2, 150, false),
-            ("e".into(), 2, 140, false),
-        ]
-    );
-    assert_traffic_matches_totals(&rows);
+    let want = [
+        ("a", 4, 400, false),
+        ("b", 1, 100, false),
+        ("c", 2, 200, false),
+        ("d", 2, 150, false),
+        ("e", 2, 140, false),
+    ];
+    assert_stored(&rows, &want);
     assert_times_ordered(&db);
 }
 
@@ -284,8 +273,7 @@ fn pushes_are_held_while_the_clock_reads_before_2020() {
     let rows = wait_stored(&db, "a recorded and closed", |r| {
         r.len() == 1 && r[0].end_ms.is_some()
     });
-    assert_eq!(summary(&rows), [("a".into(), 3, 30, false)]);
-    assert_traffic_matches_totals(&rows);
+    assert_stored(&rows, &[("a", 3, 30, false)]);
     for t in times(&db) {
         assert!(
             t.start_ms >= SANE_MS
@@ -359,6 +347,28 @@ impl World {
             .collect();
         frame(self.totals, &conns)
     }
+    /// Pushes the current state.
+    fn show(&mut self, fake: &FakeMihomo) {
+        let f = self.frame(None);
+        fake.push(f);
+    }
+    /// Every open connection ends: pushes the empty state.
+    fn end_all(&mut self, fake: &FakeMihomo) {
+        self.open.clear();
+        self.show(fake);
+    }
+    /// `pushes` pushes, each growing the open connections and opening `new` more.
+    fn grow_by(&mut self, fake: &FakeMihomo, rng: &mut Rng, pushes: usize, new: usize) {
+        for _ in 0..pushes {
+            self.grow(rng);
+            self.open_new(new, rng);
+            self.show(fake);
+        }
+    }
+    /// Waits until the rows of `db` hold every connection open now ([`World::is_durable_in`]).
+    fn wait_durable_in(&self, db: &Path, what: &str) {
+        wait_for(what, || self.is_durable_in(&stored(db)).then_some(()));
+    }
     /// Every id shown, with its final counters, closed.
     fn expected_closed(&self) -> Vec<(String, i64, i64, bool)> {
         self.shown
@@ -378,24 +388,45 @@ impl World {
     }
 }
 
+/// A world of `n` new connections, shown.
+fn first_shown(fake: &FakeMihomo, mut rng: Rng, n: usize) -> (World, Rng) {
+    let mut world = World::default();
+    world.open_new(n, &mut rng);
+    world.show(fake);
+    (world, rng)
+}
+
+/// Waits (30 s at most) until the rows of `db` are `want` exactly.
 fn wait_rows(db: &Path, what: &str, want: &[(String, i64, i64, bool)]) -> Vec<Stored> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows = if db.exists() { stored(db) } else { Vec::new() };
+    let (within, every) = (Duration::from_secs(30), Duration::from_millis(50));
+    wait_until(what, within, every, || {
+        let rows = stored_so_far(db);
         let got = summary(&rows);
         if got == want {
-            return rows;
+            Ok(rows)
+        } else {
+            Err(Mismatch { got, want })
         }
-        if Instant::now() > deadline {
-            let missing: Vec<_> = want.iter().filter(|w| !got.contains(w)).take(5).collect();
-            let extra: Vec<_> = got.iter().filter(|g| !want.contains(g)).take(5).collect();
-            panic!(
-                "timed out waiting for {what}: {} rows, want {}; missing {missing:?}; unexpected {extra:?}",
-                got.len(),
-                want.len()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    })
+}
+
+/// Rows that are not yet what a test waits for: how many, and the first few missing and unexpected.
+struct Mismatch<'a> {
+    got: Vec<(String, i64, i64, bool)>,
+    want: &'a [(String, i64, i64, bool)],
+}
+
+impl std::fmt::Display for Mismatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let (got, want) = (&self.got, self.want);
+        let missing: Vec<_> = want.iter().filter(|w| !got.contains(w)).take(5).collect();
+        let extra: Vec<_> = got.iter().filter(|g| !want.contains(g)).take(5).collect();
+        write!(
+            f,
+            "{} rows, want {}; missing {missing:?}; unexpected {extra:?}",
+            got.len(),
+            want.len()
+        )
     }
 }
 
@@ -435,8 +466,7 @@ fn mihomo_flapping_and_core_restarts_count_every_byte_once() {
         }
     }
     fake.wait_connected();
-    let f = world.frame(None);
-    fake.push(f);
+    world.show(&fake);
     fake.push(frame(world.totals + 1, &[]));
     let rows = wait_rows(
         &db,
@@ -476,23 +506,19 @@ enum Death<'a> {
 /// waited for in its database; then some connections end, and the world moves on until `death`.
 fn agent_life(fake: &FakeMihomo, world: &mut World, rng: &mut Rng, adb: &Path, death: Death) {
     fake.wait_connected();
-    let f = world.frame(None);
-    fake.push(f);
-    wait_for("the agent to store the state it was shown", || {
-        world.is_durable_in(&stored(adb)).then_some(())
-    });
+    world.show(fake);
+    world.wait_durable_in(adb, "the agent to store the state it was shown");
     world.close_some(15, rng);
-    let f = world.frame(None);
-    fake.push(f);
+    world.show(fake);
     let mut step = |world: &mut World| {
         world.grow(rng);
         world.open_new(rng.range(5, 40) as usize, rng);
-        let f = world.frame(None);
-        fake.push(f);
+        world.show(fake);
         Duration::from_millis(rng.range(20, 200))
     };
     match death {
         Death::After(life) => {
+            // time passes on purpose: the world moves on, a push every 20-200 ms, until the agent dies
             let until = Instant::now() + life;
             while Instant::now() < until {
                 let pause = step(world);
@@ -520,18 +546,11 @@ fn agent_sigkilled_20_times_at_random_moments_loses_and_duplicates_nothing() {
     let (adb, mdb) = (dir.path("agent.db"), dir.path("master.db"));
     let fake = FakeMihomo::start(None);
     let mport = free_port();
-    let mut m = Proc::spawn(&[
-        "master",
-        "--database",
-        mdb.to_str().unwrap(),
-        "--listen-port",
-        &mport.to_string(),
-        "--commit-interval-ms",
-        "30",
-        "--log-level",
-        "debug",
-    ]);
-    m.wait_line("api: listening on");
+    let mut m = crate::agent_master::master(
+        &mdb,
+        mport,
+        &["--commit-interval-ms", "30", "--log-level", "debug"],
+    );
     let mut world = World::default();
     let started = Instant::now();
     for life in 0..20 {
@@ -547,11 +566,8 @@ fn agent_sigkilled_20_times_at_random_moments_loses_and_duplicates_nothing() {
     }
     let mut a = agent(&adb, fake.addr.port(), mport, "router-1");
     fake.wait_connected();
-    let f = world.frame(None);
-    fake.push(f);
-    world.open.clear();
-    let f = world.frame(None);
-    fake.push(f);
+    world.show(&fake);
+    world.end_all(&fake);
     let want = world.expected_closed();
     let rows = wait_rows(
         &mdb,
@@ -616,14 +632,14 @@ fn master_sigkilled_and_restarted_while_two_agents_sync_loses_and_duplicates_not
     let kills = 8;
     for k in 0..kills {
         let mut m = master(&mdb, mport);
+        // time passes on purpose: the master lives 0.8-2.5 s while the agents push every 20-150 ms
         let until = Instant::now() + Duration::from_millis(rng.range(800, 2500));
         while Instant::now() < until {
             for (fake, world) in fakes.iter().zip(worlds.iter_mut()) {
                 world.close_some(5, &mut rng);
                 world.grow(&mut rng);
                 world.open_new(rng.range(5, 30) as usize, &mut rng);
-                let f = world.frame(None);
-                fake.push(f);
+                world.show(fake);
             }
             std::thread::sleep(Duration::from_millis(rng.range(20, 150)));
         }
@@ -638,40 +654,30 @@ fn master_sigkilled_and_restarted_while_two_agents_sync_loses_and_duplicates_not
     }
     let _m = master(&mdb, mport);
     for (fake, world) in fakes.iter().zip(worlds.iter_mut()) {
-        world.open.clear();
-        let f = world.frame(None);
-        fake.push(f);
+        world.end_all(fake);
     }
     // both agents number their connections alike: the master keeps them apart by agent id
-    let c = || Connection::open(&mdb).unwrap();
     let want: usize = worlds.iter().map(|w| w.shown.len()).sum();
     // 60 s: an agent that met the master down several times in a row waits up to 16 s before its next try
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n: i64 = c()
-            .query_row(
-                "SELECT count(*) FROM connections WHERE end_ms IS NOT NULL",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        if n as usize == want {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out: {n} of {want} connections closed on the master"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(50));
+    let closed = "SELECT count(*) FROM connections WHERE end_ms IS NOT NULL";
+    wait_until(
+        "every connection closed on the master",
+        within,
+        every,
+        || {
+            let (n,): (i64,) = query_one(&mdb, closed);
+            (n as usize == want)
+                .then_some(())
+                .ok_or_else(|| format!("{n} of {want} connections closed on the master"))
+        },
+    );
     for (name, world) in names.iter().zip(&worlds) {
-        let got: Vec<(String, i64, i64, bool)> = c()
-            .prepare("SELECT id, upload, download, end_ms IS NULL FROM connections WHERE agent_id = ?1 ORDER BY id")
-            .unwrap()
-            .query_map([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let got: Vec<(String, i64, i64, bool)> = query(
+            &mdb,
+            "SELECT id, upload, download, end_ms IS NULL FROM connections WHERE agent_id = ?1 ORDER BY id",
+            [name],
+        );
         assert_eq!(got, world.expected_closed(), "{name}");
     }
     assert_traffic_matches_totals(&stored(&mdb));
@@ -701,13 +707,6 @@ fn http_get(url: &str) -> String {
         .unwrap()
 }
 
-/// The API base of a master from its "api: listening on http://.../api/v1" line.
-fn api_base(p: &mut Proc) -> String {
-    let line = p.wait_line("api: listening on");
-    let after = line.split("listening on ").nth(1).unwrap();
-    after.split_whitespace().next().unwrap().to_string()
-}
-
 /// Stops a process with SIGTERM; returns every stderr line it wrote.
 fn stop(mut p: Proc) -> Vec<String> {
     p.signal("TERM");
@@ -728,34 +727,21 @@ fn a_full_disk_holds_the_newest_changes_in_bounded_memory_and_writes_them_when_s
     hooks.set("max_held_changes", 300);
     let fake = FakeMihomo::start(None);
     let mut m = standalone(&hooks, &db, &fake, &[]);
-    let api = api_base(&mut m);
+    let api = format!("http://{}/api/v1", m.api_addr());
     fake.wait_connected();
-    let mut world = World::default();
-    let mut rng = Rng(7);
-    world.open_new(20, &mut rng);
-    let f = world.frame(None);
-    fake.push(f);
-    wait_for("the first 20 connections stored", || {
-        world.is_durable_in(&stored(&db)).then_some(())
-    });
+    let (mut world, mut rng) = first_shown(&fake, Rng(7), 20);
+    world.wait_durable_in(&db, "the first 20 connections stored");
 
     // the disk fills up (the database may not grow by a page) while 12 pushes bring 480 new connections
     hooks.set("max_page_count", 1);
-    for _ in 0..12 {
-        world.grow(&mut rng);
-        world.open_new(40, &mut rng);
-        let f = world.frame(None);
-        fake.push(f);
-    }
+    world.grow_by(&fake, &mut rng, 12, 40);
     m.wait_line("writer: cannot write the database (the disk is full or failing)");
     m.wait_line("dropping the oldest new connections");
     // space returns: what was held is written at the next retry (a second or two: it failed only briefly)
     hooks.set("max_page_count", 0);
     m.wait_line("the database accepts writes again");
     let dropped_line = m.wait_line("new connections were dropped");
-    world.open.clear();
-    let f = world.frame(None);
-    fake.push(f);
+    world.end_all(&fake);
     let rows = wait_stored(&db, "every stored connection closed", |r| {
         !r.is_empty() && r.iter().all(|x| x.end_ms.is_some()) && r.len() >= 20
     });
@@ -811,42 +797,22 @@ fn a_master_with_a_full_disk_answers_503_and_the_agent_retries_until_it_is_store
     let (adb, mdb) = (dir.path("agent.db"), dir.path("master.db"));
     let mut hooks = Hooks::new(&dir);
     let mport = free_port();
-    let port = mport.to_string();
-    let mut m = hooks.spawn(&[
-        "master",
-        "--database",
-        mdb.to_str().unwrap(),
-        "--listen-port",
-        &port,
-    ]);
+    let mut m = hooks.spawn(&master_args(&mdb, mport, &[]));
     m.wait_line("api: listening on");
     let fake = FakeMihomo::start(None);
     let mut a = agent(&adb, fake.addr.port(), mport, "router-1");
     fake.wait_connected();
-    let mut world = World::default();
-    let mut rng = Rng(11);
-    world.open_new(30, &mut rng);
-    let f = world.frame(None);
-    fake.push(f);
-    wait_for("the master to store the first 30", || {
-        world.is_durable_in(&stored(&mdb)).then_some(())
-    });
+    let (mut world, mut rng) = first_shown(&fake, Rng(11), 30);
+    world.wait_durable_in(&mdb, "the master to store the first 30");
 
     hooks.set("max_page_count", 1);
-    for _ in 0..5 {
-        world.grow(&mut rng);
-        world.open_new(100, &mut rng);
-        let f = world.frame(None);
-        fake.push(f);
-    }
+    world.grow_by(&fake, &mut rng, 5, 100);
     let said = a.wait_line("HTTP 503");
     assert!(said.contains("disk is full"), "{said}");
     m.wait_line("ingest: cannot store batches");
     hooks.set("max_page_count", 0);
     m.wait_line("the database can be written again");
-    world.open.clear();
-    let f = world.frame(None);
-    fake.push(f);
+    world.end_all(&fake);
     let rows = wait_rows(
         &mdb,
         "every connection on the master",
@@ -918,28 +884,15 @@ fn a_real_full_tmpfs_is_survived_and_nothing_that_fits_is_lost() {
     let fake = FakeMihomo::start(None);
     let mut m = standalone(&hooks, &db, &fake, &[]);
     fake.wait_connected();
-    let mut world = World::default();
-    let mut rng = Rng(5);
-    world.open_new(20, &mut rng);
-    let f = world.frame(None);
-    fake.push(f);
-    wait_for("the first 20 connections stored", || {
-        world.is_durable_in(&stored(&db)).then_some(())
-    });
+    let (mut world, mut rng) = first_shown(&fake, Rng(5), 20);
+    world.wait_durable_in(&db, "the first 20 connections stored");
 
     let filler = fill(&dir.path("small"));
-    for _ in 0..6 {
-        world.grow(&mut rng);
-        world.open_new(60, &mut rng);
-        let f = world.frame(None);
-        fake.push(f);
-    }
+    world.grow_by(&fake, &mut rng, 6, 60);
     m.wait_line("writer: cannot write the database (the disk is full or failing)");
     std::fs::remove_file(&filler).unwrap();
     m.wait_line("the database accepts writes again");
-    world.open.clear();
-    let f = world.frame(None);
-    fake.push(f);
+    world.end_all(&fake);
     let rows = wait_rows(&db, "every connection, closed", &world.expected_closed());
     assert_traffic_matches_totals(&rows);
     let lines = stop(m);

@@ -2,7 +2,7 @@
 //! agents syncing and dashboard clients querying at the same time against the real binary. Asserts that no
 //! request fails and that the master holds exactly what the agents had acknowledged; never asserts times.
 
-use crate::binary::Proc;
+use crate::binary::{master_args, Proc};
 use crate::load_gen::{self, LoadConfig};
 use crate::support::TempDir;
 use std::time::Duration;
@@ -11,22 +11,8 @@ use std::time::Duration;
 fn agents_syncing_while_dashboards_query_lose_nothing_and_fail_nothing() {
     let dir = TempDir::new("load");
     let db = dir.path("master.db");
-    let mut master = Proc::spawn(&[
-        "master",
-        "--database",
-        db.to_str().unwrap(),
-        "--listen-host",
-        "127.0.0.1",
-        "--listen-port",
-        "0",
-    ]);
-    let line = master.wait_line("api: listening on http://");
-    let base = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|s| s.split("/api/v1").next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
+    let mut master = Proc::spawn(&master_args(&db, 0, &["--listen-host", "127.0.0.1"]));
+    let base = format!("http://{}", master.api_addr());
     let cfg = LoadConfig {
         base,
         agents: 10,

@@ -16,3 +16,4 @@ mod security;
 mod standalone;
 mod support;
 mod sync;
+mod wait;

@@ -3,10 +3,10 @@
 //! real writer; counters that survive a retention delete and a restart; devices named from temp ARP/leases
 //! files.
 
-use crate::support::{master_config, TempDir};
+use crate::support::{master_config, whole_connection, write_diffs, TempDir};
 use mihomo_connections_tracker::app;
-use mihomo_connections_tracker::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
-use mihomo_connections_tracker::store::{open, Access, WriteCmd, Writer, WriterConfig};
+use mihomo_connections_tracker::model::{Bytes, ConnMeta};
+use mihomo_connections_tracker::store::{open, Access, WriteCmd};
 use serde_json::Value;
 use std::io::Write;
 use std::path::Path;
@@ -46,22 +46,9 @@ const ROWS: &[Row] = &[
 
 /// Writes the fixture as agent `router` with the real writer.
 fn fixture(db: &Path) {
-    let w = Writer::new(
-        open(db, Access::Write).unwrap(),
-        WriterConfig {
-            agent_id: "router".into(),
-            ..WriterConfig::default()
-        },
-    )
-    .unwrap();
-    let (tx, rx) = std::sync::mpsc::sync_channel(8);
-    let h = std::thread::spawn(move || w.run(rx));
-    for (i, (id, src, policy, node, payload, up, down, closed)) in ROWS.iter().enumerate() {
+    let diffs = ROWS.iter().enumerate().map(|(i, row)| {
+        let (id, src, policy, node, payload, up, down, closed) = *row;
         let start = T + i as i64 * 60_000;
-        let bytes = Bytes {
-            upload: *up,
-            download: *down,
-        };
         let meta = ConnMeta {
             id: id.to_string(),
             start_ms: start,
@@ -81,31 +68,13 @@ fn fixture(db: &Path) {
             rule_payload: payload.to_string(),
             ..ConnMeta::default()
         };
-        tx.send(WriteCmd::Diff(ConnectionDiff {
-            at_ms: start + 60_000,
-            opened: vec![(meta, Bytes::default())],
-            flows: vec![Flow {
-                id: id.to_string(),
-                totals: bytes,
-                delta: bytes,
-                from_ms: start,
-                to_ms: start + 60_000,
-            }],
-            closed: if *closed {
-                vec![Closed {
-                    id: id.to_string(),
-                    end_ms: start + 60_000,
-                    totals: bytes,
-                }]
-            } else {
-                Vec::new()
-            },
-            ..ConnectionDiff::default()
-        }))
-        .unwrap();
-    }
-    drop(tx);
-    h.join().unwrap().unwrap();
+        let bytes = Bytes {
+            upload: up,
+            download: down,
+        };
+        whole_connection(meta, bytes, start + 60_000, closed)
+    });
+    write_diffs(db, "router", diffs);
 }
 
 /// The parser: reads the exposition on stdin, prints `[[name, {labels}, value], ...]` as JSON.

@@ -2,7 +2,7 @@
 //! reach the log even at trace level, tokens are compared in constant time everywhere, no CORS, a warning
 //! when the API is exposed without a token, private database files.
 
-use crate::binary::BIN;
+use crate::binary::{listen_addr, master_args, standalone_args, BIN};
 use crate::fake_mihomo::{frame, FakeMihomo};
 use crate::hostile::{call, req};
 use crate::support::*;
@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// The real binary with stdout and stderr going to files (so nothing it prints escapes the check).
 struct Logged {
@@ -20,7 +19,7 @@ struct Logged {
 }
 
 impl Logged {
-    fn spawn(dir: &TempDir, name: &str, args: &[&str]) -> Logged {
+    fn spawn(dir: &TempDir, name: &str, args: &[impl AsRef<std::ffi::OsStr>]) -> Logged {
         let (out, err) = (
             dir.path(&format!("{name}.out")),
             dir.path(&format!("{name}.err")),
@@ -43,35 +42,27 @@ impl Logged {
 
     /// Waits (20 s at most) until it printed `needle`; returns the line.
     fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(l) = self.text().lines().find(|l| l.contains(needle)) {
-                return l.to_string();
+        wait_for(&format!("a line with {needle:?}"), || {
+            let text = self.text();
+            match text.lines().find(|l| l.contains(needle)) {
+                Some(l) => Ok(l.to_string()),
+                None => Err(format!("the output so far:\n{text}")),
             }
-            assert!(
-                Instant::now() < deadline,
-                "no line with {needle:?} in:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 
     fn api_addr(&self) -> SocketAddr {
-        let line = self.wait_for("api: listening on http://");
-        let rest = &line[line.find("http://").unwrap() + 7..];
-        rest[..rest.find('/').unwrap()].parse().unwrap()
+        listen_addr(&self.wait_for("api: listening on http://"))
     }
 
     fn stop(mut self) -> String {
         let _ = Command::new("kill")
             .args(["-s", "TERM", &self.child.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "did not stop:\n{}", self.text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for("it to stop", || match self.child.try_wait().unwrap() {
+            Some(_) => Ok(()),
+            None => Err(format!("the output so far:\n{}", self.text())),
+        });
         self.text()
     }
 }
@@ -101,29 +92,22 @@ fn secrets_never_reach_the_log_even_at_trace_level() {
     let dir = TempDir::new("secrets");
     let db = dir.path("master.db");
     let mihomo = FakeMihomo::start(Some(MIHOMO));
-    let port = mihomo.addr.port().to_string();
     let master = Logged::spawn(
         &dir,
         "master",
-        &[
-            "master",
-            "--database",
-            db.to_str().unwrap(),
-            "--listen-port",
-            "0",
-            "--api-token",
-            API,
-            "--mihomo-host",
-            "127.0.0.1",
-            "--mihomo-port",
-            &port,
-            "--mihomo-token",
-            MIHOMO,
-            "--commit-interval-ms",
-            "50",
-            "--log-level",
-            "trace",
-        ],
+        &standalone_args(
+            &db,
+            &mihomo,
+            50,
+            &[
+                "--api-token",
+                API,
+                "--mihomo-token",
+                MIHOMO,
+                "--log-level",
+                "trace",
+            ],
+        ),
     );
     let addr = master.api_addr();
     mihomo.wait_connected();
@@ -164,25 +148,16 @@ fn secrets_never_reach_the_log_even_at_trace_level() {
     master.wait_for("token=<hidden>");
     // a collector with the wrong mihomo secret
     let mihomo2 = FakeMihomo::start(Some(MIHOMO));
-    let port2 = mihomo2.addr.port().to_string();
+    // (committing at the default interval)
     let refused = Logged::spawn(
         &dir,
         "refused",
-        &[
-            "master",
-            "--database",
-            dir.path("refused.db").to_str().unwrap(),
-            "--listen-port",
-            "0",
-            "--mihomo-host",
-            "127.0.0.1",
-            "--mihomo-port",
-            &port2,
-            "--mihomo-token",
-            WRONG_MIHOMO,
-            "--log-level",
-            "trace",
-        ],
+        &standalone_args(
+            &dir.path("refused.db"),
+            &mihomo2,
+            2000,
+            &["--mihomo-token", WRONG_MIHOMO, "--log-level", "trace"],
+        ),
     );
     refused.wait_for("refused the secret");
     // an agent with the wrong master token
@@ -251,17 +226,7 @@ fn secrets_never_reach_the_log_even_at_trace_level() {
 fn no_cors_headers_for_any_origin() {
     let dir = TempDir::new("cors");
     let db = dir.path("t.db");
-    let master = Logged::spawn(
-        &dir,
-        "master",
-        &[
-            "master",
-            "--database",
-            db.to_str().unwrap(),
-            "--listen-port",
-            "0",
-        ],
-    );
+    let master = Logged::spawn(&dir, "master", &master_args(&db, 0, &[]));
     let addr = master.api_addr();
     // The dashboard is served by this same server: it needs no CORS, so another origin gets none.
     for (method, path) in [

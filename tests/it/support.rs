@@ -3,9 +3,13 @@
 use mihomo_connections_tracker::cli::MasterConfig;
 use mihomo_connections_tracker::log::Level;
 use mihomo_connections_tracker::mihomo::collector::CollectorConfig;
+use mihomo_connections_tracker::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
+use mihomo_connections_tracker::store::{self, Access, WriteCmd, Writer, WriterConfig};
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+pub use crate::wait::*;
 
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -30,18 +34,10 @@ impl Drop for TempDir {
     }
 }
 
-/// Polls `f` every 20 ms until it returns `Some`, or panics after 20 s naming `what`.
-pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// A loopback port that was free a moment ago (for a server started later).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
 }
 
 /// A standalone master config for tests: API on 127.0.0.1:0, fast commits.
@@ -73,6 +69,47 @@ pub fn master_config(
     }
 }
 
+/// Writes `diffs` into `db` as agent `agent_id` with the real writer, and waits until it has stopped.
+pub fn write_diffs(db: &Path, agent_id: &str, diffs: impl IntoIterator<Item = ConnectionDiff>) {
+    let cfg = WriterConfig {
+        agent_id: agent_id.into(),
+        ..WriterConfig::default()
+    };
+    let w = Writer::new(store::open(db, Access::Write).unwrap(), cfg).unwrap();
+    let (tx, rx) = std::sync::mpsc::sync_channel(8);
+    let h = std::thread::spawn(move || w.run(rx));
+    for d in diffs {
+        tx.send(WriteCmd::Diff(d)).unwrap();
+    }
+    drop(tx);
+    h.join().unwrap().unwrap();
+}
+
+/// The whole life of one connection in one change: opened, `bytes` flowed from its start to `to_ms`, then
+/// closed at `to_ms` when `closed`.
+pub fn whole_connection(meta: ConnMeta, bytes: Bytes, to_ms: i64, closed: bool) -> ConnectionDiff {
+    let id = meta.id.clone();
+    let flow = Flow {
+        id: id.clone(),
+        totals: bytes,
+        delta: bytes,
+        from_ms: meta.start_ms,
+        to_ms,
+    };
+    let end = Closed {
+        id,
+        end_ms: to_ms,
+        totals: bytes,
+    };
+    ConnectionDiff {
+        at_ms: to_ms,
+        opened: vec![(meta, Bytes::default())],
+        flows: vec![flow],
+        closed: if closed { vec![end] } else { Vec::new() },
+        ..ConnectionDiff::default()
+    }
+}
+
 /// One stored connection, as the tests compare it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -84,50 +121,83 @@ pub struct Stored {
     pub traffic_down: i64,
 }
 
-/// Every connection row with the sums of its traffic buckets, ordered by id.
-pub fn stored(db: &Path) -> Vec<Stored> {
+/// The rows of `sql` with `params` in the database `db`, each read as a tuple such as `(String, i64)`.
+pub fn query<T>(db: &Path, sql: &str, params: impl rusqlite::Params) -> Vec<T>
+where
+    T: for<'a> TryFrom<&'a rusqlite::Row<'a>, Error = rusqlite::Error>,
+{
     let c = Connection::open(db).unwrap();
     c.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut s = c
-        .prepare(
-            "SELECT c.id, c.upload, c.download, c.end_ms,
-                coalesce((SELECT sum(upload) FROM traffic WHERE conn = c.pk), 0),
-                coalesce((SELECT sum(download) FROM traffic WHERE conn = c.pk), 0)
-             FROM connections c ORDER BY c.id",
+    let mut s = c.prepare(sql).unwrap();
+    let rows = s.query_map(params, |r| T::try_from(r)).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+/// The first row of `sql` in `db`, as a tuple; panics when there is none.
+pub fn query_one<T>(db: &Path, sql: &str) -> T
+where
+    T: for<'a> TryFrom<&'a rusqlite::Row<'a>, Error = rusqlite::Error>,
+{
+    let mut rows = query(db, sql, []);
+    assert!(!rows.is_empty(), "no row from {sql}");
+    rows.swap_remove(0)
+}
+
+/// Every connection row with the sums of its traffic buckets, ordered by id.
+pub fn stored(db: &Path) -> Vec<Stored> {
+    let sql = "SELECT c.id, c.upload, c.download, c.end_ms,
+            coalesce((SELECT sum(upload) FROM traffic WHERE conn = c.pk), 0),
+            coalesce((SELECT sum(download) FROM traffic WHERE conn = c.pk), 0)
+         FROM connections c ORDER BY c.id";
+    let rows: Vec<(String, i64, i64, Option<i64>, i64, i64)> = query(db, sql, []);
+    rows.into_iter()
+        .map(
+            |(id, upload, download, end_ms, traffic_up, traffic_down)| Stored {
+                id,
+                upload,
+                download,
+                end_ms,
+                traffic_up,
+                traffic_down,
+            },
         )
-        .unwrap();
-    s.query_map([], |r| {
-        Ok(Stored {
-            id: r.get(0)?,
-            upload: r.get(1)?,
-            download: r.get(2)?,
-            end_ms: r.get(3)?,
-            traffic_up: r.get(4)?,
-            traffic_down: r.get(5)?,
-        })
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
+        .collect()
+}
+
+/// [`stored`], or no rows while the database file is not there yet.
+pub fn stored_so_far(db: &Path) -> Vec<Stored> {
+    if db.exists() {
+        stored(db)
+    } else {
+        Vec::new()
+    }
 }
 
 /// Waits until the stored rows satisfy `pred`; returns them.
 pub fn wait_stored(db: &Path, what: &str, pred: impl Fn(&[Stored]) -> bool) -> Vec<Stored> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let rows = if db.exists() { stored(db) } else { Vec::new() };
+    wait_for(what, || {
+        let rows = stored_so_far(db);
         if pred(&rows) {
-            return rows;
+            Ok(rows)
+        } else {
+            Err(RowsSeen(rows))
         }
-        if Instant::now() > deadline {
-            let open = rows.iter().filter(|r| r.end_ms.is_none()).count();
-            panic!(
-                "timed out waiting for {what}: {} rows, {open} open; first rows {:?}",
-                rows.len(),
-                &rows[..rows.len().min(3)]
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    })
+}
+
+/// Stored rows as a timeout message shows them: how many, how many open, the first few.
+struct RowsSeen(Vec<Stored>);
+
+impl std::fmt::Display for RowsSeen {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let rows = &self.0;
+        let open = rows.iter().filter(|r| r.end_ms.is_none()).count();
+        write!(
+            f,
+            "{} rows, {open} open; first rows {:?}",
+            rows.len(),
+            &rows[..rows.len().min(3)]
+        )
     }
 }
 
@@ -136,6 +206,17 @@ pub fn summary(rows: &[Stored]) -> Vec<(String, i64, i64, bool)> {
     rows.iter()
         .map(|r| (r.id.clone(), r.upload, r.download, r.end_ms.is_none()))
         .collect()
+}
+
+/// The rows are `want` as [`summary`] shows them, and their traffic adds up to their totals.
+#[track_caller]
+pub fn assert_stored(rows: &[Stored], want: &[(&str, i64, i64, bool)]) {
+    let want: Vec<(String, i64, i64, bool)> = want
+        .iter()
+        .map(|&(id, up, down, open)| (id.to_string(), up, down, open))
+        .collect();
+    assert_eq!(summary(rows), want);
+    assert_traffic_matches_totals(rows);
 }
 
 /// Traffic buckets always add up to the totals: the invariant behind honest time series.

@@ -1,6 +1,7 @@
 //! Agents syncing to a master, end to end on loopback: the real writer on both sides, the real sync thread,
 //! and a tiny fake master (tiny_http, one thread) that feeds bodies to `ingest::handle_sync`.
 
+use crate::support::{query_one, wait_until, TempDir, POLL};
 use mihomo_connections_tracker::api::ingest::handle_sync;
 use mihomo_connections_tracker::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
 use mihomo_connections_tracker::retention::{self, RetentionPolicy};
@@ -17,13 +18,6 @@ use std::time::{Duration, Instant};
 /// 2026-01-01T00:00:00Z
 const T0: i64 = 1_767_225_600_000;
 const WAIT: Duration = Duration::from_secs(30);
-
-fn tmpdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mct-it-sync-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 struct Db {
     path: PathBuf,
@@ -116,6 +110,23 @@ fn meta(id: &str, start_ms: i64) -> ConnMeta {
         rule: "DomainSuffix".into(),
         rule_payload: "example.com".into(),
     }
+}
+
+/// Agent `r1`'s database in `dir`, with `n` connections `c0..` made by [`make_conns`] at `T0`.
+fn agent_with(dir: &TempDir, n: usize) -> Db {
+    let db = Db::start(dir.path("agent.db"), "r1");
+    make_conns(&db, "c", n, T0);
+    db
+}
+
+/// Agent `r1`'s database in `dir` with `commits` commits an hour apart, each of `n` connections
+/// `{prefix}{k}-{i}` made by [`make_conns`].
+fn agent_with_backlog(dir: &TempDir, prefix: &str, commits: i64, n: usize) -> Db {
+    let db = Db::start(dir.path("agent.db"), "r1");
+    for k in 0..commits {
+        make_conns(&db, &format!("{prefix}{k}-"), n, T0 + k * 3_600_000);
+    }
+    db
 }
 
 fn bytes(upload: u64, download: u64) -> Bytes {
@@ -230,18 +241,7 @@ fn dump_all(path: &Path) -> Vec<Vec<Value>> {
 }
 
 fn count(path: &Path, sql: &str) -> i64 {
-    store::open(path, Access::Read)
-        .unwrap()
-        .query_row(sql, [], |r| r.get(0))
-        .unwrap()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    query_one::<(i64,)>(path, sql).0
 }
 
 type Hook = Box<dyn FnMut(&[u8]) + Send>;
@@ -258,8 +258,9 @@ struct FakeMaster {
 }
 
 impl FakeMaster {
-    fn start(dir: &Path, port: u16, token: Option<&str>) -> FakeMaster {
-        let db = Db::start(dir.join("master.db"), "master");
+    /// Stores into `db`; `port` 0 takes any free one.
+    fn start(db: PathBuf, port: u16, token: Option<&str>) -> FakeMaster {
+        let db = Db::start(db, "master");
         let server = tiny_http::Server::http(("127.0.0.1", port)).unwrap();
         let port = server.server_addr().to_ip().unwrap().port();
         let token = Arc::new(Mutex::new(token.map(str::to_string)));
@@ -377,6 +378,25 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Waits until the agent's sync status satisfies `ok`; a timeout shows the whole status.
+    fn wait(&self, what: &str, ok: impl Fn(&SyncStatus) -> bool) {
+        let s = &self.status;
+        wait_until(what, WAIT, POLL, || {
+            ok(s).then_some(()).ok_or_else(|| {
+                format!(
+                    "{:?}, {} failed attempts, {} batches and {} rows acked, last error {:?}",
+                    s.state(),
+                    s.failed_attempts(),
+                    s.batches_acked(),
+                    s.rows_acked(),
+                    s.last_error()
+                )
+            })
+        });
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -393,28 +413,22 @@ impl Drop for Agent {
 
 /// Waits until the master holds exactly what the agent holds.
 fn wait_synced(agent_db: &Db, master: &Path, agent_id: &str) {
-    let mut last = None;
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait_until("the master to catch up", WAIT, POLL, || {
         let want = dump(&agent_db.path, agent_id);
         let got = dump(master, agent_id);
         if want == got && !want.conns.is_empty() {
-            return;
-        }
-        if Instant::now() > deadline {
+            Ok(())
+        } else {
             let (w, g) = (want.conns.len(), got.conns.len());
-            last.get_or_insert((w, g));
-            panic!("master never caught up: agent has {w} rows, master {g}");
+            Err(format!("agent has {w} rows, master {g}"))
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    });
 }
 
 #[test]
 fn master_down_then_up_everything_arrives_once_with_final_bytes_and_end_times() {
-    let dir = tmpdir("down-up");
-    let agent_db = Db::start(dir.join("agent.db"), "r1");
-    make_conns(&agent_db, "c", 40, T0);
+    let dir = TempDir::new("down-up");
+    let agent_db = agent_with(&dir, 40);
     // A master that hangs: the port is ours (no other test can take it) but nobody answers.
     let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = hung.local_addr().unwrap().port();
@@ -426,8 +440,8 @@ fn master_down_then_up_everything_arrives_once_with_final_bytes_and_end_times() 
         1000,
         Duration::from_millis(300),
     );
-    wait_until("the agent to notice the master is down", || {
-        agent.status.failed_attempts() >= 2 && agent.status.state() == LinkState::Unreachable
+    agent.wait("the agent to notice the master is down", |s| {
+        s.failed_attempts() >= 2 && s.state() == LinkState::Unreachable
     });
     assert!(
         agent.status.last_error().contains("timeout"),
@@ -437,15 +451,13 @@ fn master_down_then_up_everything_arrives_once_with_final_bytes_and_end_times() 
     // Nothing listening at all: connection refused.
     drop(hung);
     let failed = agent.status.failed_attempts();
-    wait_until("a refused connection", || {
-        agent.status.failed_attempts() > failed
-    });
+    agent.wait("a refused connection", |s| s.failed_attempts() > failed);
     // Still collecting while the master is away.
     make_conns(&agent_db, "d", 10, T0 + 600_000);
-    let master = FakeMaster::start(&dir, port, None);
+    let master = FakeMaster::start(dir.path("master.db"), port, None);
     wait_synced(&agent_db, master.path(), "r1");
-    wait_until("the agent to see the master back", || {
-        agent.status.state() == LinkState::Synced
+    agent.wait("the agent to see the master back", |s| {
+        s.state() == LinkState::Synced
     });
     assert_eq!(count(master.path(), "SELECT count(*) FROM connections"), 50);
     let closed = count(
@@ -469,36 +481,25 @@ fn master_down_then_up_everything_arrives_once_with_final_bytes_and_end_times() 
     });
     agent_db.flush();
     wait_synced(&agent_db, master.path(), "r1");
-    let (end, down): (Option<i64>, i64) = store::open(master.path(), Access::Read)
-        .unwrap()
-        .query_row(
-            "SELECT end_ms, download FROM connections WHERE id = 'c1'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let (end, down): (Option<i64>, i64) = query_one(
+        master.path(),
+        "SELECT end_ms, download FROM connections WHERE id = 'c1'",
+    );
     assert_eq!((end, down), (Some(T0 + 890_000), 200_000));
-    let row: (i64, i64) = store::open(master.path(), Access::Read)
-        .unwrap()
-        .query_row(
-            "SELECT sync_count, last_data_ms IS NOT NULL FROM agents WHERE agent_id = 'r1'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let row: (i64, i64) = query_one(
+        master.path(),
+        "SELECT sync_count, last_data_ms IS NOT NULL FROM agents WHERE agent_id = 'r1'",
+    );
     assert!(row.0 >= 2 && row.1 == 1, "{row:?}");
     drop(agent);
 }
 
 #[test]
 fn backlog_of_6000_rows_arrives_whole_batch_after_batch() {
-    let dir = tmpdir("backlog");
-    let agent_db = Db::start(dir.join("agent.db"), "r1");
+    let dir = TempDir::new("backlog");
     // Three commits of 2000 rows: batches cut inside one `seq` as well as across.
-    for k in 0..3 {
-        make_conns(&agent_db, &format!("b{k}-"), 2000, T0 + k * 3_600_000);
-    }
-    let master = FakeMaster::start(&dir, 0, None);
+    let agent_db = agent_with_backlog(&dir, "b", 3, 2000);
+    let master = FakeMaster::start(dir.path("master.db"), 0, None);
     let agent = Agent::start(
         &agent_db,
         &format!("{}/api/v1", master.url()),
@@ -519,29 +520,26 @@ fn backlog_of_6000_rows_arrives_whole_batch_after_batch() {
     let cursor = sync::load_cursor(&store::open(&agent_db.path, Access::Read).unwrap())
         .unwrap()
         .unwrap();
-    let max: (i64, i64) = store::open(&agent_db.path, Access::Read)
-        .unwrap()
-        .query_row(
-            "SELECT seq, pk FROM connections ORDER BY seq DESC, pk DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    wait_until("the cursor to reach the last row", || {
-        sync::load_cursor(&store::open(&agent_db.path, Access::Read).unwrap())
+    let max: (i64, i64) = query_one(
+        &agent_db.path,
+        "SELECT seq, pk FROM connections ORDER BY seq DESC, pk DESC LIMIT 1",
+    );
+    wait_until("the cursor to reach the last row", WAIT, POLL, || {
+        let now = sync::load_cursor(&store::open(&agent_db.path, Access::Read).unwrap())
             .unwrap()
-            .unwrap()
-            == max
+            .unwrap();
+        (now == max)
+            .then_some(())
+            .ok_or_else(|| format!("the cursor at {now:?}, the last row at {max:?}"))
     });
     assert!(cursor <= max);
 }
 
 #[test]
 fn row_updated_while_its_batch_is_in_flight_is_sent_again() {
-    let dir = tmpdir("inflight");
-    let agent_db = Db::start(dir.join("agent.db"), "r1");
-    make_conns(&agent_db, "c", 20, T0);
-    let master = FakeMaster::start(&dir, 0, None);
+    let dir = TempDir::new("inflight");
+    let agent_db = agent_with(&dir, 20);
+    let master = FakeMaster::start(dir.path("master.db"), 0, None);
     let fired = Arc::new(AtomicBool::new(false));
     {
         let agent_tx = agent_db.tx();
@@ -578,33 +576,29 @@ fn row_updated_while_its_batch_is_in_flight_is_sent_again() {
         }));
     }
     let agent = Agent::start(&agent_db, &master.url(), "r1", None, 1000);
-    wait_until("the update during the batch", || {
+    wait_until("the update during the batch", WAIT, POLL, || {
         fired.load(Ordering::SeqCst)
     });
     wait_synced(&agent_db, master.path(), "r1");
-    let (end, down): (Option<i64>, i64) = store::open(master.path(), Access::Read)
-        .unwrap()
-        .query_row(
-            "SELECT end_ms, download FROM connections WHERE id = 'c1'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let (end, down): (Option<i64>, i64) = query_one(
+        master.path(),
+        "SELECT end_ms, download FROM connections WHERE id = 'c1'",
+    );
     assert_eq!((end, down), (Some(T0 + 300_000), 190_100));
-    wait_until("the agent to count the resent row", || {
-        agent.status.rows_acked() >= 21
+    agent.wait("the agent to count the resent row", |s| {
+        s.rows_acked() >= 21
     });
 }
 
 #[test]
 fn two_agents_into_one_master_keep_their_rows_apart() {
-    let dir = tmpdir("two");
-    let a = Db::start(dir.join("a.db"), "r1");
-    let b = Db::start(dir.join("b.db"), "r2");
+    let dir = TempDir::new("two");
+    let a = Db::start(dir.path("a.db"), "r1");
+    let b = Db::start(dir.path("b.db"), "r2");
     // The same connection ids on both routers.
     make_conns(&a, "c", 30, T0);
     make_conns(&b, "c", 30, T0 + 60_000);
-    let master = FakeMaster::start(&dir, 0, Some("tok"));
+    let master = FakeMaster::start(dir.path("master.db"), 0, Some("tok"));
     let _ga = Agent::start(&a, &master.url(), "r1", Some("tok"), 7);
     let _gb = Agent::start(&b, &master.url(), "r2", Some("tok"), 1000);
     wait_synced(&a, master.path(), "r1");
@@ -621,14 +615,13 @@ fn two_agents_into_one_master_keep_their_rows_apart() {
 
 #[test]
 fn wrong_token_is_reported_data_is_kept_then_everything_arrives() {
-    let dir = tmpdir("token");
-    let agent_db = Db::start(dir.join("agent.db"), "r1");
-    make_conns(&agent_db, "c", 15, T0);
+    let dir = TempDir::new("token");
+    let agent_db = agent_with(&dir, 15);
     let before = dump(&agent_db.path, "r1");
-    let master = FakeMaster::start(&dir, 0, Some("right"));
+    let master = FakeMaster::start(dir.path("master.db"), 0, Some("right"));
     let agent = Agent::start(&agent_db, &master.url(), "r1", Some("wrong"), 1000);
-    wait_until("the agent to report the refused token", || {
-        agent.status.state() == LinkState::Unauthorized
+    agent.wait("the agent to report the refused token", |s| {
+        s.state() == LinkState::Unauthorized
     });
     assert!(
         agent.status.last_error().contains("401"),
@@ -645,8 +638,8 @@ fn wrong_token_is_reported_data_is_kept_then_everything_arrives() {
     // The master's operator fixes the token: the agent's retries succeed without a restart.
     *master.token.lock().unwrap() = Some("wrong".into());
     wait_synced(&agent_db, master.path(), "r1");
-    wait_until("the agent to see the token accepted", || {
-        agent.status.state() == LinkState::Synced
+    agent.wait("the agent to see the token accepted", |s| {
+        s.state() == LinkState::Synced
     });
     assert!(master.requests.load(Ordering::SeqCst) >= 2);
 }
@@ -679,8 +672,8 @@ fn legacy_body(records: Vec<serde_json::Value>) -> Vec<u8> {
 
 #[test]
 fn earlier_tools_payload_is_accepted_with_derived_traffic_and_replays_change_nothing() {
-    let dir = tmpdir("legacy");
-    let master = Db::start(dir.join("master.db"), "master");
+    let dir = TempDir::new("legacy");
+    let master = Db::start(dir.path("master.db"), "master");
     let tx = master.tx();
     let first = legacy_body(vec![legacy_record(
         "L1",
@@ -690,14 +683,10 @@ fn earlier_tools_payload_is_accepted_with_derived_traffic_and_replays_change_not
     )]);
     let data = handle_sync(&first, &tx, T0).unwrap();
     assert_eq!(data["count"], 1);
-    let c = store::open(&master.path, Access::Read).unwrap();
-    let (start, last, node, policy, end): (i64, i64, String, String, Option<i64>) = c
-        .query_row(
-            "SELECT start_ms, last_updated_ms, node, policy, end_ms FROM connections WHERE id = 'L1'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-        )
-        .unwrap();
+    let (start, last, node, policy, end): (i64, i64, String, String, Option<i64>) = query_one(
+        &master.path,
+        "SELECT start_ms, last_updated_ms, node, policy, end_ms FROM connections WHERE id = 'L1'",
+    );
     assert_eq!(start, T0 + 123);
     assert_eq!(last, T0 + 600_123);
     assert_eq!(
@@ -738,24 +727,29 @@ fn earlier_tools_payload_is_accepted_with_derived_traffic_and_replays_change_not
     );
 }
 
-#[test]
-fn our_batches_replayed_change_nothing() {
-    let dir = tmpdir("replay");
-    let agent_db = Db::start(dir.join("agent.db"), "r1");
-    make_conns(&agent_db, "c", 50, T0);
-    let master = Db::start(dir.join("master.db"), "master");
-    let conn = store::open(&agent_db.path, Access::Read).unwrap();
+/// Every batch of agent `r1`'s database at `path` as the agent sends them, from the start: at most
+/// `rows` connections and `buckets` traffic buckets each.
+fn batch_bodies(path: &Path, rows: usize, buckets: usize) -> Vec<Vec<u8>> {
+    let conn = store::open(path, Access::Read).unwrap();
     let delivered = sync::Delivered::new();
     let mut bodies = Vec::new();
     let mut cursor = (0, 0);
     loop {
-        let b = sync::read_batch(&conn, cursor, 16, 1_000, &delivered).unwrap();
+        let b = sync::read_batch(&conn, cursor, rows, buckets, &delivered).unwrap();
         if b.records.is_empty() {
-            break;
+            return bodies;
         }
         cursor = b.end;
         bodies.push(sync::encode_batch("r1", &b, T0));
     }
+}
+
+#[test]
+fn our_batches_replayed_change_nothing() {
+    let dir = TempDir::new("replay");
+    let agent_db = agent_with(&dir, 50);
+    let master = Db::start(dir.path("master.db"), "master");
+    let bodies = batch_bodies(&agent_db.path, 16, 1_000);
     assert_eq!(bodies.len(), 4);
     for b in &bodies {
         handle_sync(b, &master.tx(), T0).unwrap();
@@ -770,8 +764,8 @@ fn our_batches_replayed_change_nothing() {
 
 #[test]
 fn malformed_bodies_are_400_naming_the_field_and_store_nothing() {
-    let dir = tmpdir("malformed");
-    let master = Db::start(dir.join("master.db"), "master");
+    let dir = TempDir::new("malformed");
+    let master = Db::start(dir.path("master.db"), "master");
     let good = legacy_record("ok", 1, 2, "2026-01-01T08:10:00+08:00");
     let cases: Vec<(serde_json::Value, &str)> = vec![
         (
@@ -827,10 +821,9 @@ fn malformed_bodies_are_400_naming_the_field_and_store_nothing() {
 
 #[test]
 fn retention_after_sync_keeps_open_and_unsynced_rows() {
-    let dir = tmpdir("retention");
-    let agent_db = Db::start(dir.join("agent.db"), "r1");
-    make_conns(&agent_db, "c", 10, T0);
-    let master = FakeMaster::start(&dir, 0, None);
+    let dir = TempDir::new("retention");
+    let agent_db = agent_with(&dir, 10);
+    let master = FakeMaster::start(dir.path("master.db"), 0, None);
     let agent = Agent::start(&agent_db, &master.url(), "r1", None, 1000);
     wait_synced(&agent_db, master.path(), "r1");
     drop(agent);
@@ -873,9 +866,8 @@ fn retention_after_sync_keeps_open_and_unsynced_rows() {
 
 #[test]
 fn retention_thread_runs_at_start_offline_and_stops_promptly() {
-    let dir = tmpdir("retention-thread");
-    let db = Db::start(dir.join("agent.db"), "r1");
-    make_conns(&db, "c", 10, T0);
+    let dir = TempDir::new("retention-thread");
+    let db = agent_with(&dir, 10);
     // Offline agent (no master): closed and old goes, open stays, no cursor needed.
     let policy = RetentionPolicy {
         max_age: Some(Duration::from_secs(86_400)),
@@ -883,8 +875,11 @@ fn retention_thread_runs_at_start_offline_and_stops_promptly() {
     };
     let stop = Arc::new(AtomicBool::new(false));
     let h = retention::spawn_retention(policy, Duration::from_secs(3600), db.tx(), stop.clone());
-    wait_until("retention to run at start", || {
-        count(&db.path, "SELECT count(*) FROM connections") == 5
+    wait_until("retention to run at start", WAIT, POLL, || {
+        let n = count(&db.path, "SELECT count(*) FROM connections");
+        (n == 5)
+            .then_some(())
+            .ok_or_else(|| format!("{n} connections"))
     });
     assert_eq!(
         count(
@@ -904,30 +899,10 @@ fn retention_thread_runs_at_start_offline_and_stops_promptly() {
 #[test]
 #[ignore]
 fn measure_ingest_and_catch_up() {
-    let dir = tmpdir("measure");
-    let agent_db = Db::start(dir.join("agent.db"), "r1");
-    for k in 0..5 {
-        make_conns(&agent_db, &format!("m{k}-"), 20_000, T0 + k * 3_600_000);
-    }
+    let dir = TempDir::new("measure");
+    let agent_db = agent_with_backlog(&dir, "m", 5, 20_000);
     // Bodies as our agent sends them.
-    let conn = store::open(&agent_db.path, Access::Read).unwrap();
-    let mut bodies = Vec::new();
-    let mut cursor = (0, 0);
-    loop {
-        let b = sync::read_batch(
-            &conn,
-            cursor,
-            1000,
-            sync::MAX_BATCH_BUCKETS,
-            &sync::Delivered::new(),
-        )
-        .unwrap();
-        if b.records.is_empty() {
-            break;
-        }
-        cursor = b.end;
-        bodies.push(sync::encode_batch("r1", &b, T0));
-    }
+    let bodies = batch_bodies(&agent_db.path, 1000, sync::MAX_BATCH_BUCKETS);
     let bytes: usize = bodies.iter().map(Vec::len).sum();
     {
         let started = Instant::now();
@@ -936,7 +911,7 @@ fn measure_ingest_and_catch_up() {
             .map(|b| mihomo_connections_tracker::api::ingest::parse_batch(b).unwrap())
             .collect();
         let parse = started.elapsed().as_secs_f64();
-        let mut c = store::open(&dir.join("direct.db"), Access::Write).unwrap();
+        let mut c = store::open(&dir.path("direct.db"), Access::Write).unwrap();
         let started = Instant::now();
         for b in &parsed {
             mihomo_connections_tracker::api::ingest::apply_batch(&mut c, b, T0).unwrap();
@@ -946,7 +921,7 @@ fn measure_ingest_and_catch_up() {
             started.elapsed().as_secs_f64()
         );
     }
-    let master = Db::start(dir.join("master.db"), "master");
+    let master = Db::start(dir.path("master.db"), "master");
     // Four agents: each takes every fourth batch under its own id, so rows do not collide.
     let mut per_agent: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 4];
     for (i, b) in bodies.iter().enumerate() {
@@ -979,13 +954,10 @@ fn measure_ingest_and_catch_up() {
         100_000.0 / secs
     );
 
-    std::fs::create_dir_all(dir.join("m2")).unwrap();
-    let master2 = FakeMaster::start(&dir.join("m2"), 0, None);
+    let master2 = FakeMaster::start(dir.path("master2.db"), 0, None);
     let started = Instant::now();
     let agent = Agent::start(&agent_db, &master2.url(), "r1", None, 1000);
-    wait_until("the backlog to drain", || {
-        agent.status.rows_acked() >= 100_000
-    });
+    agent.wait("the backlog to drain", |s| s.rows_acked() >= 100_000);
     eprintln!(
         "catch-up: 100,000 rows in {:.2} s",
         started.elapsed().as_secs_f64()

@@ -5,6 +5,13 @@ use crate::api::handler::Reply;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
+#[path = "../../../tests/it/wait.rs"]
+#[allow(dead_code)] // the integration tests' defaults (WAIT, POLL, wait_for) are not needed here
+mod wait;
+use wait::wait_until;
+
+/// How long these tests wait for the server to notice something (milliseconds when all is well).
+const WAIT: Duration = Duration::from_secs(10);
 
 /// A server whose one worker answers `METHOD TARGET AUTH BODYLEN`, or 32 MiB for `/big`.
 struct Echo {
@@ -282,27 +289,29 @@ fn connections_beyond_the_limit_get_503_and_the_server_recovers() {
         ..small()
     });
     let held: Vec<TcpStream> = (0..3).map(|_| e.connect()).collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while e.connections() < 3 {
-        assert!(Instant::now() < deadline, "3 connections never registered");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(
+        "3 connections registered",
+        WAIT,
+        Duration::from_millis(5),
+        || {
+            let n = e.connections();
+            (n >= 3).then_some(()).ok_or(n)
+        },
+    );
     let (st, head, body) = one(&e, b"GET / HTTP/1.1\r\n\r\n");
     assert_eq!(st, 503, "{head}{body}");
     assert!(head.contains("Retry-After: 1"), "{head}");
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (st, _, _) = one(&e, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
-        if st == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still {st} after the held connections closed"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let every = Duration::from_millis(10);
+    wait_until(
+        "a 200 after the held connections closed",
+        WAIT,
+        every,
+        || {
+            let (st, _, _) = one(&e, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+            (st == 200).then_some(()).ok_or(st)
+        },
+    );
 }
 
 #[test]
@@ -313,14 +322,11 @@ fn a_client_that_never_reads_its_answer_holds_only_its_own_connection() {
     // the one worker is free for others at once
     assert_eq!(one(&e, b"GET /x HTTP/1.1\r\n\r\n").0, 200);
     // and the stuck writer gives up after the write timeout, closing its connection
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while e.connections() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the stuck connection was never dropped"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let every = Duration::from_millis(10);
+    wait_until("the stuck connection dropped", WAIT, every, || {
+        let n = e.connections();
+        (n == 0).then_some(()).ok_or(n)
+    });
     drop(stuck);
 }
 
@@ -383,17 +389,15 @@ fn bodies_need_the_token_first_and_share_a_memory_budget() {
     first.write_all(&[b'x'; 97]).unwrap();
     assert_eq!(response(&mut first).0, 200);
     // the first's share is given back just after its answer is written: poll for it
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_until("the budget to come back", WAIT, Duration::ZERO, || {
         let mut s = e.connect();
         s.write_all(&[&second[..], &[b'y'; 100]].concat()).unwrap();
         let (st, _, body) = response(&mut s);
-        if st == 200 {
-            break;
+        if st != 200 {
+            assert_eq!(st, 503, "{body}");
         }
-        assert_eq!(st, 503, "{body}");
-        assert!(Instant::now() < deadline, "the budget never came back");
-    }
+        (st == 200).then_some(()).ok_or(st)
+    });
 }
 
 #[test]
@@ -431,8 +435,7 @@ fn a_chunked_upload_holds_only_the_budget_of_what_it_has_sent() {
     let (st, _, body) = response(&mut b);
     assert_eq!(st, 200, "{body}");
     assert_eq!(body, format!("POST /b None {}", "b".repeat(100)));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_until("the budget to come back", WAIT, Duration::ZERO, || {
         let raw = [
             &b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1e\r\n"[..],
             &[b'c'; 30],
@@ -444,11 +447,11 @@ fn a_chunked_upload_holds_only_the_budget_of_what_it_has_sent() {
         let (st, _, body) = one(&e, &raw);
         if st == 200 {
             assert!(body.ends_with(&"c".repeat(70)), "{body}");
-            break;
+            return Ok(());
         }
         assert_eq!(st, 503, "{body}");
-        assert!(Instant::now() < deadline, "the budget never came back");
-    }
+        Err(st)
+    });
 }
 
 #[test]
@@ -477,15 +480,18 @@ fn a_client_that_leaves_while_its_request_waits_frees_its_connection_and_the_job
     );
     assert!(!job_a.gone() && !job_b.gone());
     drop(a);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !job_a.gone() || server.connections() != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "a client that left still holds its connection ({} open) or its job",
-            server.connections()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (within, every) = (Duration::from_secs(5), Duration::from_millis(10));
+    wait_until(
+        "the client that left to free its connection and its job",
+        within,
+        every,
+        || {
+            let open = server.connections();
+            (job_a.gone() && open == 1)
+                .then_some(())
+                .ok_or_else(|| format!("{open} open, job gone: {}", job_a.gone()))
+        },
+    );
     // the client that stayed (waiting longer than the one that left was) still gets its answer
     assert!(!job_b.gone());
     job_b
