@@ -5,7 +5,7 @@
 //! Why: the dashboard asks every user the same questions (its ranges are whole buckets, `to` the end of the
 //! current one, so 20 users on the 24 h view send byte-identical targets for an hour), and a ranged top list
 //! costs about a second of CPU; under load identical requests pile up in the query queue, and each used to
-//! run again. An answer may be up to [`TTL`] old; agents sync every few seconds anyway.
+//! run again.
 //!
 //! Read after write: an answer never predates a write that a client was told of before its request arrived.
 //! Each answer carries the writer's commit generation from when its computation started
@@ -15,6 +15,11 @@
 //! one running waits for it, and takes its answer when that is new enough; when not, the first waiter runs the
 //! question again for all the others. So however often the writer commits, identical requests cost at most
 //! two runs at once rather than one each.
+//!
+//! A client that is told of no write and polls anyway may say how old an answer it accepts, with the standard
+//! request directive `Cache-Control: max-age=N`: it then takes any answer younger than N seconds (and than
+//! [`TTL`]), whatever was committed since. The dashboard does (`max-age=4`): 20 users on one view then cost one
+//! run per question every 4 s, not one per user and commit while agents sync several times a second.
 
 use super::handler::Reply;
 use std::collections::HashMap;
@@ -78,6 +83,24 @@ impl Drop for Mark<'_> {
     }
 }
 
+/// Which answers a request accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    /// The commit generation the request saw on arrival
+    /// ([`crate::counters::commit_generation_begun`]): an answer must include at least those commits...
+    pub generation: u64,
+    /// ... unless it is younger than this: the client's `Cache-Control: max-age=N` (the dashboard's, which
+    /// refreshes every few seconds and is told of no write) accepts an answer up to N seconds old.
+    pub max_age: Option<Duration>,
+}
+
+impl Wanted {
+    /// Whether an answer computed from generation `generation`, `age` ago, will do.
+    fn accepts(&self, generation: u64, age: Duration) -> bool {
+        generation >= self.generation || self.max_age.is_some_and(|m| age < m)
+    }
+}
+
 impl Cache {
     /// A cache whose answers start at the commit generation `generation()` gives (the writer's:
     /// [`crate::counters::commit_generation`]).
@@ -91,13 +114,13 @@ impl Cache {
         }
     }
 
-    /// The fresh answer for `key` from at least generation `arrived` (the one the request saw on arrival),
-    /// waiting for a running identical request, or `run()`'s (kept when it is a `200` small enough). The
-    /// second value tells whether the answer came from the cache.
+    /// The fresh answer for `key` that `wanted` accepts, waiting for a running identical request, or
+    /// `run()`'s (kept when it is a `200` small enough). The second value tells whether the answer came from
+    /// the cache.
     pub fn get_or_run(
         &self,
         key: &str,
-        arrived: u64,
+        wanted: Wanted,
         run: impl FnOnce() -> Reply,
     ) -> (Reply, bool) {
         let waited_from = Instant::now();
@@ -112,7 +135,7 @@ impl Cache {
                         reply,
                         at,
                         generation,
-                    }) if at.elapsed() < self.ttl && *generation >= arrived => {
+                    }) if at.elapsed() < self.ttl && wanted.accepts(*generation, at.elapsed()) => {
                         return (reply.clone(), true);
                     }
                     Some(Entry::Running) if waited_from.elapsed() < MAX_WAIT => {
@@ -133,6 +156,7 @@ impl Cache {
             generation = (self.generation)();
             inner.entries.insert(key.to_string(), Entry::Running);
         }
+        let started = Instant::now();
         let mut mark = Mark {
             cache: self,
             key,
@@ -150,7 +174,7 @@ impl Cache {
                     key.to_string(),
                     Entry::Done {
                         reply: reply.clone(),
-                        at: Instant::now(),
+                        at: started,
                         generation,
                     },
                 );
@@ -201,6 +225,14 @@ mod tests {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::sync::Arc;
 
+    /// What a request that arrived at commit generation `generation`, with no `max-age`, accepts.
+    fn at_gen(generation: u64) -> Wanted {
+        Wanted {
+            generation,
+            max_age: None,
+        }
+    }
+
     fn reply(status: u16, body: &str) -> Reply {
         Reply {
             status,
@@ -213,17 +245,24 @@ mod tests {
     #[test]
     fn a_fresh_answer_is_reused_and_a_stale_one_recomputed() {
         let c = Cache::new(Duration::from_millis(200), 1 << 20, || 0);
-        let (a, hit) = c.get_or_run("/x?a=1", 0, || reply(200, "one"));
+        let (a, hit) = c.get_or_run("/x?a=1", at_gen(0), || reply(200, "one"));
         assert_eq!((a.text(), hit), ("one", false));
-        let (b, hit) = c.get_or_run("/x?a=1", 0, || reply(200, "two"));
+        let (b, hit) = c.get_or_run("/x?a=1", at_gen(0), || reply(200, "two"));
         assert_eq!((b.text(), hit), ("one", true));
         // another key is another question
         assert_eq!(
-            c.get_or_run("/x?a=2", 0, || reply(200, "three")).0.text(),
+            c.get_or_run("/x?a=2", at_gen(0), || reply(200, "three"))
+                .0
+                .text(),
             "three"
         );
         let deadline = Instant::now() + Duration::from_secs(5);
-        while c.get_or_run("/x?a=1", 0, || reply(200, "four")).0.text() != "four" {
+        while c
+            .get_or_run("/x?a=1", at_gen(0), || reply(200, "four"))
+            .0
+            .text()
+            != "four"
+        {
             assert!(Instant::now() < deadline, "never went stale");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -232,20 +271,25 @@ mod tests {
     #[test]
     fn errors_and_large_answers_are_not_kept_and_the_bytes_stay_bounded() {
         let c = Cache::new(Duration::from_secs(60), 8 * 1024, || 0);
-        c.get_or_run("/e", 0, || reply(400, "bad"));
-        assert_eq!(c.get_or_run("/e", 0, || reply(200, "ok")).0.text(), "ok");
+        c.get_or_run("/e", at_gen(0), || reply(400, "bad"));
+        assert_eq!(
+            c.get_or_run("/e", at_gen(0), || reply(200, "ok")).0.text(),
+            "ok"
+        );
         let big = "x".repeat(2000);
-        assert!(!c.get_or_run("/big", 0, || reply(200, &big)).1);
+        assert!(!c.get_or_run("/big", at_gen(0), || reply(200, &big)).1);
         assert!(
-            !c.get_or_run("/big", 0, || reply(200, &big)).1,
+            !c.get_or_run("/big", at_gen(0), || reply(200, &big)).1,
             "kept over max/8"
         );
         for i in 0..100 {
-            c.get_or_run(&format!("/k{i}"), 0, || reply(200, &"y".repeat(500)));
+            c.get_or_run(&format!("/k{i}"), at_gen(0), || {
+                reply(200, &"y".repeat(500))
+            });
             assert!(c.bytes() <= 8 * 1024, "{} bytes", c.bytes());
         }
         // the newest is still there
-        assert!(c.get_or_run("/k99", 0, || reply(200, "z")).1);
+        assert!(c.get_or_run("/k99", at_gen(0), || reply(200, "z")).1);
     }
 
     /// One request for `/slow` (arrived at generation 0) held in its computation while `meanwhile()` runs and
@@ -261,7 +305,7 @@ mod tests {
         let first = {
             let (c, runs) = (Arc::clone(&c), Arc::clone(&runs));
             std::thread::spawn(move || {
-                c.get_or_run("/slow", 0, || {
+                c.get_or_run("/slow", at_gen(0), || {
                     runs.fetch_add(1, Ordering::SeqCst);
                     started_tx.send(()).unwrap();
                     go_rx.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -275,7 +319,7 @@ mod tests {
             .map(|_| {
                 let (c, runs) = (Arc::clone(&c), Arc::clone(&runs));
                 std::thread::spawn(move || {
-                    c.get_or_run("/slow", arrived, || {
+                    c.get_or_run("/slow", at_gen(arrived), || {
                         runs.fetch_add(1, Ordering::SeqCst);
                         reply(200, "again")
                     })
@@ -303,21 +347,49 @@ mod tests {
         static GENERATION: AtomicU64 = AtomicU64::new(0);
         let now = || GENERATION.load(Ordering::SeqCst);
         let c = Cache::new(Duration::from_secs(60), 1 << 20, now);
-        assert!(!c.get_or_run("/s", now(), || reply(200, "before")).1);
+        assert!(!c.get_or_run("/s", at_gen(now()), || reply(200, "before")).1);
         assert_eq!(
-            c.get_or_run("/s", now(), || reply(200, "x")).0.text(),
+            c.get_or_run("/s", at_gen(now()), || reply(200, "x"))
+                .0
+                .text(),
             "before"
         );
         // a commit is acknowledged: a request arriving after it needs a new answer
         GENERATION.fetch_add(1, Ordering::SeqCst);
-        let (r, hit) = c.get_or_run("/s", now(), || reply(200, "after"));
+        let (r, hit) = c.get_or_run("/s", at_gen(now()), || reply(200, "after"));
         assert_eq!((r.text(), hit), ("after", false));
         assert_eq!(
-            c.get_or_run("/s", now(), || reply(200, "x")).0.text(),
+            c.get_or_run("/s", at_gen(now()), || reply(200, "x"))
+                .0
+                .text(),
             "after"
         );
         // one that arrived before the commit may take the newer answer
-        assert_eq!(c.get_or_run("/s", 0, || reply(200, "x")).0.text(), "after");
+        assert_eq!(
+            c.get_or_run("/s", at_gen(0), || reply(200, "x")).0.text(),
+            "after"
+        );
+    }
+
+    /// `Cache-Control: max-age=N`: an answer younger than N seconds will do, commits or not; an older one
+    /// (or none given) must be newer than the commits.
+    #[test]
+    fn max_age_accepts_a_young_answer_from_before_a_commit() {
+        static GENERATION: AtomicU64 = AtomicU64::new(0);
+        let now = || GENERATION.load(Ordering::SeqCst);
+        let c = Cache::new(Duration::from_secs(60), 1 << 20, now);
+        c.get_or_run("/m", at_gen(now()), || reply(200, "before"));
+        GENERATION.fetch_add(1, Ordering::SeqCst);
+        let polling = |max_age: u64| Wanted {
+            generation: now(),
+            max_age: Some(Duration::from_secs(max_age)),
+        };
+        let (r, hit) = c.get_or_run("/m", polling(30), || reply(200, "x"));
+        assert_eq!((r.text(), hit), ("before", true));
+        let (r, hit) = c.get_or_run("/m", polling(0), || reply(200, "after"));
+        assert_eq!((r.text(), hit), ("after", false));
+        let (r, hit) = c.get_or_run("/m", at_gen(now()), || reply(200, "x"));
+        assert_eq!((r.text(), hit), ("after", true));
     }
 
     #[test]
@@ -339,9 +411,12 @@ mod tests {
     fn a_panicking_computation_lets_the_waiters_run_it() {
         let c = Cache::new(Duration::from_secs(60), 1 << 20, || 0);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            c.get_or_run("/p", 0, || panic!("boom"))
+            c.get_or_run("/p", at_gen(0), || panic!("boom"))
         }));
         assert!(r.is_err());
-        assert_eq!(c.get_or_run("/p", 0, || reply(200, "ok")).0.text(), "ok");
+        assert_eq!(
+            c.get_or_run("/p", at_gen(0), || reply(200, "ok")).0.text(),
+            "ok"
+        );
     }
 }

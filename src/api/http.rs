@@ -87,6 +87,8 @@ pub struct Request {
     pub authorization: Option<String>,
     /// `Cache-Control: no-cache` (or `Pragma: no-cache`): the client wants a fresh answer.
     pub no_cache: bool,
+    /// `Cache-Control: max-age=N`: the client accepts an answer up to N seconds old (`api::cache`).
+    pub max_age: Option<Duration>,
     pub body: Vec<u8>,
 }
 
@@ -310,6 +312,7 @@ struct Head {
     close: bool,
     authorization: Option<String>,
     no_cache: bool,
+    max_age: Option<Duration>,
     content_length: Option<usize>,
     chunked: bool,
     expect_continue: bool,
@@ -727,6 +730,7 @@ impl<'a> Conn<'a> {
                 target: head.target,
                 authorization: head.authorization,
                 no_cache: head.no_cache,
+                max_age: head.max_age,
                 body,
             },
             reply: tx,
@@ -817,6 +821,17 @@ const MAX_METHOD: usize = 32;
 
 /// Parses a complete request head (as [`Conn::read_head`] cut it) with httparse, then reads the headers our
 /// server acts on; `Err((status, message))` for a request to refuse.
+/// The `max-age=N` directive of a request's `Cache-Control` (seconds); a malformed one counts as absent.
+fn max_age(cache_control: &str) -> Option<Duration> {
+    cache_control.split(',').find_map(|d| {
+        let (name, n) = d.trim().split_once('=')?;
+        let n = n.trim().trim_matches('"');
+        (name.trim().eq_ignore_ascii_case("max-age") && n.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| n.parse().ok().map(Duration::from_secs))
+            .flatten()
+    })
+}
+
 fn parse_head(raw: &[u8]) -> Result<Head, Refusal> {
     let bad = |m: &str| (400, m.to_string());
     let text = std::str::from_utf8(raw).map_err(|_| bad(NOT_UTF8))?;
@@ -842,16 +857,23 @@ fn parse_head(raw: &[u8]) -> Result<Head, Refusal> {
         close: false,
         authorization: None,
         no_cache: false,
+        max_age: None,
         content_length: None,
         chunked: false,
         expect_continue: false,
     };
-    let mut transfer_encoding = false;
+    let (mut transfer_encoding, mut cache_control, mut pragma_no_cache) = (false, false, false);
     for h in req.headers.iter() {
         let value = std::str::from_utf8(h.value).map_err(|_| bad(NOT_UTF8))?;
-        transfer_encoding |= h.name.eq_ignore_ascii_case("transfer-encoding");
+        let is = |name: &str| h.name.eq_ignore_ascii_case(name);
+        transfer_encoding |= is("transfer-encoding");
+        cache_control |= is("cache-control");
+        pragma_no_cache |= is("pragma") && value.to_ascii_lowercase().contains("no-cache");
         head.read_header(h.name, value)?;
     }
+    // `Pragma` counts only without `Cache-Control` (RFC 9111 5.4): a browser adds `Pragma: no-cache` to the
+    // dashboard's requests, which say `Cache-Control: max-age=4`.
+    head.no_cache |= pragma_no_cache && !cache_control;
     if transfer_encoding && head.content_length.is_some() {
         // the classic request-smuggling ambiguity: refuse rather than guess
         return Err(bad("both Content-Length and Transfer-Encoding"));
@@ -883,8 +905,9 @@ impl Head {
             self.close |= value.to_ascii_lowercase().contains("close");
         } else if is("authorization") {
             self.authorization = Some(value.to_string());
-        } else if is("cache-control") || is("pragma") {
+        } else if is("cache-control") {
             self.no_cache |= value.to_ascii_lowercase().contains("no-cache");
+            self.max_age = max_age(value).or(self.max_age);
         } else if is("expect") {
             if !value.eq_ignore_ascii_case("100-continue") {
                 return Err((417, "only 'Expect: 100-continue' is supported".to_string()));

@@ -376,17 +376,21 @@ fn serve(
         metrics: Some(&shared.metrics),
     };
     // Only answers the token allows are looked up; every client with the token sees the same data, and none
-    // older than a write acknowledged before the request arrived. A client asking for `no-cache` (a
-    // benchmark) bypasses it.
+    // older than a write acknowledged before the request arrived, unless it said (`max-age`) it takes older
+    // ones. A client asking for `no-cache` (a benchmark) bypasses it.
     let cacheable = rq.method == "GET"
         && !rq.no_cache
         && path.starts_with("/api/v1/")
         && !path.starts_with("/api/v1/metrics")
         && handler::authorized(shared.token.as_deref(), req.authorization);
     let (reply, cached) = if cacheable {
+        let wanted = cache::Wanted {
+            generation: job.generation,
+            max_age: rq.max_age,
+        };
         shared
             .cache
-            .get_or_run(&rq.target, job.generation, || handler::handle(&ctx, &req))
+            .get_or_run(&rq.target, wanted, || handler::handle(&ctx, &req))
     } else {
         (handler::handle(&ctx, &req), false)
     };

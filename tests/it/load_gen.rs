@@ -684,8 +684,10 @@ fn run_two_at_a_time(
                 return out;
             };
             let t = Instant::now();
+            // as the dashboard asks: answers up to 4 s old will do (src/api/cache.rs)
             let outcome = http
                 .get(url)
+                .header("Cache-Control", "max-age=4")
                 .call()
                 .map_err(|e| e.to_string())
                 .and_then(|mut r| check_answer(r.status().as_u16(), r.body_mut()));

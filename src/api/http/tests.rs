@@ -517,7 +517,34 @@ fn no_cache_is_read_from_cache_control_or_pragma() {
         "GET / HTTP/1.1\r\nCache-Control: max-age=0, No-Cache\r\n\r\n"
     ));
     assert!(parse("GET / HTTP/1.1\r\npragma: no-cache\r\n\r\n"));
+    assert!(!parse(
+        "GET / HTTP/1.1\r\nPragma: no-cache\r\nCache-Control: max-age=4\r\n\r\n"
+    ));
     assert!(!parse("GET / HTTP/1.1\r\nCache-Control: max-age=0\r\n\r\n"));
+}
+
+#[test]
+fn max_age_is_read_from_cache_control_only() {
+    let parse = |raw: &str| parse_head(raw.as_bytes()).unwrap().max_age;
+    let secs = |n| Some(Duration::from_secs(n));
+    assert_eq!(parse("GET / HTTP/1.1\r\n\r\n"), None);
+    assert_eq!(
+        parse("GET / HTTP/1.1\r\nCache-Control: max-age=4\r\n\r\n"),
+        secs(4)
+    );
+    assert_eq!(
+        parse("GET / HTTP/1.1\r\ncache-control: no-transform, Max-Age = \"7\"\r\n\r\n"),
+        secs(7)
+    );
+    assert_eq!(
+        parse("GET / HTTP/1.1\r\nCache-Control: max-age=-1\r\n\r\n"),
+        None
+    );
+    assert_eq!(
+        parse("GET / HTTP/1.1\r\nCache-Control: max-age=4x\r\n\r\n"),
+        None
+    );
+    assert_eq!(parse("GET / HTTP/1.1\r\nPragma: max-age=4\r\n\r\n"), None);
 }
 
 #[test]
