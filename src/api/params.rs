@@ -352,6 +352,16 @@ impl Filters {
         !self.conditions(Match::Exact).is_empty()
     }
 
+    /// True when some filter other than the time range and `agent_id` is set: then the hourly rollups (kept
+    /// per agent) cannot answer.
+    pub fn has_row_filters_besides_agent(&self) -> bool {
+        Filters {
+            agent_id: None,
+            ..self.clone()
+        }
+        .has_row_filters()
+    }
+
     /// True when `from` or `to` is given.
     pub fn has_range(&self) -> bool {
         self.from_ms.is_some() || self.to_ms.is_some()

@@ -90,11 +90,7 @@ pub fn summary(db: &Connection, rollups: bool, f: &Filters) -> ApiResult<Totals>
         }
         return Ok(t);
     }
-    let only_agent = Filters {
-        agent_id: None,
-        ..f.clone()
-    };
-    if rollups && !only_agent.has_row_filters() {
+    if rollups && !f.has_row_filters_besides_agent() {
         let mut w = Where::default();
         if let Some(a) = &f.agent_id {
             w.push("agent_id = ?", vec![Sql::Text(a.clone())]);
@@ -139,11 +135,7 @@ fn accumulate(
     if lo >= hi {
         return Ok(out);
     }
-    let agent_only = Filters {
-        agent_id: None,
-        ..f.clone()
-    };
-    if rollups && !agent_only.has_row_filters() && unit_ms >= HOUR_MS {
+    if rollups && !f.has_row_filters_besides_agent() && unit_ms >= HOUR_MS {
         let (h1, h2) = (ceil_div(lo, HOUR_MS), hi.div_euclid(HOUR_MS));
         if h1 < h2 {
             raw(db, f, lo, h1 * HOUR_MS, unit_ms, &mut out)?;
