@@ -40,6 +40,16 @@ impl Totals {
         self.upload + self.download
     }
 
+    /// The `count`, `download`, `upload` and `total` cells of a table row.
+    fn cells(&self) -> [Value; 4] {
+        [
+            json!(self.count),
+            json!(self.download),
+            json!(self.upload),
+            json!(self.total()),
+        ]
+    }
+
     fn json(&self) -> Value {
         json!({"count": self.count, "download": self.download, "upload": self.upload, "total": self.total()})
     }
@@ -482,7 +492,6 @@ fn group(
     let other = p.flag("other")?;
     let format = Format::parse(p)?;
 
-    let k = dims.len();
     // (keys, totals) of at most `limit + 1` groups, in answer order; with geoip or a range also the sum of all
     // groups.
     let (groups, summed) = match dims.iter().position(|d| d.expr == GEO_EXPR) {
@@ -500,20 +509,12 @@ fn group(
         }
         None => (sql_groups(db, rollups, f, &dims, sort, order, limit)?, None),
     };
-    let mut columns: Vec<&str> = Vec::new();
-    for d in &dims {
-        columns.push(d.field);
-        if d.field == "source_ip" {
-            columns.extend(["mac", "name"]);
-        }
-    }
-    columns.extend(["count", "download", "upload", "total"]);
-    let mut table = Table::new(columns);
+    let mut table = Table::new(group_columns(&dims));
     let mut shown = Totals::default();
     let truncated = groups.len() as i64 > limit;
     for (keys, t) in groups.into_iter().take(limit as usize) {
         shown.add(t);
-        let mut row: Vec<Value> = Vec::with_capacity(k + 4);
+        let mut row: Vec<Value> = Vec::with_capacity(dims.len() + 4);
         for (key, d) in keys.into_iter().zip(&dims) {
             let device = match (&names, d.field) {
                 (Some(names), "source_ip") => Some(names.get(&key).cloned().unwrap_or_default()),
@@ -524,12 +525,7 @@ fn group(
                 row.extend([Value::String(dev.mac), Value::String(dev.name)]);
             }
         }
-        row.extend([
-            json!(t.count),
-            json!(t.download),
-            json!(t.upload),
-            json!(t.total()),
-        ]);
+        row.extend(t.cells());
         table.rows.push(row);
     }
     if other && truncated {
@@ -544,14 +540,9 @@ fn group(
             upload: all.upload - shown.upload,
             download: all.download - shown.download,
         };
-        let keys = k + if names.is_some() { 2 } else { 0 };
+        let keys = dims.len() + if names.is_some() { 2 } else { 0 };
         let mut row: Vec<Value> = vec![Value::Null; keys];
-        row.extend([
-            json!(rest.count),
-            json!(rest.download),
-            json!(rest.upload),
-            json!(rest.total()),
-        ]);
+        row.extend(rest.cells());
         table.rows.push(row);
     }
     Ok(match format {
@@ -562,6 +553,20 @@ fn group(
             total_count: None,
         },
     })
+}
+
+/// The columns of a grouping: its keys (`source_ip` followed by the device's `mac` and `name`), then the
+/// totals.
+fn group_columns(dims: &[Dim]) -> Vec<&'static str> {
+    let mut columns: Vec<&str> = Vec::new();
+    for d in dims {
+        columns.push(d.field);
+        if d.field == "source_ip" {
+            columns.extend(["mac", "name"]);
+        }
+    }
+    columns.extend(["count", "download", "upload", "total"]);
+    columns
 }
 
 /// The keys of one group (one per dimension) and its totals.
