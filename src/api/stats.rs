@@ -178,28 +178,15 @@ fn raw(
     );
     let mut vals = vec![Sql::Integer(unit_ms)];
     vals.extend(w.values);
-    let mut stmt = db.prepare(&sql)?;
-    let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
-    while let Some(r) = rows.next()? {
-        let b: i64 = r.get(0)?;
-        out.entry(b * unit_ms).or_default().count += r.get::<_, i64>(1)?;
-    }
+    let vals = rusqlite::params_from_iter(vals);
+    add_buckets(db, &sql, vals, Sums::Count, unit_ms, out)?;
 
     let (m1, m2) = (ceil_div(lo, MINUTE_MS), ceil_div(hi, MINUTE_MS));
     let per = unit_ms / MINUTE_MS;
     if !filtered {
-        let mut stmt = db.prepare(
-            "SELECT minute / ?1, sum(upload), sum(download) FROM traffic
-             WHERE minute >= ?2 AND minute < ?3 GROUP BY 1",
-        )?;
-        let mut rows = stmt.query([per, m1, m2])?;
-        while let Some(r) = rows.next()? {
-            let b: i64 = r.get(0)?;
-            let e = out.entry(b * unit_ms).or_default();
-            e.upload += r.get::<_, i64>(1)?;
-            e.download += r.get::<_, i64>(2)?;
-        }
-        return Ok(());
+        let sql = "SELECT minute / ?1, sum(upload), sum(download) FROM traffic
+             WHERE minute >= ?2 AND minute < ?3 GROUP BY 1";
+        return add_buckets(db, sql, [per, m1, m2], Sums::Bytes, unit_ms, out);
     }
     // Filtered: the matching connections once (one pass over the table), then the traffic rows in range
     // from the covering `traffic_minute` index, kept when their connection matched. Joining each traffic
@@ -262,15 +249,8 @@ fn raw_traffic_join(
     );
     let mut vals = vec![Sql::Integer(per)];
     vals.extend(w.values);
-    let mut stmt = db.prepare(&sql)?;
-    let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
-    while let Some(r) = rows.next()? {
-        let b: i64 = r.get(0)?;
-        let e = out.entry(b * unit_ms).or_default();
-        e.upload += r.get::<_, i64>(1)?;
-        e.download += r.get::<_, i64>(2)?;
-    }
-    Ok(())
+    let vals = rusqlite::params_from_iter(vals);
+    add_buckets(db, &sql, vals, Sums::Bytes, unit_ms, out)
 }
 
 fn from_rollups(
@@ -288,25 +268,48 @@ fn from_rollups(
         "?4 IS NULL"
     };
     let vals = rusqlite::params![per, h1, h2, agent];
-    let mut stmt = db.prepare(&format!(
+    let sql = format!(
         "SELECT hour / ?1, sum(conns) FROM rollup_conn_hour WHERE hour >= ?2 AND hour < ?3 AND {agent_cond}
          GROUP BY 1"
-    ))?;
-    let mut rows = stmt.query(vals)?;
-    while let Some(r) = rows.next()? {
-        let b: i64 = r.get(0)?;
-        out.entry(b * unit_ms).or_default().count += r.get::<_, i64>(1)?;
-    }
-    let mut stmt = db.prepare(&format!(
+    );
+    add_buckets(db, &sql, vals, Sums::Count, unit_ms, out)?;
+    let sql = format!(
         "SELECT hour / ?1, sum(upload), sum(download) FROM rollup_traffic_hour
          WHERE hour >= ?2 AND hour < ?3 AND {agent_cond} GROUP BY 1"
-    ))?;
-    let mut rows = stmt.query(vals)?;
+    );
+    add_buckets(db, &sql, vals, Sums::Bytes, unit_ms, out)
+}
+
+/// What a bucket query's columns after the first (the bucket's number) hold.
+#[derive(Clone, Copy)]
+enum Sums {
+    /// A count of connections.
+    Count,
+    /// Upload, then download bytes.
+    Bytes,
+}
+
+/// Runs `sql` and adds each of its rows into the bucket of `out` it names (bucket number × `unit_ms`).
+fn add_buckets(
+    db: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    sums: Sums,
+    unit_ms: i64,
+    out: &mut BTreeMap<i64, Totals>,
+) -> ApiResult<()> {
+    let mut stmt = db.prepare(sql)?;
+    let mut rows = stmt.query(params)?;
     while let Some(r) = rows.next()? {
         let b: i64 = r.get(0)?;
         let e = out.entry(b * unit_ms).or_default();
-        e.upload += r.get::<_, i64>(1)?;
-        e.download += r.get::<_, i64>(2)?;
+        match sums {
+            Sums::Count => e.count += r.get::<_, i64>(1)?,
+            Sums::Bytes => {
+                e.upload += r.get::<_, i64>(1)?;
+                e.download += r.get::<_, i64>(2)?;
+            }
+        }
     }
     Ok(())
 }
@@ -418,11 +421,29 @@ impl Metric {
     }
 }
 
+/// The words of a grouping's `sort_by`.
 const SORT_CHOICES: &[(&str, Metric)] = &[
     ("count", Metric::Count),
     ("download", Metric::Download),
     ("upload", Metric::Upload),
     ("total", Metric::Total),
+];
+
+/// The words of a time series' `metric`.
+const SERIES_METRICS: &[(&str, Metric)] = &[
+    ("connections", Metric::Count),
+    ("download", Metric::Download),
+    ("upload", Metric::Upload),
+    ("total", Metric::Total),
+];
+
+/// The words of a time series' `interval`.
+const INTERVAL_CHOICES: &[(&str, Interval)] = &[
+    ("minute", Interval::Minute),
+    ("hour", Interval::Hour),
+    ("day", Interval::Day),
+    ("week", Interval::Week),
+    ("month", Interval::Month),
 ];
 
 /// The SQL of a grouping (without ORDER/LIMIT) and its bound values.
@@ -876,27 +897,8 @@ fn extent(db: &Connection) -> ApiResult<Option<(i64, i64)>> {
 }
 
 fn series(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<Answer> {
-    let interval = p.choice(
-        "interval",
-        &[
-            ("minute", Interval::Minute),
-            ("hour", Interval::Hour),
-            ("day", Interval::Day),
-            ("week", Interval::Week),
-            ("month", Interval::Month),
-        ],
-        Interval::Hour,
-    )?;
-    let metric = p.choice(
-        "metric",
-        &[
-            ("connections", Metric::Count),
-            ("download", Metric::Download),
-            ("upload", Metric::Upload),
-            ("total", Metric::Total),
-        ],
-        Metric::Total,
-    )?;
+    let interval = p.choice("interval", INTERVAL_CHOICES, Interval::Hour)?;
+    let metric = p.choice("metric", SERIES_METRICS, Metric::Total)?;
     let fill = p.choice("fill", &[("none", false), ("zero", true)], false)?;
     // Without data the zero-filled range still needs both ends.
     let (data_lo, data_hi) = match (extent(db)?, f.from_ms, f.to_ms) {
