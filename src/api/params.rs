@@ -316,6 +316,17 @@ pub struct Filters {
     pub geoip: Option<String>,
 }
 
+/// The host key in SQL: the host, or the destination IP without one; what `group_by=host`, the `host` filter
+/// and its filter options compare. (A macro, so that the conditions below are built with `concat!`.)
+macro_rules! host_key {
+    () => {
+        "CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END"
+    };
+}
+
+/// The host key (`host_key!`) as an expression.
+pub const HOST_KEY: &str = concat!("(", host_key!(), ")");
+
 /// A SQL condition (always a fixed string of this program) and the values it binds.
 pub type Cond = (&'static str, Vec<rusqlite::types::Value>);
 
@@ -410,10 +421,8 @@ impl Filters {
         }
         if let Some(v) = &self.host {
             let sql = match m {
-                Match::Exact => {
-                    "(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END) = ?"
-                }
-                Match::Substring => "instr(lower(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END), lower(?)) > 0",
+                Match::Exact => concat!("(", host_key!(), ") = ?"),
+                Match::Substring => concat!("instr(lower(", host_key!(), "), lower(?)) > 0"),
             };
             out.push((sql, vec![Text(v.clone())]));
         }

@@ -7,7 +7,8 @@
 //! numbers; the rollup paths ([`super::rollup`]) only make unfiltered questions cheap.
 
 use super::params::{
-    start_in, ApiError, ApiResult, Filters, Format, Match, Order, Params, Where, MAX_ROWS, START_IN,
+    start_in, ApiError, ApiResult, Filters, Format, Match, Order, Params, Where, HOST_KEY,
+    MAX_ROWS, START_IN,
 };
 use super::rollup::HOUR_MS;
 use super::table::{Answer, Table};
@@ -354,10 +355,7 @@ pub fn dim(word: &str) -> Option<Dim> {
         "network" => ("network", "c.network"),
         "process" => ("process", "c.process"),
         "destination" => ("destination_ip", "c.destination_ip"),
-        "host" => (
-            "host",
-            "(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END)",
-        ),
+        "host" => ("host", HOST_KEY),
         "rule" => (
             "rule",
             "(CASE WHEN c.rule_payload <> '' THEN c.rule || ' (' || c.rule_payload || ')' ELSE c.rule END)",
