@@ -435,15 +435,6 @@ const SERIES_METRICS: &[(&str, Metric)] = &[
     ("total", Metric::Total),
 ];
 
-/// The words of a time series' `interval`.
-const INTERVAL_CHOICES: &[(&str, Interval)] = &[
-    ("minute", Interval::Minute),
-    ("hour", Interval::Hour),
-    ("day", Interval::Day),
-    ("week", Interval::Week),
-    ("month", Interval::Month),
-];
-
 /// The SQL of a grouping (without ORDER/LIMIT) and its bound values.
 fn group_sql(f: &Filters, dims: &[Dim]) -> (String, Vec<Sql>) {
     let keys: Vec<String> = dims
@@ -895,7 +886,7 @@ fn extent(db: &Connection) -> ApiResult<Option<(i64, i64)>> {
 }
 
 fn series(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<Answer> {
-    let interval = p.choice("interval", INTERVAL_CHOICES, Interval::Hour)?;
+    let interval = p.choice("interval", Interval::NAMES, Interval::Hour)?;
     let metric = p.choice("metric", SERIES_METRICS, Metric::Total)?;
     let fill = p.choice("fill", &[("none", false), ("zero", true)], false)?;
     // Without data the zero-filled range still needs both ends.
