@@ -14,6 +14,7 @@
 //! reads to notice a close (the read timeout doubles as the wait between pushes); writes have a timeout so
 //! a stuck client cannot hold its thread forever.
 
+use crate::api::params::percent_decode_lenient;
 use crate::error::{Error, Result};
 use crate::timefmt::{now_ms, Civil, HOUR_MS};
 use std::io::Write;
@@ -854,32 +855,6 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// Decodes `%XX` and `+` in a query value; malformed escapes stay as they are.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h << 4 | l);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(c: u8) -> Option<u8> {
-    (c as char).to_digit(16).map(|d| d as u8)
-}
-
 fn parse_interval(query: &str) -> Pushes {
     match query_param(query, "interval") {
         None | Some("") => Pushes::Every(1000),
@@ -908,7 +883,7 @@ fn rejection(req: &Request, secret: Option<&str>) -> Option<ErrorResponse> {
     }
     let secret = secret?;
     let query = req.uri().query().unwrap_or("");
-    let by_query = query_param(query, "token").map(percent_decode);
+    let by_query = query_param(query, "token").map(percent_decode_lenient);
     let by_header = req
         .headers()
         .get("authorization")
@@ -1260,7 +1235,7 @@ mod tests {
         assert_eq!(parse_interval("token=x&interval=0"), Pushes::Once);
         assert_eq!(parse_interval("interval=-5"), Pushes::Once);
         assert_eq!(parse_interval("interval=1s"), Pushes::Never);
-        assert_eq!(percent_decode("a%20b+c%2F%zz%4"), "a b c/%zz%4");
+        assert_eq!(percent_decode_lenient("a%20b+c%2F%zz%4"), "a b c/%zz%4");
     }
 
     type Client = tungstenite::WebSocket<TcpStream>;

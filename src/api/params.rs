@@ -52,29 +52,47 @@ impl From<rusqlite::Error> for ApiError {
 /// Shorthand for handler results.
 pub type ApiResult<T> = std::result::Result<T, ApiError>;
 
-/// Decodes `%XX` escapes and `+` (space) of one query-string component.
+/// Decodes `%XX` escapes and `+` (space) of one query-string component; `None` when an escape is malformed
+/// or the result is not UTF-8.
 pub fn percent_decode(s: &str) -> Option<String> {
+    String::from_utf8(decode_escapes(s, false)?).ok()
+}
+
+/// [`percent_decode`] that keeps a malformed escape as it is and replaces invalid UTF-8 (the simulator's
+/// check of a `token`, which never fails).
+#[cfg(feature = "simulator")]
+pub fn percent_decode_lenient(s: &str) -> String {
+    let bytes = decode_escapes(s, true).unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The bytes `s` stands for; a malformed escape is kept as it is when `keep_malformed`, else `None`.
+fn decode_escapes(s: &str, keep_malformed: bool) -> Option<Vec<u8>> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         match b[i] {
             b'+' => out.push(b' '),
-            b'%' => {
-                let hex = b.get(i + 1..i + 3)?;
-                // two hex digits: from_str_radix alone would also take a sign ("%+1")
-                if !hex.iter().all(u8::is_ascii_hexdigit) {
-                    return None;
+            b'%' => match b.get(i + 1..i + 3).and_then(hex_pair) {
+                Some(v) => {
+                    out.push(v);
+                    i += 2;
                 }
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
+                None if keep_malformed => out.push(b'%'),
+                None => return None,
+            },
             c => out.push(c),
         }
         i += 1;
     }
-    String::from_utf8(out).ok()
+    Some(out)
+}
+
+/// The byte two hex digits stand for (exactly two digits: no sign, as `from_str_radix` would take).
+fn hex_pair(h: &[u8]) -> Option<u8> {
+    let digit = |c: u8| (c as char).to_digit(16);
+    Some((digit(h[0])? << 4 | digit(h[1])?) as u8)
 }
 
 /// The decoded parameters of one request. A repeated parameter keeps its last value; an empty value counts
