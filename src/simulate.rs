@@ -992,11 +992,24 @@ mod tests {
 
     const T0: i64 = 1_784_000_000_000;
 
-    fn frame(m: &SimModel) -> Value {
+    fn frame_bytes(m: &SimModel) -> Vec<u8> {
         let mut buf = Vec::new();
         m.write_frame(&mut buf);
+        buf
+    }
+
+    fn frame(m: &SimModel) -> Value {
+        let buf = frame_bytes(m);
         assert_eq!(buf.last(), Some(&b'\n'));
         serde_json::from_slice(&buf).expect("frame is JSON")
+    }
+
+    /// A frame's connection's `(upload, download)`.
+    fn up_down(c: &Value) -> (u64, u64) {
+        (
+            c["upload"].as_u64().unwrap(),
+            c["download"].as_u64().unwrap(),
+        )
     }
 
     fn ids(v: &Value) -> Vec<String> {
@@ -1121,8 +1134,7 @@ mod tests {
     fn empty_model_sends_null_connections() {
         let mut m = SimModel::new(0, 5.0, 1, T0);
         m.tick(T0 + 1000);
-        let mut buf = Vec::new();
-        m.write_frame(&mut buf);
+        let buf = frame_bytes(&m);
         let v: Value = serde_json::from_slice(&buf).unwrap();
         assert!(v["connections"].is_null(), "{v}");
         assert!(String::from_utf8(buf)
@@ -1144,23 +1156,12 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|c| {
-                    (
-                        c["id"].as_str().unwrap(),
-                        (
-                            c["upload"].as_u64().unwrap(),
-                            c["download"].as_u64().unwrap(),
-                        ),
-                    )
-                })
+                .map(|c| (c["id"].as_str().unwrap(), up_down(c)))
                 .collect();
             let (mut kept, mut heavy, mut idle) = (0, 0, 0);
             for c in v["connections"].as_array().unwrap() {
                 let id = c["id"].as_str().unwrap();
-                let (up, down) = (
-                    c["upload"].as_u64().unwrap(),
-                    c["download"].as_u64().unwrap(),
-                );
+                let (up, down) = up_down(c);
                 match before.get(id) {
                     Some(&(u0, d0)) => {
                         kept += 1;
@@ -1205,10 +1206,7 @@ mod tests {
         let mut b = SimModel::new(300, 2.0, 9, T0);
         a.tick(T0 + 1500);
         b.tick(T0 + 1500);
-        let (mut fa, mut fb) = (Vec::new(), Vec::new());
-        a.write_frame(&mut fa);
-        b.write_frame(&mut fb);
-        assert_eq!(fa, fb);
+        assert_eq!(frame_bytes(&a), frame_bytes(&b));
         let c = SimModel::new(300, 2.0, 10, T0);
         assert_ne!(ids(&frame(&c)), ids(&frame(&a)));
     }
@@ -1217,8 +1215,7 @@ mod tests {
     fn ten_thousand_connections_make_a_mihomo_sized_frame() {
         let mut m = SimModel::new(10_000, 1.0, 1, T0);
         m.tick(T0 + 1000);
-        let mut buf = Vec::new();
-        m.write_frame(&mut buf);
+        let buf = frame_bytes(&m);
         let per_conn = buf.len() / 10_000;
         assert!(
             (600..=1000).contains(&per_conn),
