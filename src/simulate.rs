@@ -89,6 +89,23 @@ enum Route {
     Group(&'static str),
 }
 
+impl Route {
+    /// `chains` and `providerChains` of a connection on this route that drew `node`: the exit node first,
+    /// the policy group last, the providers naming the node's (`DIRECT` alone uses the first of each).
+    fn chains(self, node: u8) -> ([&'static str; 2], [&'static str; 2]) {
+        match self {
+            Route::Direct => (["DIRECT", ""], ["", ""]),
+            Route::Group(group) => {
+                // The node must belong to the group: pick among its members (no allocation per row).
+                let members = || NODES.iter().filter(|n| n.2 == group);
+                let pick = node as usize % members().count().max(1);
+                let (node, provider, _) = members().nth(pick).unwrap_or(&NODES[0]);
+                ([node, group], [provider, ""])
+            }
+        }
+    }
+}
+
 /// Base domains: (domain, subdomain prefixes, destination country, rule type, rule payload, route).
 type Base = (
     &'static str,
@@ -560,17 +577,7 @@ impl SimModel {
         out.push(b'"');
         push_start(out, c.start_ms, c.start_sub);
         out.push(b'"');
-        // Exit node first, the policy group last; providerChains name the node's provider.
-        let (chain, providers): ([&str; 2], [&str; 2]) = match h.route {
-            Route::Direct => (["DIRECT", ""], ["", ""]),
-            Route::Group(group) => {
-                // The node must belong to the group: pick among its members (no allocation per row).
-                let members = || NODES.iter().filter(|n| n.2 == group);
-                let pick = c.node as usize % members().count().max(1);
-                let (node, provider, _) = members().nth(pick).unwrap_or(&NODES[0]);
-                ([node, group], [provider, ""])
-            }
-        };
+        let (chain, providers) = h.route.chains(c.node);
         let len = if direct { 1 } else { 2 };
         str_list_field(out, "chains", &chain[..len]);
         str_list_field(out, "providerChains", &providers[..len]);
