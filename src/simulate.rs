@@ -1365,26 +1365,25 @@ mod tests {
         );
     }
 
+    /// Nothing arrives on `ws` for 400 ms.
+    fn assert_silent(ws: &mut Client) {
+        ws.get_mut()
+            .set_read_timeout(Some(Duration::from_millis(400)))
+            .unwrap();
+        match ws.read() {
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("expected silence, got {other:?}"),
+        }
+    }
+
     #[test]
     fn zero_interval_sends_one_frame_and_stays_open() {
         let s = sim(2, 0.0, None);
         let mut ws = connect(s.addr(), "/connections?interval=0", None).unwrap();
         assert_eq!(ids(&next_frame(&mut ws)).len(), 2);
-        ws.get_mut()
-            .set_read_timeout(Some(Duration::from_millis(400)))
-            .unwrap();
-        match ws.read() {
-            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            other => panic!("expected silence, got {other:?}"),
-        }
+        assert_silent(&mut ws);
         let mut ws = connect(s.addr(), "/connections?interval=1s", None).unwrap();
-        ws.get_mut()
-            .set_read_timeout(Some(Duration::from_millis(400)))
-            .unwrap();
-        match ws.read() {
-            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            other => panic!("expected silence, got {other:?}"),
-        }
+        assert_silent(&mut ws);
     }
 
     #[test]
