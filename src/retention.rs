@@ -318,6 +318,11 @@ mod tests {
         pk
     }
 
+    /// The one integer `sql` selects.
+    fn number(c: &Connection, sql: &str, params: impl rusqlite::Params) -> i64 {
+        c.query_row(sql, params, |r| r.get(0)).unwrap()
+    }
+
     fn ids(c: &Connection) -> Vec<String> {
         let mut s = c.prepare("SELECT id FROM connections ORDER BY id").unwrap();
         let v = s.query_map([], |r| r.get(0)).unwrap();
@@ -349,13 +354,11 @@ mod tests {
             vec!["new-closed-synced", "old-closed-unsynced", "old-open"]
         );
         // the traffic row went with it
-        let t: i64 = c
-            .query_row(
-                "SELECT count(*) FROM traffic WHERE conn = ?1",
-                [pk_synced],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let t = number(
+            &c,
+            "SELECT count(*) FROM traffic WHERE conn = ?1",
+            [pk_synced],
+        );
         assert_eq!(t, 0);
         // no master: closed and old goes, open stays
         let offline = RetentionPolicy {
@@ -415,29 +418,23 @@ mod tests {
         assert!(r.used_bytes <= cap, "{} > {cap}", r.used_bytes);
         assert!(!r.over_cap);
         // the oldest closed rows went; every open row stayed; what remains closed is newer than what went
-        let open: i64 = c
-            .query_row(
-                "SELECT count(*) FROM connections WHERE end_ms IS NULL",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let open = number(
+            &c,
+            "SELECT count(*) FROM connections WHERE end_ms IS NULL",
+            [],
+        );
         assert_eq!(open, 300);
-        let oldest_closed: i64 = c
-            .query_row(
-                "SELECT min(start_ms) FROM connections WHERE end_ms IS NOT NULL",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let oldest_closed = number(
+            &c,
+            "SELECT min(start_ms) FROM connections WHERE end_ms IS NOT NULL",
+            [],
+        );
         assert!(oldest_closed > 0);
-        let gone_after: i64 = c
-            .query_row(
-                "SELECT count(*) FROM connections WHERE end_ms IS NOT NULL AND start_ms < ?1",
-                [oldest_closed],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let gone_after = number(
+            &c,
+            "SELECT count(*) FROM connections WHERE end_ms IS NOT NULL AND start_ms < ?1",
+            [oldest_closed],
+        );
         assert_eq!(gone_after, 0);
         // a second pass changes nothing
         let again = apply(&mut c, &policy, 0).unwrap();

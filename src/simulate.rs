@@ -14,6 +14,7 @@
 //! reads to notice a close (the read timeout doubles as the wait between pushes); writes have a timeout so
 //! a stuck client cannot hold its thread forever.
 
+use crate::api::params::percent_decode_lenient;
 use crate::error::{Error, Result};
 use crate::timefmt::{now_ms, Civil, HOUR_MS};
 use std::io::Write;
@@ -86,6 +87,23 @@ enum Route {
     Direct,
     /// A policy group, by name (the third field of [`NODES`]).
     Group(&'static str),
+}
+
+impl Route {
+    /// `chains` and `providerChains` of a connection on this route that drew `node`: the exit node first,
+    /// the policy group last, the providers naming the node's (`DIRECT` alone uses the first of each).
+    fn chains(self, node: u8) -> ([&'static str; 2], [&'static str; 2]) {
+        match self {
+            Route::Direct => (["DIRECT", ""], ["", ""]),
+            Route::Group(group) => {
+                // The node must belong to the group: pick among its members (no allocation per row).
+                let members = || NODES.iter().filter(|n| n.2 == group);
+                let pick = node as usize % members().count().max(1);
+                let (node, provider, _) = members().nth(pick).unwrap_or(&NODES[0]);
+                ([node, group], [provider, ""])
+            }
+        }
+    }
 }
 
 /// Base domains: (domain, subdomain prefixes, destination country, rule type, rule payload, route).
@@ -559,17 +577,7 @@ impl SimModel {
         out.push(b'"');
         push_start(out, c.start_ms, c.start_sub);
         out.push(b'"');
-        // Exit node first, the policy group last; providerChains name the node's provider.
-        let (chain, providers): ([&str; 2], [&str; 2]) = match h.route {
-            Route::Direct => (["DIRECT", ""], ["", ""]),
-            Route::Group(group) => {
-                // The node must belong to the group: pick among its members (no allocation per row).
-                let members = || NODES.iter().filter(|n| n.2 == group);
-                let pick = c.node as usize % members().count().max(1);
-                let (node, provider, _) = members().nth(pick).unwrap_or(&NODES[0]);
-                ([node, group], [provider, ""])
-            }
-        };
+        let (chain, providers) = h.route.chains(c.node);
         let len = if direct { 1 } else { 2 };
         str_list_field(out, "chains", &chain[..len]);
         str_list_field(out, "providerChains", &providers[..len]);
@@ -854,32 +862,6 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// Decodes `%XX` and `+` in a query value; malformed escapes stay as they are.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h << 4 | l);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(c: u8) -> Option<u8> {
-    (c as char).to_digit(16).map(|d| d as u8)
-}
-
 fn parse_interval(query: &str) -> Pushes {
     match query_param(query, "interval") {
         None | Some("") => Pushes::Every(1000),
@@ -908,7 +890,7 @@ fn rejection(req: &Request, secret: Option<&str>) -> Option<ErrorResponse> {
     }
     let secret = secret?;
     let query = req.uri().query().unwrap_or("");
-    let by_query = query_param(query, "token").map(percent_decode);
+    let by_query = query_param(query, "token").map(percent_decode_lenient);
     let by_header = req
         .headers()
         .get("authorization")
@@ -1017,11 +999,24 @@ mod tests {
 
     const T0: i64 = 1_784_000_000_000;
 
-    fn frame(m: &SimModel) -> Value {
+    fn frame_bytes(m: &SimModel) -> Vec<u8> {
         let mut buf = Vec::new();
         m.write_frame(&mut buf);
+        buf
+    }
+
+    fn frame(m: &SimModel) -> Value {
+        let buf = frame_bytes(m);
         assert_eq!(buf.last(), Some(&b'\n'));
         serde_json::from_slice(&buf).expect("frame is JSON")
+    }
+
+    /// A frame's connection's `(upload, download)`.
+    fn up_down(c: &Value) -> (u64, u64) {
+        (
+            c["upload"].as_u64().unwrap(),
+            c["download"].as_u64().unwrap(),
+        )
     }
 
     fn ids(v: &Value) -> Vec<String> {
@@ -1146,8 +1141,7 @@ mod tests {
     fn empty_model_sends_null_connections() {
         let mut m = SimModel::new(0, 5.0, 1, T0);
         m.tick(T0 + 1000);
-        let mut buf = Vec::new();
-        m.write_frame(&mut buf);
+        let buf = frame_bytes(&m);
         let v: Value = serde_json::from_slice(&buf).unwrap();
         assert!(v["connections"].is_null(), "{v}");
         assert!(String::from_utf8(buf)
@@ -1169,23 +1163,12 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|c| {
-                    (
-                        c["id"].as_str().unwrap(),
-                        (
-                            c["upload"].as_u64().unwrap(),
-                            c["download"].as_u64().unwrap(),
-                        ),
-                    )
-                })
+                .map(|c| (c["id"].as_str().unwrap(), up_down(c)))
                 .collect();
             let (mut kept, mut heavy, mut idle) = (0, 0, 0);
             for c in v["connections"].as_array().unwrap() {
                 let id = c["id"].as_str().unwrap();
-                let (up, down) = (
-                    c["upload"].as_u64().unwrap(),
-                    c["download"].as_u64().unwrap(),
-                );
+                let (up, down) = up_down(c);
                 match before.get(id) {
                     Some(&(u0, d0)) => {
                         kept += 1;
@@ -1230,10 +1213,7 @@ mod tests {
         let mut b = SimModel::new(300, 2.0, 9, T0);
         a.tick(T0 + 1500);
         b.tick(T0 + 1500);
-        let (mut fa, mut fb) = (Vec::new(), Vec::new());
-        a.write_frame(&mut fa);
-        b.write_frame(&mut fb);
-        assert_eq!(fa, fb);
+        assert_eq!(frame_bytes(&a), frame_bytes(&b));
         let c = SimModel::new(300, 2.0, 10, T0);
         assert_ne!(ids(&frame(&c)), ids(&frame(&a)));
     }
@@ -1242,8 +1222,7 @@ mod tests {
     fn ten_thousand_connections_make_a_mihomo_sized_frame() {
         let mut m = SimModel::new(10_000, 1.0, 1, T0);
         m.tick(T0 + 1000);
-        let mut buf = Vec::new();
-        m.write_frame(&mut buf);
+        let buf = frame_bytes(&m);
         let per_conn = buf.len() / 10_000;
         assert!(
             (600..=1000).contains(&per_conn),
@@ -1260,7 +1239,7 @@ mod tests {
         assert_eq!(parse_interval("token=x&interval=0"), Pushes::Once);
         assert_eq!(parse_interval("interval=-5"), Pushes::Once);
         assert_eq!(parse_interval("interval=1s"), Pushes::Never);
-        assert_eq!(percent_decode("a%20b+c%2F%zz%4"), "a b c/%zz%4");
+        assert_eq!(percent_decode_lenient("a%20b+c%2F%zz%4"), "a b c/%zz%4");
     }
 
     type Client = tungstenite::WebSocket<TcpStream>;
@@ -1386,26 +1365,25 @@ mod tests {
         );
     }
 
+    /// Nothing arrives on `ws` for 400 ms.
+    fn assert_silent(ws: &mut Client) {
+        ws.get_mut()
+            .set_read_timeout(Some(Duration::from_millis(400)))
+            .unwrap();
+        match ws.read() {
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("expected silence, got {other:?}"),
+        }
+    }
+
     #[test]
     fn zero_interval_sends_one_frame_and_stays_open() {
         let s = sim(2, 0.0, None);
         let mut ws = connect(s.addr(), "/connections?interval=0", None).unwrap();
         assert_eq!(ids(&next_frame(&mut ws)).len(), 2);
-        ws.get_mut()
-            .set_read_timeout(Some(Duration::from_millis(400)))
-            .unwrap();
-        match ws.read() {
-            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            other => panic!("expected silence, got {other:?}"),
-        }
+        assert_silent(&mut ws);
         let mut ws = connect(s.addr(), "/connections?interval=1s", None).unwrap();
-        ws.get_mut()
-            .set_read_timeout(Some(Duration::from_millis(400)))
-            .unwrap();
-        match ws.read() {
-            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            other => panic!("expected silence, got {other:?}"),
-        }
+        assert_silent(&mut ws);
     }
 
     #[test]

@@ -147,11 +147,14 @@ impl SyncStatus {
         self.state.store(s as u8, Ordering::SeqCst);
         old
     }
-    fn set_error(&self, e: &str) {
+    /// Records a failed try that leaves the link in `state`; true when the link was not in it before (a
+    /// change worth one log line).
+    fn fail(&self, state: LinkState, e: &str) -> bool {
         self.failures.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut g) = self.last_error.lock() {
             *g = e.to_string();
         }
+        self.set_state(state) != state
     }
 }
 
@@ -488,24 +491,11 @@ fn run(
     cfg: SyncConfig,
     url: String,
     conn: Connection,
-    mut cursor: (i64, i64),
+    cursor: (i64, i64),
     writer: SyncSender<WriteCmd>,
     stop: Arc<AtomicBool>,
     status: Arc<SyncStatus>,
 ) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(cfg.timeout))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let max_rows = cfg.batch_rows.max(1);
-    let mut limit = max_rows;
-    let mut delivered = Delivered::new();
-    let mut backoff = Backoff {
-        base: cfg.interval.min(Duration::from_secs(1)),
-        cap: MAX_BACKOFF.max(cfg.interval.min(Duration::from_secs(1))),
-        tries: 0,
-    };
     crate::info!(
         "sync: agent {} pushing to {url} every {:?}, cursor {}:{}",
         cfg.agent_id,
@@ -513,105 +503,167 @@ fn run(
         cursor.0,
         cursor.1
     );
+    let mut pusher = Pusher::new(cfg, url, conn, cursor, writer, status);
     while !stop.load(Ordering::SeqCst) {
-        let batch = match read_batch(&conn, cursor, limit, MAX_BATCH_BUCKETS, &delivered) {
-            Ok(b) => b,
-            Err(e) => {
-                crate::error!("sync: {e}; retrying");
-                if !wait(&stop, cfg.interval) {
-                    break;
-                }
-                continue;
-            }
-        };
-        let body = encode_batch(&cfg.agent_id, &batch, crate::timefmt::now_ms());
-        let outcome = post(&agent, &url, cfg.token.as_deref(), &body);
-        let pause = match outcome {
-            Outcome::Accepted => {
-                if !batch.records.is_empty() {
-                    let new = batch.end;
-                    if let Err(e) =
-                        call_writer(&writer, move |c| store_cursor(c, new), WRITER_TIMEOUT)
-                    {
-                        // The master has the rows; a cursor stored late only means a harmless resend
-                        // after a restart.
-                        crate::warn!("sync: could not store the cursor: {e}");
-                    }
-                    cursor = new;
-                    for &(pk, seq, open) in &batch.keys {
-                        if open {
-                            delivered.insert(pk, seq);
-                        } else {
-                            delivered.remove(&pk);
-                        }
-                    }
-                }
-                status.batches.fetch_add(1, Ordering::SeqCst);
-                status
-                    .rows
-                    .fetch_add(batch.records.len() as u64, Ordering::SeqCst);
-                status
-                    .last_ok_ms
-                    .store(crate::timefmt::now_ms(), Ordering::SeqCst);
-                match status.set_state(LinkState::Synced) {
-                    LinkState::Synced => {}
-                    LinkState::Starting => crate::info!("sync: connected to master {url}"),
-                    _ => crate::info!("sync: master {url} accepts batches again"),
-                }
-                backoff.reset();
-                limit = (limit * 2).min(max_rows);
-                if batch.full {
-                    continue;
-                }
-                cfg.interval
-            }
-            Outcome::Unauthorized(msg) => {
-                status.set_error(&msg);
-                if status.set_state(LinkState::Unauthorized) != LinkState::Unauthorized {
-                    crate::error!(
-                        "sync: master {url} refused our token ({msg}): check --api-token; data is kept locally and retried"
-                    );
-                }
-                backoff.next()
-            }
-            Outcome::TooLarge => {
-                status.set_error("HTTP 413: batch too large");
-                if status.set_state(LinkState::Rejected) != LinkState::Rejected {
-                    crate::warn!(
-                        "sync: master {url} says the batch is too large; sending smaller batches"
-                    );
-                }
-                if limit > 1 {
-                    limit /= 2;
-                    Duration::ZERO
-                } else {
-                    backoff.next()
-                }
-            }
-            Outcome::Rejected(msg) => {
-                status.set_error(&msg);
-                if status.set_state(LinkState::Rejected) != LinkState::Rejected {
-                    crate::error!(
-                        "sync: master {url} rejected a batch ({msg}); data is kept locally and retried"
-                    );
-                }
-                backoff.next()
-            }
-            Outcome::Unreachable(msg) => {
-                status.set_error(&msg);
-                if status.set_state(LinkState::Unreachable) != LinkState::Unreachable {
-                    crate::warn!(
-                        "sync: master {url} unreachable ({msg}); collecting locally and retrying"
-                    );
-                }
-                backoff.next()
-            }
-        };
+        let pause = pusher.push_next();
         if !wait(&stop, pause) {
             break;
         }
     }
+    let cursor = pusher.cursor;
     crate::debug!("sync: stopped at cursor {}:{}", cursor.0, cursor.1);
+}
+
+/// The sync thread's state from one batch to the next.
+struct Pusher {
+    cfg: SyncConfig,
+    url: String,
+    conn: Connection,
+    agent: ureq::Agent,
+    writer: SyncSender<WriteCmd>,
+    status: Arc<SyncStatus>,
+    cursor: (i64, i64),
+    /// Rows asked for: halved on each 413, doubled back (up to `batch_rows`) on each accepted batch.
+    limit: usize,
+    delivered: Delivered,
+    backoff: Backoff,
+}
+
+impl Pusher {
+    fn new(
+        cfg: SyncConfig,
+        url: String,
+        conn: Connection,
+        cursor: (i64, i64),
+        writer: SyncSender<WriteCmd>,
+        status: Arc<SyncStatus>,
+    ) -> Pusher {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(cfg.timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let base = cfg.interval.min(Duration::from_secs(1));
+        Pusher {
+            limit: cfg.batch_rows.max(1),
+            backoff: Backoff {
+                base,
+                cap: MAX_BACKOFF.max(base),
+                tries: 0,
+            },
+            cfg,
+            url,
+            conn,
+            agent,
+            writer,
+            status,
+            cursor,
+            delivered: Delivered::new(),
+        }
+    }
+
+    /// Reads and posts the next batch; returns how long to wait before the next one.
+    fn push_next(&mut self) -> Duration {
+        let batch = match read_batch(
+            &self.conn,
+            self.cursor,
+            self.limit,
+            MAX_BATCH_BUCKETS,
+            &self.delivered,
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                crate::error!("sync: {e}; retrying");
+                return self.cfg.interval;
+            }
+        };
+        let body = encode_batch(&self.cfg.agent_id, &batch, crate::timefmt::now_ms());
+        let url = &self.url;
+        let status = &self.status;
+        match post(&self.agent, url, self.cfg.token.as_deref(), &body) {
+            Outcome::Accepted => self.accepted(&batch),
+            Outcome::Unauthorized(msg) => {
+                if status.fail(LinkState::Unauthorized, &msg) {
+                    crate::error!(
+                        "sync: master {url} refused our token ({msg}): check --api-token; data is kept locally and retried"
+                    );
+                }
+                self.backoff.next()
+            }
+            Outcome::TooLarge => {
+                if status.fail(LinkState::Rejected, "HTTP 413: batch too large") {
+                    crate::warn!(
+                        "sync: master {url} says the batch is too large; sending smaller batches"
+                    );
+                }
+                if self.limit > 1 {
+                    self.limit /= 2;
+                    Duration::ZERO
+                } else {
+                    self.backoff.next()
+                }
+            }
+            Outcome::Rejected(msg) => {
+                if status.fail(LinkState::Rejected, &msg) {
+                    crate::error!(
+                        "sync: master {url} rejected a batch ({msg}); data is kept locally and retried"
+                    );
+                }
+                self.backoff.next()
+            }
+            Outcome::Unreachable(msg) => {
+                if status.fail(LinkState::Unreachable, &msg) {
+                    crate::warn!(
+                        "sync: master {url} unreachable ({msg}); collecting locally and retrying"
+                    );
+                }
+                self.backoff.next()
+            }
+        }
+    }
+
+    /// The master took `batch`: the cursor moves past it (and is stored), and a full batch is followed at
+    /// once by the next.
+    fn accepted(&mut self, batch: &Batch) -> Duration {
+        if !batch.records.is_empty() {
+            let new = batch.end;
+            if let Err(e) = call_writer(&self.writer, move |c| store_cursor(c, new), WRITER_TIMEOUT)
+            {
+                // The master has the rows; a cursor stored late only means a harmless resend
+                // after a restart.
+                crate::warn!("sync: could not store the cursor: {e}");
+            }
+            self.cursor = new;
+            for &(pk, seq, open) in &batch.keys {
+                if open {
+                    self.delivered.insert(pk, seq);
+                } else {
+                    self.delivered.remove(&pk);
+                }
+            }
+        }
+        let status = &self.status;
+        status.batches.fetch_add(1, Ordering::SeqCst);
+        status
+            .rows
+            .fetch_add(batch.records.len() as u64, Ordering::SeqCst);
+        status
+            .last_ok_ms
+            .store(crate::timefmt::now_ms(), Ordering::SeqCst);
+        let url = &self.url;
+        match status.set_state(LinkState::Synced) {
+            LinkState::Synced => {}
+            LinkState::Starting => crate::info!("sync: connected to master {url}"),
+            _ => crate::info!("sync: master {url} accepts batches again"),
+        }
+        self.backoff.reset();
+        self.limit = (self.limit * 2).min(self.cfg.batch_rows.max(1));
+        if batch.full {
+            Duration::ZERO
+        } else {
+            self.cfg.interval
+        }
+    }
 }
 
 #[cfg(test)]

@@ -139,6 +139,20 @@ impl Cursor<'_> {
             false
         }
     }
+    /// `YYYY-MM-DD`.
+    fn date(&mut self) -> Option<(u32, u32, u32)> {
+        let y = self.digits(4)?;
+        self.eat(b'-').then_some(())?;
+        let mo = self.digits(2)?;
+        self.eat(b'-').then_some(())?;
+        Some((y, mo, self.digits(2)?))
+    }
+    /// `HH:MM`.
+    fn hour_minute(&mut self) -> Option<(u32, u32)> {
+        let h = self.digits(2)?;
+        self.eat(b':').then_some(())?;
+        Some((h, self.digits(2)?))
+    }
     fn peek(&self) -> Option<u8> {
         self.s.get(self.i).copied()
     }
@@ -168,23 +182,11 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         s: s.trim().as_bytes(),
         i: 0,
     };
-    let y = c.digits(4)?;
-    if !c.eat(b'-') {
-        return None;
-    }
-    let mo = c.digits(2)?;
-    if !c.eat(b'-') {
-        return None;
-    }
-    let d = c.digits(2)?;
+    let (y, mo, d) = c.date()?;
     if !(c.eat(b'T') || c.eat(b't') || c.eat(b' ')) {
         return None;
     }
-    let h = c.digits(2)?;
-    if !c.eat(b':') {
-        return None;
-    }
-    let mi = c.digits(2)?;
+    let (h, mi) = c.hour_minute()?;
     if !c.eat(b':') {
         return None;
     }
@@ -235,26 +237,14 @@ pub fn parse_user_time(s: &str) -> Option<i64> {
         s: s.as_bytes(),
         i: 0,
     };
-    let y = c.digits(4)?;
-    if !c.eat(b'-') {
-        return None;
-    }
-    let mo = c.digits(2)?;
-    if !c.eat(b'-') {
-        return None;
-    }
-    let d = c.digits(2)?;
+    let (y, mo, d) = c.date()?;
     if c.done() {
         return date_ms(y, mo, d, 0, 0, 0);
     }
     if !(c.eat(b' ') || c.eat(b'T')) {
         return None;
     }
-    let h = c.digits(2)?;
-    if !c.eat(b':') {
-        return None;
-    }
-    let mi = c.digits(2)?;
+    let (h, mi) = c.hour_minute()?;
     let sec = if c.eat(b':') { c.digits(2)? } else { 0 };
     c.done().then_some(())?;
     date_ms(y, mo, d, h, mi, sec)
@@ -271,16 +261,21 @@ pub enum Interval {
 }
 
 impl Interval {
+    /// Each interval with its name.
+    pub const NAMES: &'static [(&'static str, Interval)] = &[
+        ("minute", Interval::Minute),
+        ("hour", Interval::Hour),
+        ("day", Interval::Day),
+        ("week", Interval::Week),
+        ("month", Interval::Month),
+    ];
+
     /// Parses `minute|hour|day|week|month`.
     pub fn parse(s: &str) -> Option<Interval> {
-        Some(match s {
-            "minute" => Interval::Minute,
-            "hour" => Interval::Hour,
-            "day" => Interval::Day,
-            "week" => Interval::Week,
-            "month" => Interval::Month,
-            _ => return None,
-        })
+        Interval::NAMES
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, i)| *i)
     }
 }
 

@@ -66,6 +66,15 @@ enum SortBy {
     Total,
 }
 
+/// The words of `sort_by`.
+const SORT_CHOICES: &[(&str, SortBy)] = &[
+    ("start", SortBy::Start),
+    ("last_updated", SortBy::LastUpdated),
+    ("download", SortBy::Download),
+    ("upload", SortBy::Upload),
+    ("total", SortBy::Total),
+];
+
 impl SortBy {
     /// The ORDER BY terms, each to be followed by the direction.
     fn terms(self) -> &'static [&'static str] {
@@ -79,6 +88,31 @@ impl SortBy {
     }
 }
 
+/// The parameters of one `/connections` request, validated.
+struct Query {
+    f: Filters,
+    limit: i64,
+    offset: i64,
+    sort: SortBy,
+    order: Order,
+    format: Format,
+    state: ConnState,
+}
+
+impl Query {
+    fn parse(p: &Params) -> ApiResult<Query> {
+        Ok(Query {
+            f: Filters::parse(p)?,
+            limit: p.uint("limit", 100, 1, MAX_ROWS)? as i64,
+            offset: p.uint("offset", 0, 0, i64::MAX as u64 / 2)? as i64,
+            sort: p.choice("sort_by", SORT_CHOICES, SortBy::Start)?,
+            order: Order::parse(p)?,
+            format: Format::parse(p)?,
+            state: ConnState::parse(p)?,
+        })
+    }
+}
+
 /// `GET /connections`.
 /// `devices` gives each row's `source_name` (the device's name, `""` when unknown).
 pub fn handle(
@@ -87,72 +121,31 @@ pub fn handle(
     p: &Params,
     devices: Option<&crate::devices::Devices>,
 ) -> ApiResult<Answer> {
-    let f = Filters::parse(p)?;
-    let limit = p.uint("limit", 100, 1, MAX_ROWS)? as i64;
-    let offset = p.uint("offset", 0, 0, i64::MAX as u64 / 2)? as i64;
-    let sort = p.choice(
-        "sort_by",
-        &[
-            ("start", SortBy::Start),
-            ("last_updated", SortBy::LastUpdated),
-            ("download", SortBy::Download),
-            ("upload", SortBy::Upload),
-            ("total", SortBy::Total),
-        ],
-        SortBy::Start,
-    )?;
-    let order = Order::parse(p)?;
-    let format = Format::parse(p)?;
-    let state = ConnState::parse(p)?;
-
-    let mut w = Where::from_filters(&f, Match::Substring);
+    let q = Query::parse(p)?;
+    let f = &q.f;
+    let mut w = Where::from_filters(f, Match::Substring);
     if f.has_range() {
         let (from, to) = f.range();
         w.start_in(from, to);
     }
-    if let Some(cond) = state.condition() {
+    if let Some(cond) = q.state.condition() {
         w.push(cond, Vec::new());
     }
-    let agent_only = Filters {
-        agent_id: None,
-        ..f.clone()
-    };
-    let count = |w: &Where| -> ApiResult<i64> {
-        Ok(db.query_row(
-            &format!("SELECT count(*) FROM connections c WHERE {}", w.sql()),
-            rusqlite::params_from_iter(w.values.iter()),
-            |r| r.get(0),
-        )?)
-    };
-    let from_rollup = rollups && !f.has_range() && !agent_only.has_row_filters();
-    let total_count = match state {
-        // The same number from the hourly rollup, without counting a million index entries.
-        ConnState::Any if from_rollup => super::stats::summary(db, rollups, &f)?.count,
-        // Every connection but the open ones (few, and counted from their partial index).
-        ConnState::Closed if from_rollup => {
-            let agent = Filters {
-                agent_id: f.agent_id.clone(),
-                ..Filters::default()
-            };
-            let mut open = Where::from_filters(&agent, Match::Exact);
-            open.push("c.end_ms IS NULL", Vec::new());
-            super::stats::summary(db, rollups, &f)?.count - count(&open)?
-        }
-        _ => count(&w)?,
-    };
+    let total_count = total_count(db, rollups, &q, &w)?;
 
     // By start, a condition on the minute even without a range: only then does SQLite walk the start index
     // for the ORDER BY (and sort just the last minutes); without one it sorts every row (schema v4).
-    if !f.has_range() && matches!(sort, SortBy::Start) {
+    if !f.has_range() && matches!(q.sort, SortBy::Start) {
         let (from, to) = f.range();
         w.start_in(from, to);
     }
     let cols: Vec<&str> = COLUMNS.iter().map(|(_, e)| *e).collect();
-    let by: Vec<String> = sort
+    let by: Vec<String> = q
+        .sort
         .terms()
         .iter()
         .chain(&["c.pk"])
-        .map(|t| format!("{t} {}", order.sql()))
+        .map(|t| format!("{t} {}", q.order.sql()))
         .collect();
     let sql = format!(
         "SELECT {} FROM connections c WHERE {} ORDER BY {} LIMIT ? OFFSET ?",
@@ -161,7 +154,7 @@ pub fn handle(
         by.join(", "),
     );
     let mut vals = w.values;
-    vals.extend([Sql::Integer(limit), Sql::Integer(offset)]);
+    vals.extend([Sql::Integer(q.limit), Sql::Integer(q.offset)]);
     // source_name goes right after source_ip; it comes from the router's tables, not from SQL.
     let names = devices.map(|d| d.table()).unwrap_or_default();
     let mut names_at = 0;
@@ -177,20 +170,7 @@ pub fn handle(
     let mut stmt = db.prepare(&sql)?;
     let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
     while let Some(r) = rows.next()? {
-        let mut row = Vec::with_capacity(COLUMNS.len());
-        for (i, (name, _)) in COLUMNS.iter().enumerate() {
-            let v = if TIME_COLUMNS.contains(name) {
-                match r.get::<_, Option<i64>>(i)? {
-                    Some(ms) => json!(format_rfc3339(ms, true)),
-                    None => Value::Null,
-                }
-            } else if INT_COLUMNS.contains(name) {
-                json!(r.get::<_, i64>(i)?)
-            } else {
-                json!(r.get::<_, String>(i)?)
-            };
-            row.push(v);
-        }
+        let mut row = read_row(r)?;
         let name = match &row[names_at - 1] {
             Value::String(ip) => names.get(ip).map(|d| d.name.clone()).unwrap_or_default(),
             _ => String::new(),
@@ -200,7 +180,55 @@ pub fn handle(
     }
     Ok(Answer::Rows {
         table,
-        format,
+        format: q.format,
         total_count: Some(total_count),
     })
+}
+
+/// `total_count`: the rows `w` (the filters, range and state of `q`) selects, from the rollups where they
+/// give the same number.
+fn total_count(db: &Connection, rollups: bool, q: &Query, w: &Where) -> ApiResult<i64> {
+    let f = &q.f;
+    let count = |w: &Where| -> ApiResult<i64> {
+        Ok(db.query_row(
+            &format!("SELECT count(*) FROM connections c WHERE {}", w.sql()),
+            rusqlite::params_from_iter(w.values.iter()),
+            |r| r.get(0),
+        )?)
+    };
+    let from_rollup = rollups && !f.has_range() && !f.has_row_filters_besides_agent();
+    Ok(match q.state {
+        // The same number from the hourly rollup, without counting a million index entries.
+        ConnState::Any if from_rollup => super::stats::summary(db, rollups, f)?.count,
+        // Every connection but the open ones (few, and counted from their partial index).
+        ConnState::Closed if from_rollup => {
+            let agent = Filters {
+                agent_id: f.agent_id.clone(),
+                ..Filters::default()
+            };
+            let mut open = Where::from_filters(&agent, Match::Exact);
+            open.push("c.end_ms IS NULL", Vec::new());
+            super::stats::summary(db, rollups, f)?.count - count(&open)?
+        }
+        _ => count(w)?,
+    })
+}
+
+/// One row's [`COLUMNS`] as JSON values.
+fn read_row(r: &rusqlite::Row) -> ApiResult<Vec<Value>> {
+    let mut row = Vec::with_capacity(COLUMNS.len());
+    for (i, (name, _)) in COLUMNS.iter().enumerate() {
+        let v = if TIME_COLUMNS.contains(name) {
+            match r.get::<_, Option<i64>>(i)? {
+                Some(ms) => json!(format_rfc3339(ms, true)),
+                None => Value::Null,
+            }
+        } else if INT_COLUMNS.contains(name) {
+            json!(r.get::<_, i64>(i)?)
+        } else {
+            json!(r.get::<_, String>(i)?)
+        };
+        row.push(v);
+    }
+    Ok(row)
 }

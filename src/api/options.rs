@@ -1,6 +1,6 @@
 //! `GET /api/v1/filter-options`: distinct values of one field, for filter pickers in a UI.
 
-use super::params::{ApiResult, Params, MAX_ROWS};
+use super::params::{ApiResult, Params, HOST_KEY, MAX_ROWS};
 use super::table::{Answer, Table};
 use rusqlite::types::Value as Sql;
 use rusqlite::Connection;
@@ -18,14 +18,7 @@ pub fn handle(db: &Connection, rollups: bool, p: &Params) -> ApiResult<Answer> {
             ("process", ("process", "c.process", false)),
             ("destination", ("destination", "c.destination_ip", false)),
             // The host, or the destination IP without one: the key of group_by=host and of the `host` filter.
-            (
-                "host",
-                (
-                    "host",
-                    "(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END)",
-                    false,
-                ),
-            ),
+            ("host", ("host", HOST_KEY, false)),
             ("geoip", ("geoip", "c.destination_geoip", true)),
             ("source_ip", ("source_ip", "c.source_ip", false)),
             ("policy", ("policy", "c.policy", false)),

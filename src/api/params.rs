@@ -52,29 +52,47 @@ impl From<rusqlite::Error> for ApiError {
 /// Shorthand for handler results.
 pub type ApiResult<T> = std::result::Result<T, ApiError>;
 
-/// Decodes `%XX` escapes and `+` (space) of one query-string component.
+/// Decodes `%XX` escapes and `+` (space) of one query-string component; `None` when an escape is malformed
+/// or the result is not UTF-8.
 pub fn percent_decode(s: &str) -> Option<String> {
+    String::from_utf8(decode_escapes(s, false)?).ok()
+}
+
+/// [`percent_decode`] that keeps a malformed escape as it is and replaces invalid UTF-8 (the simulator's
+/// check of a `token`, which never fails).
+#[cfg(feature = "simulator")]
+pub fn percent_decode_lenient(s: &str) -> String {
+    let bytes = decode_escapes(s, true).unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The bytes `s` stands for; a malformed escape is kept as it is when `keep_malformed`, else `None`.
+fn decode_escapes(s: &str, keep_malformed: bool) -> Option<Vec<u8>> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         match b[i] {
             b'+' => out.push(b' '),
-            b'%' => {
-                let hex = b.get(i + 1..i + 3)?;
-                // two hex digits: from_str_radix alone would also take a sign ("%+1")
-                if !hex.iter().all(u8::is_ascii_hexdigit) {
-                    return None;
+            b'%' => match b.get(i + 1..i + 3).and_then(hex_pair) {
+                Some(v) => {
+                    out.push(v);
+                    i += 2;
                 }
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
+                None if keep_malformed => out.push(b'%'),
+                None => return None,
+            },
             c => out.push(c),
         }
         i += 1;
     }
-    String::from_utf8(out).ok()
+    Some(out)
+}
+
+/// The byte two hex digits stand for (exactly two digits: no sign, as `from_str_radix` would take).
+fn hex_pair(h: &[u8]) -> Option<u8> {
+    let digit = |c: u8| (c as char).to_digit(16);
+    Some((digit(h[0])? << 4 | digit(h[1])?) as u8)
 }
 
 /// The decoded parameters of one request. A repeated parameter keeps its last value; an empty value counts
@@ -316,6 +334,17 @@ pub struct Filters {
     pub geoip: Option<String>,
 }
 
+/// The host key in SQL: the host, or the destination IP without one; what `group_by=host`, the `host` filter
+/// and its filter options compare. (A macro, so that the conditions below are built with `concat!`.)
+macro_rules! host_key {
+    () => {
+        "CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END"
+    };
+}
+
+/// The host key (`host_key!`) as an expression.
+pub const HOST_KEY: &str = concat!("(", host_key!(), ")");
+
 /// A SQL condition (always a fixed string of this program) and the values it binds.
 pub type Cond = (&'static str, Vec<rusqlite::types::Value>);
 
@@ -350,6 +379,16 @@ impl Filters {
     /// True when some filter other than the time range is set.
     pub fn has_row_filters(&self) -> bool {
         !self.conditions(Match::Exact).is_empty()
+    }
+
+    /// True when some filter other than the time range and `agent_id` is set: then the hourly rollups (kept
+    /// per agent) cannot answer.
+    pub fn has_row_filters_besides_agent(&self) -> bool {
+        Filters {
+            agent_id: None,
+            ..self.clone()
+        }
+        .has_row_filters()
     }
 
     /// True when `from` or `to` is given.
@@ -400,10 +439,8 @@ impl Filters {
         }
         if let Some(v) = &self.host {
             let sql = match m {
-                Match::Exact => {
-                    "(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END) = ?"
-                }
-                Match::Substring => "instr(lower(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END), lower(?)) > 0",
+                Match::Exact => concat!("(", host_key!(), ") = ?"),
+                Match::Substring => concat!("instr(lower(", host_key!(), "), lower(?)) > 0"),
             };
             out.push((sql, vec![Text(v.clone())]));
         }

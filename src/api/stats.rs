@@ -7,7 +7,8 @@
 //! numbers; the rollup paths ([`super::rollup`]) only make unfiltered questions cheap.
 
 use super::params::{
-    start_in, ApiError, ApiResult, Filters, Format, Match, Order, Params, Where, MAX_ROWS, START_IN,
+    start_in, ApiError, ApiResult, Filters, Format, Match, Order, Params, Where, HOST_KEY,
+    MAX_ROWS, START_IN,
 };
 use super::rollup::HOUR_MS;
 use super::table::{Answer, Table};
@@ -38,6 +39,16 @@ impl Totals {
     /// download + upload.
     pub fn total(&self) -> i64 {
         self.upload + self.download
+    }
+
+    /// The `count`, `download`, `upload` and `total` cells of a table row.
+    fn cells(&self) -> [Value; 4] {
+        [
+            json!(self.count),
+            json!(self.download),
+            json!(self.upload),
+            json!(self.total()),
+        ]
     }
 
     fn json(&self) -> Value {
@@ -90,11 +101,7 @@ pub fn summary(db: &Connection, rollups: bool, f: &Filters) -> ApiResult<Totals>
         }
         return Ok(t);
     }
-    let only_agent = Filters {
-        agent_id: None,
-        ..f.clone()
-    };
-    if rollups && !only_agent.has_row_filters() {
+    if rollups && !f.has_row_filters_besides_agent() {
         let mut w = Where::default();
         if let Some(a) = &f.agent_id {
             w.push("agent_id = ?", vec![Sql::Text(a.clone())]);
@@ -139,11 +146,7 @@ fn accumulate(
     if lo >= hi {
         return Ok(out);
     }
-    let agent_only = Filters {
-        agent_id: None,
-        ..f.clone()
-    };
-    if rollups && !agent_only.has_row_filters() && unit_ms >= HOUR_MS {
+    if rollups && !f.has_row_filters_besides_agent() && unit_ms >= HOUR_MS {
         let (h1, h2) = (ceil_div(lo, HOUR_MS), hi.div_euclid(HOUR_MS));
         if h1 < h2 {
             raw(db, f, lo, h1 * HOUR_MS, unit_ms, &mut out)?;
@@ -176,28 +179,15 @@ fn raw(
     );
     let mut vals = vec![Sql::Integer(unit_ms)];
     vals.extend(w.values);
-    let mut stmt = db.prepare(&sql)?;
-    let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
-    while let Some(r) = rows.next()? {
-        let b: i64 = r.get(0)?;
-        out.entry(b * unit_ms).or_default().count += r.get::<_, i64>(1)?;
-    }
+    let vals = rusqlite::params_from_iter(vals);
+    add_buckets(db, &sql, vals, Sums::Count, unit_ms, out)?;
 
     let (m1, m2) = (ceil_div(lo, MINUTE_MS), ceil_div(hi, MINUTE_MS));
     let per = unit_ms / MINUTE_MS;
     if !filtered {
-        let mut stmt = db.prepare(
-            "SELECT minute / ?1, sum(upload), sum(download) FROM traffic
-             WHERE minute >= ?2 AND minute < ?3 GROUP BY 1",
-        )?;
-        let mut rows = stmt.query([per, m1, m2])?;
-        while let Some(r) = rows.next()? {
-            let b: i64 = r.get(0)?;
-            let e = out.entry(b * unit_ms).or_default();
-            e.upload += r.get::<_, i64>(1)?;
-            e.download += r.get::<_, i64>(2)?;
-        }
-        return Ok(());
+        let sql = "SELECT minute / ?1, sum(upload), sum(download) FROM traffic
+             WHERE minute >= ?2 AND minute < ?3 GROUP BY 1";
+        return add_buckets(db, sql, [per, m1, m2], Sums::Bytes, unit_ms, out);
     }
     // Filtered: the matching connections once (one pass over the table), then the traffic rows in range
     // from the covering `traffic_minute` index, kept when their connection matched. Joining each traffic
@@ -260,15 +250,8 @@ fn raw_traffic_join(
     );
     let mut vals = vec![Sql::Integer(per)];
     vals.extend(w.values);
-    let mut stmt = db.prepare(&sql)?;
-    let mut rows = stmt.query(rusqlite::params_from_iter(vals))?;
-    while let Some(r) = rows.next()? {
-        let b: i64 = r.get(0)?;
-        let e = out.entry(b * unit_ms).or_default();
-        e.upload += r.get::<_, i64>(1)?;
-        e.download += r.get::<_, i64>(2)?;
-    }
-    Ok(())
+    let vals = rusqlite::params_from_iter(vals);
+    add_buckets(db, &sql, vals, Sums::Bytes, unit_ms, out)
 }
 
 fn from_rollups(
@@ -286,25 +269,48 @@ fn from_rollups(
         "?4 IS NULL"
     };
     let vals = rusqlite::params![per, h1, h2, agent];
-    let mut stmt = db.prepare(&format!(
+    let sql = format!(
         "SELECT hour / ?1, sum(conns) FROM rollup_conn_hour WHERE hour >= ?2 AND hour < ?3 AND {agent_cond}
          GROUP BY 1"
-    ))?;
-    let mut rows = stmt.query(vals)?;
-    while let Some(r) = rows.next()? {
-        let b: i64 = r.get(0)?;
-        out.entry(b * unit_ms).or_default().count += r.get::<_, i64>(1)?;
-    }
-    let mut stmt = db.prepare(&format!(
+    );
+    add_buckets(db, &sql, vals, Sums::Count, unit_ms, out)?;
+    let sql = format!(
         "SELECT hour / ?1, sum(upload), sum(download) FROM rollup_traffic_hour
          WHERE hour >= ?2 AND hour < ?3 AND {agent_cond} GROUP BY 1"
-    ))?;
-    let mut rows = stmt.query(vals)?;
+    );
+    add_buckets(db, &sql, vals, Sums::Bytes, unit_ms, out)
+}
+
+/// What a bucket query's columns after the first (the bucket's number) hold.
+#[derive(Clone, Copy)]
+enum Sums {
+    /// A count of connections.
+    Count,
+    /// Upload, then download bytes.
+    Bytes,
+}
+
+/// Runs `sql` and adds each of its rows into the bucket of `out` it names (bucket number × `unit_ms`).
+fn add_buckets(
+    db: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    sums: Sums,
+    unit_ms: i64,
+    out: &mut BTreeMap<i64, Totals>,
+) -> ApiResult<()> {
+    let mut stmt = db.prepare(sql)?;
+    let mut rows = stmt.query(params)?;
     while let Some(r) = rows.next()? {
         let b: i64 = r.get(0)?;
         let e = out.entry(b * unit_ms).or_default();
-        e.upload += r.get::<_, i64>(1)?;
-        e.download += r.get::<_, i64>(2)?;
+        match sums {
+            Sums::Count => e.count += r.get::<_, i64>(1)?,
+            Sums::Bytes => {
+                e.upload += r.get::<_, i64>(1)?;
+                e.download += r.get::<_, i64>(2)?;
+            }
+        }
     }
     Ok(())
 }
@@ -349,10 +355,7 @@ pub fn dim(word: &str) -> Option<Dim> {
         "network" => ("network", "c.network"),
         "process" => ("process", "c.process"),
         "destination" => ("destination_ip", "c.destination_ip"),
-        "host" => (
-            "host",
-            "(CASE WHEN c.host <> '' THEN c.host ELSE c.destination_ip END)",
-        ),
+        "host" => ("host", HOST_KEY),
         "rule" => (
             "rule",
             "(CASE WHEN c.rule_payload <> '' THEN c.rule || ' (' || c.rule_payload || ')' ELSE c.rule END)",
@@ -416,8 +419,17 @@ impl Metric {
     }
 }
 
+/// The words of a grouping's `sort_by`.
 const SORT_CHOICES: &[(&str, Metric)] = &[
     ("count", Metric::Count),
+    ("download", Metric::Download),
+    ("upload", Metric::Upload),
+    ("total", Metric::Total),
+];
+
+/// The words of a time series' `metric`.
+const SERIES_METRICS: &[(&str, Metric)] = &[
+    ("connections", Metric::Count),
     ("download", Metric::Download),
     ("upload", Metric::Upload),
     ("total", Metric::Total),
@@ -490,7 +502,6 @@ fn group(
     let other = p.flag("other")?;
     let format = Format::parse(p)?;
 
-    let k = dims.len();
     // (keys, totals) of at most `limit + 1` groups, in answer order; with geoip or a range also the sum of all
     // groups.
     let (groups, summed) = match dims.iter().position(|d| d.expr == GEO_EXPR) {
@@ -508,20 +519,12 @@ fn group(
         }
         None => (sql_groups(db, rollups, f, &dims, sort, order, limit)?, None),
     };
-    let mut columns: Vec<&str> = Vec::new();
-    for d in &dims {
-        columns.push(d.field);
-        if d.field == "source_ip" {
-            columns.extend(["mac", "name"]);
-        }
-    }
-    columns.extend(["count", "download", "upload", "total"]);
-    let mut table = Table::new(columns);
+    let mut table = Table::new(group_columns(&dims));
     let mut shown = Totals::default();
     let truncated = groups.len() as i64 > limit;
     for (keys, t) in groups.into_iter().take(limit as usize) {
         shown.add(t);
-        let mut row: Vec<Value> = Vec::with_capacity(k + 4);
+        let mut row: Vec<Value> = Vec::with_capacity(dims.len() + 4);
         for (key, d) in keys.into_iter().zip(&dims) {
             let device = match (&names, d.field) {
                 (Some(names), "source_ip") => Some(names.get(&key).cloned().unwrap_or_default()),
@@ -532,12 +535,7 @@ fn group(
                 row.extend([Value::String(dev.mac), Value::String(dev.name)]);
             }
         }
-        row.extend([
-            json!(t.count),
-            json!(t.download),
-            json!(t.upload),
-            json!(t.total()),
-        ]);
+        row.extend(t.cells());
         table.rows.push(row);
     }
     if other && truncated {
@@ -552,14 +550,9 @@ fn group(
             upload: all.upload - shown.upload,
             download: all.download - shown.download,
         };
-        let keys = k + if names.is_some() { 2 } else { 0 };
+        let keys = dims.len() + if names.is_some() { 2 } else { 0 };
         let mut row: Vec<Value> = vec![Value::Null; keys];
-        row.extend([
-            json!(rest.count),
-            json!(rest.download),
-            json!(rest.upload),
-            json!(rest.total()),
-        ]);
+        row.extend(rest.cells());
         table.rows.push(row);
     }
     Ok(match format {
@@ -570,6 +563,20 @@ fn group(
             total_count: None,
         },
     })
+}
+
+/// The columns of a grouping: its keys (`source_ip` followed by the device's `mac` and `name`), then the
+/// totals.
+fn group_columns(dims: &[Dim]) -> Vec<&'static str> {
+    let mut columns: Vec<&str> = Vec::new();
+    for d in dims {
+        columns.push(d.field);
+        if d.field == "source_ip" {
+            columns.extend(["mac", "name"]);
+        }
+    }
+    columns.extend(["count", "download", "upload", "total"]);
+    columns
 }
 
 /// The keys of one group (one per dimension) and its totals.
@@ -879,27 +886,8 @@ fn extent(db: &Connection) -> ApiResult<Option<(i64, i64)>> {
 }
 
 fn series(db: &Connection, rollups: bool, f: &Filters, p: &Params) -> ApiResult<Answer> {
-    let interval = p.choice(
-        "interval",
-        &[
-            ("minute", Interval::Minute),
-            ("hour", Interval::Hour),
-            ("day", Interval::Day),
-            ("week", Interval::Week),
-            ("month", Interval::Month),
-        ],
-        Interval::Hour,
-    )?;
-    let metric = p.choice(
-        "metric",
-        &[
-            ("connections", Metric::Count),
-            ("download", Metric::Download),
-            ("upload", Metric::Upload),
-            ("total", Metric::Total),
-        ],
-        Metric::Total,
-    )?;
+    let interval = p.choice("interval", Interval::NAMES, Interval::Hour)?;
+    let metric = p.choice("metric", SERIES_METRICS, Metric::Total)?;
     let fill = p.choice("fill", &[("none", false), ("zero", true)], false)?;
     // Without data the zero-filled range still needs both ends.
     let (data_lo, data_hi) = match (extent(db)?, f.from_ms, f.to_ms) {

@@ -12,6 +12,7 @@
 
 use crate::error::{Error, Result};
 use crate::mihomo::diff::Tracker;
+use crate::mihomo::snapshot::Snapshot;
 use crate::store::WriteCmd;
 use std::io::ErrorKind;
 use std::io::{Read, Write};
@@ -185,6 +186,8 @@ fn handshake(cfg: &CollectorConfig, stream: TcpStream) -> std::result::Result<Fr
     }
 }
 
+/// One connection to mihomo, from connecting until it is lost or `stop` is set: every push that parses is
+/// applied to the tracker and its diffs sent to the writer.
 fn session(
     cfg: &CollectorConfig,
     tracker: &mut Tracker,
@@ -192,26 +195,13 @@ fn session(
     stop: &AtomicBool,
     got_frames: &mut bool,
 ) -> Ended {
-    let stream = match connect(cfg) {
-        Ok(s) => s,
-        Err(e) => return Ended::Lost(e),
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
-    let _ = stream.set_nodelay(true);
-    let mut ws = match handshake(cfg, stream) {
+    let mut ws = match open(cfg) {
         Ok(ws) => ws,
         Err(e) => return e,
     };
-    let _ = ws.stream.set_read_timeout(Some(POLL));
-    crate::info!(
-        "collector: connected to mihomo at {} (push every {} ms)",
-        cfg.authority(),
-        cfg.interval_ms
-    );
     let dead_after = cfg.dead_after();
     let mut last_frame = Instant::now();
-    let mut clock_warned = false;
+    let mut clock = ClockGate::default();
     loop {
         if stop.load(Ordering::Relaxed) {
             ws.close();
@@ -230,65 +220,19 @@ fn session(
             }
             Err(e) => return lost(e),
         }
-        last_frame = Instant::now();
-        // The push is parsed as it comes in: only a small window of it is ever in memory.
-        let mut payload = Payload {
-            ws: &mut ws,
-            stop,
-            dead_after,
-            last_byte: last_frame,
-            failed: None,
+        let parsed = match read_push(&mut ws, tracker, stop, dead_after) {
+            Ok(parsed) => parsed,
+            Err(ended) => return ended,
         };
-        let parsed = crate::mihomo::snapshot::read(&mut payload, |id| tracker.knows(id));
-        // whatever the parser left (after a bad push): skipped, so the next push starts clean
-        let _ = std::io::copy(&mut payload, &mut std::io::sink());
-        if let Some(e) = payload.failed.take() {
-            if stop.load(Ordering::Relaxed) {
-                ws.close();
-                return Ended::Stopped;
-            }
-            return match e {
-                WsError::Timeout => Ended::Lost(format!(
-                    "mihomo stopped sending in the middle of a push for {} s",
-                    dead_after.as_secs()
-                )),
-                e => lost(e),
-            };
-        }
         last_frame = Instant::now();
         let at = crate::timefmt::now_ms();
-        if !crate::timefmt::clock_is_sane(at) {
-            // Hold everything until NTP sets the clock: counters are cumulative, so the first push after
-            // that carries all the bytes, and nothing is written with a 1970 date.
-            if !clock_warned {
-                crate::warn!(
-                    "collector: the system clock is not set ({}); waiting for it before recording",
-                    crate::timefmt::format_rfc3339(at, false)
-                );
-                clock_warned = true;
-            }
+        if !clock.is_set(at) {
             continue;
-        }
-        if clock_warned {
-            crate::info!("collector: the system clock is set; recording");
-            clock_warned = false;
         }
         match parsed {
             Ok(snap) => {
-                crate::counters::add(&crate::counters::FRAMES, 1);
-                if snap.skipped > 0 {
-                    crate::warn!(
-                        "collector: skipped {} connections without a usable id",
-                        snap.skipped
-                    );
-                }
                 *got_frames = true;
-                let mut writer_gone = false;
-                let diff = tracker.apply_in_parts(&snap, at, OPENED_PART, &mut |part| {
-                    writer_gone |= writer.send(WriteCmd::Diff(part)).is_err();
-                });
-                drop(snap);
-                if writer_gone || (!diff.is_empty() && writer.send(WriteCmd::Diff(diff)).is_err()) {
+                if !record(snap, at, tracker, writer) {
                     crate::error!("collector: writer is gone; stopping");
                     return Ended::Stopped;
                 }
@@ -296,6 +240,103 @@ fn session(
             Err(e) => crate::warn!("collector: ignored a push: {e}"),
         }
     }
+}
+
+/// Connects and upgrades to the WebSocket, with the socket timeouts set.
+fn open(cfg: &CollectorConfig) -> std::result::Result<FrameReader, Ended> {
+    let stream = connect(cfg).map_err(Ended::Lost)?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_nodelay(true);
+    let ws = handshake(cfg, stream)?;
+    let _ = ws.stream.set_read_timeout(Some(POLL));
+    crate::info!(
+        "collector: connected to mihomo at {} (push every {} ms)",
+        cfg.authority(),
+        cfg.interval_ms
+    );
+    Ok(ws)
+}
+
+/// Parses the message [`FrameReader::next_message`] started as it comes in: only a small window of it is
+/// ever in memory. A push that does not parse is `Ok(Err(..))` (ignored, the session goes on); the socket
+/// failing, or falling silent, in the middle of it ends the session.
+fn read_push(
+    ws: &mut FrameReader,
+    tracker: &Tracker,
+    stop: &AtomicBool,
+    dead_after: Duration,
+) -> std::result::Result<Result<Snapshot>, Ended> {
+    let mut payload = Payload {
+        ws,
+        stop,
+        dead_after,
+        last_byte: Instant::now(),
+        failed: None,
+    };
+    let parsed = crate::mihomo::snapshot::read(&mut payload, |id| tracker.knows(id));
+    // whatever the parser left (after a bad push): skipped, so the next push starts clean
+    let _ = std::io::copy(&mut payload, &mut std::io::sink());
+    let Some(e) = payload.failed.take() else {
+        return Ok(parsed);
+    };
+    if stop.load(Ordering::Relaxed) {
+        ws.close();
+        return Err(Ended::Stopped);
+    }
+    Err(match e {
+        WsError::Timeout => Ended::Lost(format!(
+            "mihomo stopped sending in the middle of a push for {} s",
+            dead_after.as_secs()
+        )),
+        e => lost(e),
+    })
+}
+
+/// Holds every push while the system clock is not set: counters are cumulative, so the first push after
+/// NTP sets it carries all the bytes, and nothing is written with a 1970 date. Logs each change once.
+#[derive(Default)]
+struct ClockGate {
+    warned: bool,
+}
+
+impl ClockGate {
+    /// Whether a push received at `at` (ms) may be recorded.
+    fn is_set(&mut self, at: i64) -> bool {
+        if !crate::timefmt::clock_is_sane(at) {
+            if !self.warned {
+                crate::warn!(
+                    "collector: the system clock is not set ({}); waiting for it before recording",
+                    crate::timefmt::format_rfc3339(at, false)
+                );
+                self.warned = true;
+            }
+            return false;
+        }
+        if self.warned {
+            crate::info!("collector: the system clock is set; recording");
+            self.warned = false;
+        }
+        true
+    }
+}
+
+/// Applies a push received at `at` to the tracker and sends its diffs to the writer; false when the writer
+/// is gone.
+fn record(snap: Snapshot, at: i64, tracker: &mut Tracker, writer: &SyncSender<WriteCmd>) -> bool {
+    crate::counters::add(&crate::counters::FRAMES, 1);
+    if snap.skipped > 0 {
+        crate::warn!(
+            "collector: skipped {} connections without a usable id",
+            snap.skipped
+        );
+    }
+    let mut writer_gone = false;
+    let diff = tracker.apply_in_parts(&snap, at, OPENED_PART, &mut |part| {
+        writer_gone |= writer.send(WriteCmd::Diff(part)).is_err();
+    });
+    drop(snap);
+    !(writer_gone || (!diff.is_empty() && writer.send(WriteCmd::Diff(diff)).is_err()))
 }
 
 /// New connections are handed to the writer in diffs of at most this many (memory: their decoded metadata

@@ -80,24 +80,27 @@ mod tests {
 
     #[test]
     fn reads_controller_and_secret() {
-        let text = "mixed-port: 7890\nexternal-controller: 0.0.0.0:9090 # for the dashboard\nsecret: \"p@ss w#rd\"\ndns:\n  secret: nested-ignored\n";
-        assert_eq!(
-            parse(text),
-            ControllerInfo {
-                host: Some("127.0.0.1".into()),
-                port: Some(9090),
-                secret: Some("p@ss w#rd".into())
-            }
-        );
-        let text = "external-controller: '192.168.1.1:9091'\nsecret: plain # comment\n";
-        assert_eq!(
-            parse(text),
-            ControllerInfo {
-                host: Some("192.168.1.1".into()),
-                port: Some(9091),
-                secret: Some("plain".into())
-            }
-        );
+        for (text, host, port, secret) in [
+            (
+                "mixed-port: 7890\nexternal-controller: 0.0.0.0:9090 # for the dashboard\nsecret: \"p@ss w#rd\"\ndns:\n  secret: nested-ignored\n",
+                "127.0.0.1",
+                9090,
+                "p@ss w#rd",
+            ),
+            (
+                "external-controller: '192.168.1.1:9091'\nsecret: plain # comment\n",
+                "192.168.1.1",
+                9091,
+                "plain",
+            ),
+        ] {
+            let want = ControllerInfo {
+                host: Some(host.into()),
+                port: Some(port),
+                secret: Some(secret.into()),
+            };
+            assert_eq!(parse(text), want, "{text}");
+        }
         assert_eq!(
             parse("external-controller: :9090\n").host.as_deref(),
             Some("127.0.0.1")

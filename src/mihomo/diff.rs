@@ -17,8 +17,8 @@
 //!   was last seen (never before its start) and it closes no earlier than that, so no duration is negative.
 //!   A start after first sight (in our future) is taken as first sight.
 
-use crate::mihomo::snapshot::{IdKey, Snapshot};
-use crate::model::{Bytes, Closed, ConnectionDiff, Flow, OpenRow};
+use crate::mihomo::snapshot::{Entry, IdKey, Snapshot};
+use crate::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow, OpenRow};
 use std::collections::HashMap;
 
 /// How long a closed id is remembered so that it can be reopened instead of duplicated.
@@ -103,6 +103,34 @@ impl Tracker {
             at_ms,
             ..ConnectionDiff::default()
         };
+        self.check_totals(snap, &mut diff);
+        let fresh = std::mem::take(&mut self.fresh);
+        self.generation += 1;
+        let gen = self.generation;
+
+        for e in &snap.connections {
+            if let Some(t) = self.open.get_mut(&e.key) {
+                t.seen_again(e, gen, at_ms, &mut diff.flows);
+            } else if let Some((before, closed_ms)) = self.recently_closed.remove(&e.key) {
+                self.reopen(e, before, closed_ms, gen, &mut diff);
+            } else {
+                self.open_new(e, gen, &mut diff);
+                if diff.opened.len() >= max_opened {
+                    hand_over_opened(&mut diff, part);
+                }
+            }
+        }
+
+        self.close_missing(gen, fresh, &mut diff);
+        if self.generation % 64 == 0 {
+            self.recently_closed
+                .retain(|_, (_, closed)| *closed > at_ms - REOPEN_WINDOW_MS);
+        }
+        diff
+    }
+
+    /// Keeps the core's totals; when they went down the core restarted, and everything open is closed.
+    fn check_totals(&mut self, snap: &Snapshot, diff: &mut ConnectionDiff) {
         let core_restarted = match (self.totals, snap.download_total, snap.upload_total) {
             (Some((d, u)), Some(d2), Some(u2)) => d2 < d || u2 < u,
             _ => false,
@@ -115,156 +143,98 @@ impl Tracker {
                 "collector: mihomo restarted (totals went down); closing {} connections",
                 self.open.len()
             );
-            self.close_all(&mut diff);
+            self.close_all(diff);
         }
-        let fresh = std::mem::take(&mut self.fresh);
-        self.generation += 1;
-        let gen = self.generation;
+    }
 
-        for e in &snap.connections {
-            let key = &e.key;
-            if let Some(t) = self.open.get_mut(key) {
-                if t.generation == gen {
-                    crate::debug!("duplicate id {key} in one push; the larger counters win");
-                    // duplicate within this snapshot: only let larger counters through
-                    if e.bytes.upload <= t.bytes.upload && e.bytes.download <= t.bytes.download {
-                        continue;
-                    }
-                } else if e.bytes.upload < t.bytes.upload || e.bytes.download < t.bytes.download {
-                    crate::debug!(
-                        "counters of {key} went down (up {} -> {}, down {} -> {}); keeping the larger",
-                        t.bytes.upload,
-                        e.bytes.upload,
-                        t.bytes.download,
-                        e.bytes.download
-                    );
-                }
-                let delta = Bytes {
-                    upload: e.bytes.upload.saturating_sub(t.bytes.upload),
-                    download: e.bytes.download.saturating_sub(t.bytes.download),
-                };
-                t.bytes.upload = t.bytes.upload.max(e.bytes.upload);
-                t.bytes.download = t.bytes.download.max(e.bytes.download);
-                if delta != Bytes::default() {
-                    crate::trace!("traffic {key} +{}/+{}", delta.upload, delta.download);
-                    diff.flows.push(Flow {
-                        // the only copy of the id a known connection costs (see Entry::id)
-                        id: e.id().into_owned(),
-                        totals: t.bytes,
-                        delta,
-                        from_ms: t.last_seen_ms,
-                        // the clock went back: not before the minute already written
-                        to_ms: at_ms.max(t.last_seen_ms),
-                    });
-                }
-                if t.generation != gen {
-                    t.last_seen_ms = t.last_seen_ms.max(at_ms);
-                    t.generation = gen;
-                }
-                continue;
-            }
-            let id = e.id();
-            let id: &str = &id;
-            if let Some((before, closed_ms)) = self.recently_closed.remove(key) {
-                let bytes = Bytes {
-                    upload: before.upload.max(e.bytes.upload),
-                    download: before.download.max(e.bytes.download),
-                };
-                let delta = Bytes {
-                    upload: bytes.upload - before.upload,
-                    download: bytes.download - before.download,
-                };
-                crate::debug!("reopened {id}: it was missing from a snapshot but is back");
-                diff.reopened.push(id.to_string());
-                if delta != Bytes::default() {
-                    diff.flows.push(Flow {
-                        id: id.to_string(),
-                        totals: bytes,
-                        delta,
-                        from_ms: closed_ms,
-                        to_ms: at_ms.max(closed_ms),
-                    });
-                }
-                let tracked = Tracked {
-                    bytes,
-                    last_seen_ms: at_ms.max(closed_ms),
-                    start_ms: closed_ms,
-                    label: "".into(),
-                    generation: gen,
-                };
-                self.open.insert(key.clone(), tracked);
-                continue;
-            }
-            let mut meta = e.meta(at_ms);
-            e.forget_raw();
-            // A connection cannot start after we first see it: a start in our future (our clock went
-            // back, or the core's clock runs ahead of ours) becomes now, so that its bytes and end are
-            // never put before its start, and never piled into one minute ahead of the present.
-            meta.start_ms = meta.start_ms.min(at_ms);
-            if crate::log::enabled(crate::log::Level::Debug) {
-                let dest = if meta.host.is_empty() {
-                    &meta.destination_ip
-                } else {
-                    &meta.host
-                };
-                let rule = if meta.rule_payload.is_empty() {
-                    meta.rule.clone()
-                } else {
-                    format!("{}({})", meta.rule, meta.rule_payload)
-                };
-                crate::debug!(
-                    "opened {} {}:{} -> {}:{} rule {} via {}",
-                    meta.network,
-                    meta.source_ip,
-                    meta.source_port,
-                    dest,
-                    meta.destination_port,
-                    rule,
-                    meta.chains
-                );
-            }
-            // only the debug log names it (memory: nothing per connection otherwise)
-            let label: Box<str> = if !crate::log::enabled(crate::log::Level::Debug) {
-                "".into()
-            } else if meta.host.is_empty() {
-                meta.destination_ip.as_str().into()
-            } else {
-                meta.host.as_str().into()
-            };
-            let tracked = Tracked {
-                bytes: e.bytes,
-                last_seen_ms: at_ms,
-                start_ms: meta.start_ms,
-                label,
-                generation: gen,
-            };
-            if e.bytes != Bytes::default() {
-                diff.flows.push(Flow {
-                    id: id.to_string(),
-                    totals: e.bytes,
-                    delta: e.bytes,
-                    from_ms: meta.start_ms,
-                    to_ms: at_ms,
-                });
-            }
-            diff.opened.push((meta, e.bytes));
-            self.open.insert(key.clone(), tracked);
-            if diff.opened.len() >= max_opened {
-                let mut opened = std::mem::take(&mut diff.opened);
-                // A part may be committed before the rest of the diff: its rows start at zero bytes, and the
-                // flows that follow raise them with their traffic, so that every commit keeps a row's bytes
-                // equal to the sum of its traffic.
-                for (_, bytes) in &mut opened {
-                    *bytes = Bytes::default();
-                }
-                part(ConnectionDiff {
-                    at_ms,
-                    opened,
-                    ..ConnectionDiff::default()
-                });
-            }
+    /// An id closed within [`REOPEN_WINDOW_MS`] is back: it is open again, its bytes continuing from where
+    /// they were.
+    fn reopen(
+        &mut self,
+        e: &Entry,
+        before: Bytes,
+        closed_ms: i64,
+        gen: u64,
+        diff: &mut ConnectionDiff,
+    ) {
+        let at_ms = diff.at_ms;
+        let id = e.id();
+        let bytes = Bytes {
+            upload: before.upload.max(e.bytes.upload),
+            download: before.download.max(e.bytes.download),
+        };
+        let delta = Bytes {
+            upload: bytes.upload - before.upload,
+            download: bytes.download - before.download,
+        };
+        crate::debug!("reopened {id}: it was missing from a snapshot but is back");
+        diff.reopened.push(id.to_string());
+        if delta != Bytes::default() {
+            diff.flows.push(Flow {
+                id: id.to_string(),
+                totals: bytes,
+                delta,
+                from_ms: closed_ms,
+                to_ms: at_ms.max(closed_ms),
+            });
         }
+        let tracked = Tracked {
+            bytes,
+            last_seen_ms: at_ms.max(closed_ms),
+            start_ms: closed_ms,
+            label: "".into(),
+            generation: gen,
+        };
+        self.open.insert(e.key.clone(), tracked);
+    }
 
+    /// A connection never seen before: its metadata decoded (and its raw JSON freed), its bytes so far a
+    /// flow from its start.
+    fn open_new(&mut self, e: &Entry, gen: u64, diff: &mut ConnectionDiff) {
+        let at_ms = diff.at_ms;
+        let id = e.id();
+        let mut meta = e.meta(at_ms);
+        e.forget_raw();
+        // A connection cannot start after we first see it: a start in our future (our clock went
+        // back, or the core's clock runs ahead of ours) becomes now, so that its bytes and end are
+        // never put before its start, and never piled into one minute ahead of the present.
+        meta.start_ms = meta.start_ms.min(at_ms);
+        let debug = crate::log::enabled(crate::log::Level::Debug);
+        if debug {
+            log_opened(&meta);
+        }
+        // only the debug log names it (memory: nothing per connection otherwise)
+        let label: Box<str> = if !debug {
+            "".into()
+        } else if meta.host.is_empty() {
+            meta.destination_ip.as_str().into()
+        } else {
+            meta.host.as_str().into()
+        };
+        let tracked = Tracked {
+            bytes: e.bytes,
+            last_seen_ms: at_ms,
+            start_ms: meta.start_ms,
+            label,
+            generation: gen,
+        };
+        if e.bytes != Bytes::default() {
+            diff.flows.push(Flow {
+                id: id.to_string(),
+                totals: e.bytes,
+                delta: e.bytes,
+                from_ms: meta.start_ms,
+                to_ms: at_ms,
+            });
+        }
+        diff.opened.push((meta, e.bytes));
+        self.open.insert(e.key.clone(), tracked);
+    }
+
+    /// Closes what this push (generation `gen`) did not show: at the push's time, or at its last sight when
+    /// the push is the first after the stream was lost.
+    fn close_missing(&mut self, gen: u64, fresh: bool, diff: &mut ConnectionDiff) {
+        let at_ms = diff.at_ms;
         let missing: Vec<IdKey> = self
             .open
             .iter()
@@ -278,14 +248,9 @@ impl Tracker {
                 } else {
                     at_ms.max(t.last_seen_ms)
                 };
-                self.close(id, t, end_ms, &mut diff);
+                self.close(id, t, end_ms, diff);
             }
         }
-        if self.generation % 64 == 0 {
-            self.recently_closed
-                .retain(|_, (_, closed)| *closed > at_ms - REOPEN_WINDOW_MS);
-        }
-        diff
     }
 
     fn close_all(&mut self, diff: &mut ConnectionDiff) {
@@ -313,6 +278,90 @@ impl Tracker {
         });
         self.recently_closed.insert(key, (t.bytes, end_ms));
     }
+}
+
+impl Tracked {
+    /// An open connection in push `gen`: its byte deltas become a flow (counters that went down are
+    /// ignored); a duplicate id within one push only lets larger counters through.
+    fn seen_again(&mut self, e: &Entry, gen: u64, at_ms: i64, flows: &mut Vec<Flow>) {
+        let key = &e.key;
+        if self.generation == gen {
+            crate::debug!("duplicate id {key} in one push; the larger counters win");
+            if e.bytes.upload <= self.bytes.upload && e.bytes.download <= self.bytes.download {
+                return;
+            }
+        } else if e.bytes.upload < self.bytes.upload || e.bytes.download < self.bytes.download {
+            crate::debug!(
+                "counters of {key} went down (up {} -> {}, down {} -> {}); keeping the larger",
+                self.bytes.upload,
+                e.bytes.upload,
+                self.bytes.download,
+                e.bytes.download
+            );
+        }
+        let delta = Bytes {
+            upload: e.bytes.upload.saturating_sub(self.bytes.upload),
+            download: e.bytes.download.saturating_sub(self.bytes.download),
+        };
+        self.bytes.upload = self.bytes.upload.max(e.bytes.upload);
+        self.bytes.download = self.bytes.download.max(e.bytes.download);
+        if delta != Bytes::default() {
+            crate::trace!("traffic {key} +{}/+{}", delta.upload, delta.download);
+            flows.push(Flow {
+                // the only copy of the id a known connection costs (see Entry::id)
+                id: e.id().into_owned(),
+                totals: self.bytes,
+                delta,
+                from_ms: self.last_seen_ms,
+                // the clock went back: not before the minute already written
+                to_ms: at_ms.max(self.last_seen_ms),
+            });
+        }
+        if self.generation != gen {
+            self.last_seen_ms = self.last_seen_ms.max(at_ms);
+            self.generation = gen;
+        }
+    }
+}
+
+/// Hands the connections opened so far to the caller as a diff of their own.
+fn hand_over_opened(diff: &mut ConnectionDiff, part: &mut dyn FnMut(ConnectionDiff)) {
+    let mut opened = std::mem::take(&mut diff.opened);
+    // A part may be committed before the rest of the diff: its rows start at zero bytes, and the
+    // flows that follow raise them with their traffic, so that every commit keeps a row's bytes
+    // equal to the sum of its traffic.
+    for (_, bytes) in &mut opened {
+        *bytes = Bytes::default();
+    }
+    part(ConnectionDiff {
+        at_ms: diff.at_ms,
+        opened,
+        ..ConnectionDiff::default()
+    });
+}
+
+/// The debug line of a new connection.
+fn log_opened(meta: &ConnMeta) {
+    let dest = if meta.host.is_empty() {
+        &meta.destination_ip
+    } else {
+        &meta.host
+    };
+    let rule = if meta.rule_payload.is_empty() {
+        meta.rule.clone()
+    } else {
+        format!("{}({})", meta.rule, meta.rule_payload)
+    };
+    crate::debug!(
+        "opened {} {}:{} -> {}:{} rule {} via {}",
+        meta.network,
+        meta.source_ip,
+        meta.source_port,
+        dest,
+        meta.destination_port,
+        rule,
+        meta.chains
+    );
 }
 
 /// `1.5 MiB`-style sizes for the log.
