@@ -12,12 +12,11 @@
 
 use crate::error::{Error, Result};
 use crate::mihomo::diff::Tracker;
-use crate::store::WriteCmd;
+use crate::store::{WriteCmd, WriterHandle};
 use std::io::ErrorKind;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,7 +91,7 @@ enum Ended {
 pub fn run(
     cfg: CollectorConfig,
     mut tracker: Tracker,
-    writer: SyncSender<WriteCmd>,
+    writer: WriterHandle,
     stop: Arc<AtomicBool>,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -188,7 +187,7 @@ fn handshake(cfg: &CollectorConfig, stream: TcpStream) -> std::result::Result<Fr
 fn session(
     cfg: &CollectorConfig,
     tracker: &mut Tracker,
-    writer: &SyncSender<WriteCmd>,
+    writer: &WriterHandle,
     stop: &AtomicBool,
     got_frames: &mut bool,
 ) -> Ended {
@@ -285,10 +284,12 @@ fn session(
                 *got_frames = true;
                 let mut writer_gone = false;
                 let diff = tracker.apply_in_parts(&snap, at, OPENED_PART, &mut |part| {
-                    writer_gone |= writer.send(WriteCmd::Diff(part)).is_err();
+                    writer_gone |= writer.send_blocking(WriteCmd::Diff(part)).is_err();
                 });
                 drop(snap);
-                if writer_gone || (!diff.is_empty() && writer.send(WriteCmd::Diff(diff)).is_err()) {
+                if writer_gone
+                    || (!diff.is_empty() && writer.send_blocking(WriteCmd::Diff(diff)).is_err())
+                {
                     crate::error!("collector: writer is gone; stopping");
                     return Ended::Stopped;
                 }

@@ -3,7 +3,9 @@
 
 use mihomo_connections_tracker::api::{self, ApiConfig};
 use mihomo_connections_tracker::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
-use mihomo_connections_tracker::store::{open, Access, WriteCmd, Writer, WriterConfig};
+use mihomo_connections_tracker::store::{
+    open, Access, WriteCmd, Writer, WriterConfig, WriterHandle,
+};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -89,7 +91,7 @@ fn serves_over_http_with_auth_limits_and_clean_stop() {
             devices: None,
             metrics: Default::default(),
         },
-        Some(tx),
+        Some(WriterHandle::new(tx)),
     )
     .unwrap();
     let addr = server.addr();
@@ -225,7 +227,7 @@ fn a_stalled_upload_does_not_hold_the_only_worker() {
             devices: None,
             metrics: Default::default(),
         },
-        Some(tx),
+        Some(WriterHandle::new(tx)),
         Duration::from_millis(200),
     )
     .unwrap();

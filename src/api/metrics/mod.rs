@@ -36,10 +36,9 @@ use super::params::ApiResult;
 use super::stats::Totals;
 use crate::counters::{self as m, Exposition, Kind, MetricsConfig, OTHER};
 use crate::devices::Devices;
-use crate::store::WriteCmd;
+use crate::store::{WriteCmd, WriterHandle};
 use rusqlite::{Connection, OptionalExtension};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::mpsc::SyncSender;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -313,7 +312,7 @@ struct AgentRow {
 
 /// Hands the offsets to the writer when they changed (rarely: after deletions or when the top N changes).
 /// A full queue just means trying again at the next scrape.
-fn persist(inner: &mut Inner, hosts: bool, writer: Option<&SyncSender<WriteCmd>>) {
+fn persist(inner: &mut Inner, hosts: bool, writer: Option<&WriterHandle>) {
     let Some(writer) = writer else { return };
     let mut all: Saved = BTreeMap::new();
     let mut dims = vec![
@@ -357,7 +356,7 @@ pub fn render(
     rollups: bool,
     state: &MetricsState,
     devices: Option<&Devices>,
-    writer: Option<&SyncSender<WriteCmd>>,
+    writer: Option<&WriterHandle>,
     now_ms: i64,
 ) -> ApiResult<String> {
     let cfg = &state.cfg;
