@@ -137,41 +137,41 @@ macro_rules! connection_fields {
             pub const COUNT: usize = [$(stringify!($variant)),*].len();
             /// Every field, in declaration order (`Field::ALL[f as usize] == f`).
             pub const ALL: [Field; Field::COUNT] = [$(Field::$variant),*];
+            /// Each field's [`Field::kind`], by index (for loops over a record's fields).
+            pub const KINDS: [Kind; Field::COUNT] = [$(Kind::$kind),*];
+            /// Each field's [`Field::wire`] name, by index.
+            pub const WIRE: [&'static str; Field::COUNT] = [$($wire),*];
+            /// Each field's [`Field::default_value`], by index.
+            pub const DEFAULTS: [FieldValue<'static>; Field::COUNT] = [$(FieldValue::$kind($default)),*];
+            const COLUMNS: [&'static str; Field::COUNT] = [$($column),*];
+            const MIHOMO: [Mihomo; Field::COUNT] = {
+                use Mihomo::*;
+                [$($mihomo),*]
+            };
 
             /// Its column in table `connections`.
             pub const fn column(self) -> &'static str {
-                match self {
-                    $(Field::$variant => $column),*
-                }
+                Field::COLUMNS[self as usize]
             }
 
             /// Its name in a sync record (`POST /api/v1/sync`, both ways).
             pub const fn wire(self) -> &'static str {
-                match self {
-                    $(Field::$variant => $wire),*
-                }
+                Field::WIRE[self as usize]
             }
 
             /// What it holds.
             pub const fn kind(self) -> Kind {
-                match self {
-                    $(Field::$variant => Kind::$kind),*
-                }
+                Field::KINDS[self as usize]
             }
 
             /// Its value when a sync record does not have it: its column's `DEFAULT`.
             pub const fn default_value(self) -> FieldValue<'static> {
-                match self {
-                    $(Field::$variant => FieldValue::$kind($default)),*
-                }
+                Field::DEFAULTS[self as usize]
             }
 
             /// Where mihomo puts it.
             pub const fn mihomo(self) -> Mihomo {
-                use Mihomo::*;
-                match self {
-                    $(Field::$variant => $mihomo),*
-                }
+                Field::MIHOMO[self as usize]
             }
 
             /// The field of a sync record's key.
@@ -279,104 +279,24 @@ connection_fields! {
     RulePayload       rule_payload       Text ""      "rule_payload"       "rule_payload"       Object;
 }
 
-/// A connection's metadata packed into one allocation: its id and `start_ms`, then each [`Field`] in order
-/// (a text as its `u32` length and bytes, an integer as 8 bytes). What the writer holds of a new connection
-/// until its commit (a start next to 2,500 connections holds them all, and that commit is the largest: about
-/// 4 MB as `ConnMeta`s, 33 strings each, a third of that packed), and what a validated sync record keeps
-/// (one allocation per record, made on the API worker and freed there).
-#[derive(Clone, PartialEq, Eq)]
-pub struct PackedMeta(Box<[u8]>);
-
-impl PackedMeta {
-    /// Packs `id`, `start_ms` and `value` of each field, in one allocation of the exact size.
-    pub fn pack<'a>(
-        id: &str,
-        start_ms: i64,
-        value: impl Fn(Field) -> FieldValue<'a>,
-    ) -> PackedMeta {
-        let size = |v: FieldValue<'_>| match v {
-            FieldValue::Text(t) => 4 + t.len(),
-            FieldValue::Int(_) => 8,
-        };
-        let total = 4 + id.len() + 8 + Field::ALL.iter().map(|&f| size(value(f))).sum::<usize>();
-        let mut out = Vec::with_capacity(total);
-        // (a value longer than 4 GiB cannot come in: frames and request bodies are limited far below)
-        let text = |out: &mut Vec<u8>, t: &str| {
-            out.extend_from_slice(&(t.len() as u32).to_le_bytes());
-            out.extend_from_slice(t.as_bytes());
-        };
-        text(&mut out, id);
-        out.extend_from_slice(&start_ms.to_le_bytes());
-        for f in Field::ALL {
-            match value(f) {
-                FieldValue::Text(t) => text(&mut out, t),
-                FieldValue::Int(i) => out.extend_from_slice(&i.to_le_bytes()),
-            }
-        }
-        debug_assert_eq!(out.len(), total);
-        PackedMeta(out.into_boxed_slice())
-    }
-
-    /// `m`, packed.
-    pub fn from_meta(m: &ConnMeta) -> PackedMeta {
-        PackedMeta::pack(&m.id, m.start_ms, |f| m.value(f))
-    }
-
-    /// The bytes at `at` of a text (`u32` length first), and where the next value starts.
-    fn bytes_at(&self, at: usize) -> (&[u8], usize) {
-        let len = u32::from_le_bytes(self.0[at..at + 4].try_into().unwrap_or_default()) as usize;
-        (&self.0[at + 4..at + 4 + len], at + 4 + len)
-    }
-
-    fn int_at(&self, at: usize) -> i64 {
-        i64::from_le_bytes(self.0[at..at + 8].try_into().unwrap_or_default())
-    }
-
-    pub fn id(&self) -> &str {
-        std::str::from_utf8(self.bytes_at(0).0).unwrap_or_default()
-    }
-
-    pub fn start_ms(&self) -> i64 {
-        self.int_at(self.bytes_at(0).1)
-    }
-
-    /// The fields' values in [`Field`] order, as SQLite takes them (the insert's binds: texts are not checked
-    /// again for UTF-8, they were `str`s when packed).
-    pub fn sql_values(&self) -> impl Iterator<Item = ValueRef<'_>> {
-        let mut at = self.bytes_at(0).1 + 8;
-        Field::ALL.into_iter().map(move |f| match f.kind() {
-            Kind::Text => {
-                let (t, next) = self.bytes_at(at);
-                at = next;
-                ValueRef::Text(t)
-            }
-            Kind::Int => {
-                let i = self.int_at(at);
-                at += 8;
-                ValueRef::Integer(i)
-            }
-        })
-    }
-
+/// A connection's metadata, however it is held: what the merge inserts ([`crate::store::merge`]). Held as
+/// [`ConnMeta`] (the collector's), [`PackedMeta`] (the writer's pending new connections) or [`RecordMeta`]
+/// (a validated sync record).
+pub trait Metadata {
+    fn id(&self) -> &str;
+    fn start_ms(&self) -> i64;
     /// The value of field `f`.
-    pub fn get(&self, f: Field) -> FieldValue<'_> {
-        match self.sql_values().nth(f as usize) {
-            Some(ValueRef::Text(t)) => FieldValue::Text(std::str::from_utf8(t).unwrap_or_default()),
-            Some(ValueRef::Integer(i)) => FieldValue::Int(i),
-            _ => f.default_value(),
-        }
-    }
+    fn get(&self, f: Field) -> FieldValue<'_>;
+    /// Every field's value in [`Field`] order, as SQLite takes it (the insert's binds).
+    fn sql_values(&self) -> impl Iterator<Item = ValueRef<'_>>;
 
     /// Field `f`'s text (`""` for an integer field).
-    pub fn text(&self, f: Field) -> &str {
-        match self.get(f) {
-            FieldValue::Text(t) => t,
-            FieldValue::Int(_) => "",
-        }
+    fn text(&self, f: Field) -> &str {
+        self.get(f).text()
     }
 
-    /// Unpacked (tests, messages).
-    pub fn unpack(&self) -> ConnMeta {
+    /// As a [`ConnMeta`] (tests, messages).
+    fn to_conn_meta(&self) -> ConnMeta {
         let mut m = ConnMeta {
             id: self.id().to_string(),
             start_ms: self.start_ms(),
@@ -392,9 +312,201 @@ impl PackedMeta {
     }
 }
 
+impl Metadata for ConnMeta {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn start_ms(&self) -> i64 {
+        self.start_ms
+    }
+    fn get(&self, f: Field) -> FieldValue<'_> {
+        self.value(f)
+    }
+    fn sql_values(&self) -> impl Iterator<Item = ValueRef<'_>> {
+        Field::ALL.into_iter().map(|f| self.value(f).sql())
+    }
+}
+
+/// Where a text sits in a larger one (byte offsets `start..end`); [`ABSENT`] for no value.
+pub type Span = (u32, u32);
+/// The [`Span`] of a value that is not there.
+pub const ABSENT: Span = (u32::MAX, 0);
+
+/// A validated sync record's metadata: the record's text (every value it sent, escapes resolved) and where
+/// each field is in it, in one allocation made on the API worker, the way the record was parsed (a copy of
+/// the parse buffer and of its spans, nothing rearranged per field). An absent field takes its default.
+#[derive(Clone)]
+pub struct RecordMeta {
+    text: Box<str>,
+    id: Span,
+    start_ms: i64,
+    /// By field: a text field's [`Span`] in `text` (start in the high half), an integer field's value.
+    slots: [u64; Field::COUNT],
+}
+
+impl RecordMeta {
+    /// The metadata in `text`: the id at `id`, text field `f` at `spans[f as usize]` ([`ABSENT`], or none:
+    /// its default), integer field `f` from `ints[f as usize]` (`None`, or none: its default).
+    pub fn new(
+        text: &str,
+        id: Span,
+        start_ms: i64,
+        spans: &[Span],
+        ints: &[Option<i64>],
+    ) -> RecordMeta {
+        let slots = std::array::from_fn(|i| match Field::KINDS[i] {
+            Kind::Text => {
+                let (a, b) = spans.get(i).copied().unwrap_or(ABSENT);
+                (u64::from(a) << 32) | u64::from(b)
+            }
+            Kind::Int => ints
+                .get(i)
+                .copied()
+                .flatten()
+                .unwrap_or(Field::DEFAULTS[i].int()) as u64,
+        });
+        RecordMeta {
+            text: text.into(),
+            id,
+            start_ms,
+            slots,
+        }
+    }
+
+    /// The span of text field `i` (`None`: absent).
+    fn span(&self, i: usize) -> Option<(usize, usize)> {
+        let slot = self.slots[i];
+        let (a, b) = ((slot >> 32) as u32, slot as u32);
+        ((a, b) != ABSENT).then_some((a as usize, b as usize))
+    }
+}
+
+impl Metadata for RecordMeta {
+    fn id(&self) -> &str {
+        self.text
+            .get(self.id.0 as usize..self.id.1 as usize)
+            .unwrap_or_default()
+    }
+    fn start_ms(&self) -> i64 {
+        self.start_ms
+    }
+    fn get(&self, f: Field) -> FieldValue<'_> {
+        let i = f as usize;
+        match (f.kind(), self.span(i)) {
+            (Kind::Int, _) => FieldValue::Int(self.slots[i] as i64),
+            (Kind::Text, None) => Field::DEFAULTS[i],
+            (Kind::Text, Some((a, b))) => FieldValue::Text(self.text.get(a..b).unwrap_or_default()),
+        }
+    }
+    fn sql_values(&self) -> impl Iterator<Item = ValueRef<'_>> {
+        let text = self.text.as_bytes();
+        (0..Field::COUNT).map(move |i| match (Field::KINDS[i], self.span(i)) {
+            (Kind::Int, _) => ValueRef::Integer(self.slots[i] as i64),
+            (Kind::Text, None) => Field::DEFAULTS[i].sql(),
+            (Kind::Text, Some((a, b))) => ValueRef::Text(text.get(a..b).unwrap_or_default()),
+        })
+    }
+}
+
+impl PartialEq for RecordMeta {
+    fn eq(&self, other: &RecordMeta) -> bool {
+        self.id() == other.id()
+            && self.start_ms == other.start_ms
+            && Field::ALL.iter().all(|&f| self.get(f) == other.get(f))
+    }
+}
+
+impl Eq for RecordMeta {}
+
+impl std::fmt::Debug for RecordMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.to_conn_meta().fmt(f)
+    }
+}
+
+/// A connection's metadata packed into one allocation: its id and `start_ms`, then each [`Field`] in order
+/// (a text as its `u32` length and bytes, an integer as 8 bytes). What the writer holds of a new connection
+/// until its commit (a start next to 2,500 connections holds them all, and that commit is the largest: about
+/// 4 MB as `ConnMeta`s, 33 strings each, a third of that packed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PackedMeta(Box<[u8]>);
+
+impl PackedMeta {
+    /// `m`, packed in one allocation of the exact size.
+    pub fn new(m: &ConnMeta) -> PackedMeta {
+        let size = |v: FieldValue<'_>| match v {
+            FieldValue::Text(t) => 4 + t.len(),
+            FieldValue::Int(_) => 8,
+        };
+        let total =
+            4 + m.id.len() + 8 + Field::ALL.iter().map(|&f| size(m.value(f))).sum::<usize>();
+        let mut out = Vec::with_capacity(total);
+        // (a value longer than 4 GiB cannot come in: frames and request bodies are limited far below)
+        let text = |out: &mut Vec<u8>, t: &str| {
+            out.extend_from_slice(&(t.len() as u32).to_le_bytes());
+            out.extend_from_slice(t.as_bytes());
+        };
+        text(&mut out, &m.id);
+        out.extend_from_slice(&m.start_ms.to_le_bytes());
+        for f in Field::ALL {
+            match m.value(f) {
+                FieldValue::Text(t) => text(&mut out, t),
+                FieldValue::Int(i) => out.extend_from_slice(&i.to_le_bytes()),
+            }
+        }
+        debug_assert_eq!(out.len(), total);
+        PackedMeta(out.into_boxed_slice())
+    }
+
+    /// The bytes at `at` of a text (`u32` length first), and where the next value starts.
+    fn bytes_at(&self, at: usize) -> (&[u8], usize) {
+        let len = u32::from_le_bytes(self.0[at..at + 4].try_into().unwrap_or_default()) as usize;
+        (&self.0[at + 4..at + 4 + len], at + 4 + len)
+    }
+
+    fn int_at(&self, at: usize) -> i64 {
+        i64::from_le_bytes(self.0[at..at + 8].try_into().unwrap_or_default())
+    }
+}
+
+impl Metadata for PackedMeta {
+    fn id(&self) -> &str {
+        std::str::from_utf8(self.bytes_at(0).0).unwrap_or_default()
+    }
+
+    fn start_ms(&self) -> i64 {
+        self.int_at(self.bytes_at(0).1)
+    }
+
+    fn get(&self, f: Field) -> FieldValue<'_> {
+        match self.sql_values().nth(f as usize) {
+            Some(ValueRef::Text(t)) => FieldValue::Text(std::str::from_utf8(t).unwrap_or_default()),
+            Some(ValueRef::Integer(i)) => FieldValue::Int(i),
+            _ => f.default_value(),
+        }
+    }
+
+    /// (texts are not checked again for UTF-8: they were `str`s when packed)
+    fn sql_values(&self) -> impl Iterator<Item = ValueRef<'_>> {
+        let mut at = self.bytes_at(0).1 + 8;
+        Field::ALL.into_iter().map(move |f| match f.kind() {
+            Kind::Text => {
+                let (t, next) = self.bytes_at(at);
+                at = next;
+                ValueRef::Text(t)
+            }
+            Kind::Int => {
+                let i = self.int_at(at);
+                at += 8;
+                ValueRef::Integer(i)
+            }
+        })
+    }
+}
+
 impl std::fmt::Debug for PackedMeta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.unpack().fmt(f)
+        self.to_conn_meta().fmt(f)
     }
 }
 
@@ -482,14 +594,14 @@ mod tests {
     #[test]
     fn packed_meta_gives_back_every_value() {
         for m in [full(), ConnMeta::default()] {
-            let p = PackedMeta::from_meta(&m);
+            let p = PackedMeta::new(&m);
             assert_eq!((p.id(), p.start_ms()), (m.id.as_str(), m.start_ms));
             let want: Vec<ValueRef<'_>> = Field::ALL.iter().map(|&f| m.value(f).sql()).collect();
             assert_eq!(p.sql_values().collect::<Vec<_>>(), want);
             for f in Field::ALL {
                 assert_eq!(p.get(f), m.value(f), "{f:?}");
             }
-            assert_eq!(p.unpack(), m);
+            assert_eq!(p.to_conn_meta(), m);
             // the exact size: nothing to shrink (no reallocation) and nothing wasted
             let texts: usize = Field::ALL
                 .iter()
@@ -497,6 +609,34 @@ mod tests {
                 .sum();
             assert!(p.0.len() <= 4 + m.id.len() + 8 + texts + 8 * Field::COUNT);
         }
+    }
+
+    #[test]
+    fn record_meta_reads_its_spans_and_defaults() {
+        let text = "idhosté";
+        let mut spans = [ABSENT; Field::COUNT];
+        spans[Field::Host as usize] = (2, 8);
+        let mut ints = [None; Field::COUNT];
+        ints[Field::Dscp as usize] = Some(-7);
+        let r = RecordMeta::new(text, (0, 2), 5, &spans, &ints);
+        let want = ConnMeta {
+            id: "id".into(),
+            start_ms: 5,
+            host: "hosté".into(),
+            dscp: -7,
+            source_geoip: "null".into(),
+            destination_geoip: "null".into(),
+            chains: "[]".into(),
+            provider_chains: "[]".into(),
+            ..ConnMeta::default()
+        };
+        assert_eq!(r.to_conn_meta(), want);
+        assert_eq!(
+            r.sql_values().collect::<Vec<_>>(),
+            want.sql_values().collect::<Vec<_>>()
+        );
+        assert_eq!(r, RecordMeta::new(text, (0, 2), 5, &spans, &ints));
+        assert_ne!(r, RecordMeta::new(text, (0, 2), 6, &spans, &ints));
     }
 
     #[test]

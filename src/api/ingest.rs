@@ -27,7 +27,7 @@
 //!   (the agent's `traffic` rows that changed since it last delivered this connection).
 
 use crate::error::Result;
-use crate::model::{Bytes, Field, FieldValue, Kind, PackedMeta};
+use crate::model::{Bytes, Field, Kind, RecordMeta, Span, ABSENT};
 use crate::store::merge::{merge_batch, IngestBatch, IngestRow};
 use crate::store::writer::is_storage_error;
 use crate::store::WriterHandle;
@@ -45,11 +45,6 @@ static STORAGE_FAILING: AtomicBool = AtomicBool::new(false);
 
 /// How long a sync request waits for the writer before answering `503`.
 pub const WRITER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Where a text field's value sits in its record's text (byte offsets `start..end`); [`ABSENT`] when the field
-/// was missing or `null`.
-type Span = (u32, u32);
-const ABSENT: Span = (u32::MAX, 0);
 
 /// Indexes of a record's fields (and of its spans): its own fields, then the metadata fields (in [`Field`]
 /// order, from [`f::META`]), then `traffic`.
@@ -308,7 +303,7 @@ impl<'de> Visitor<'de> for &mut RecordSeed {
         loop {
             let hint = self.order.get(k).map(|&h| h as usize);
             let key = map.next_key_seed(KeySeed(|name: &str| match hint {
-                Some(h) if h < f::COUNT && field_name(h) == name => Some(h),
+                Some(h) if RECORD_NAMES.get(h).is_some_and(|n| *n == name) => Some(h),
                 _ => record_field(name),
             }))?;
             let Some(key) = key else { break };
@@ -323,14 +318,15 @@ impl<'de> Visitor<'de> for &mut RecordSeed {
                 continue;
             };
             if seen & (1 << i) != 0 {
-                return Err(de::Error::duplicate_field(field_name(i)));
+                return Err(de::Error::duplicate_field(RECORD_NAMES[i]));
             }
             seen |= 1 << i;
-            match (i, meta_field(i)) {
+            match (i, RECORD_EXPECT[i]) {
                 (f::DOWNLOAD, _) => r.download = map.next_value()?,
                 (f::UPLOAD, _) => r.upload = map.next_value()?,
                 (f::TRAFFIC, _) => r.traffic = map.next_value()?,
-                (_, Some(m)) if m.kind() == Kind::Int => r.ints[m as usize] = map.next_value()?,
+                // (the integer metadata fields)
+                (_, Expect::Int) => r.ints[i - f::META] = map.next_value()?,
                 _ => r.spans[i] = map.next_value_seed(TextSeed(&mut r.text))?,
             }
         }
@@ -359,38 +355,42 @@ const OWN_FIELDS: [(&str, Expect); f::META] = [
     ("end", Expect::Str),
 ];
 
-/// The metadata field at record index `i`.
-fn meta_field(i: usize) -> Option<Field> {
-    i.checked_sub(f::META)
-        .and_then(|m| Field::ALL.get(m).copied())
-}
-
-/// The wire name of record field `i` (< [`f::COUNT`]).
-fn field_name(i: usize) -> &'static str {
-    match meta_field(i) {
-        Some(m) => m.wire(),
-        None if i == f::TRAFFIC => "traffic",
-        None => OWN_FIELDS[i].0,
+/// Every record field's wire name, by index ([`f`]): the record's own, the metadata fields', `traffic`.
+const RECORD_NAMES: [&str; f::COUNT] = {
+    let mut names = [""; f::COUNT];
+    let mut i = 0;
+    while i < f::COUNT {
+        names[i] = match i {
+            f::TRAFFIC => "traffic",
+            _ if i >= f::META => Field::WIRE[i - f::META],
+            _ => OWN_FIELDS[i].0,
+        };
+        i += 1;
     }
-}
+    names
+};
 
-/// What record field `i` must be.
-fn field_expect(i: usize) -> Expect {
-    match meta_field(i) {
-        Some(m) if m.kind() == Kind::Int => Expect::Int,
-        Some(_) => Expect::Str,
-        None if i == f::TRAFFIC => Expect::Traffic,
-        None => OWN_FIELDS[i].1,
+/// What each record field must be, by index.
+const RECORD_EXPECT: [Expect; f::COUNT] = {
+    let mut expect = [Expect::Str; f::COUNT];
+    let mut i = 0;
+    while i < f::COUNT {
+        expect[i] = match i {
+            f::TRAFFIC => Expect::Traffic,
+            _ if i >= f::META => match Field::KINDS[i - f::META] {
+                Kind::Int => Expect::Int,
+                Kind::Text => Expect::Str,
+            },
+            _ => OWN_FIELDS[i].1,
+        };
+        i += 1;
     }
-}
+    expect
+};
 
 /// The record field named `name` (`None`: unknown, ignored).
 fn record_field(name: &str) -> Option<usize> {
-    match OWN_FIELDS.iter().position(|(n, _)| *n == name) {
-        Some(i) => Some(i),
-        None if name == "traffic" => Some(f::TRAFFIC),
-        None => Field::by_wire(name).map(f::meta),
-    }
+    RECORD_NAMES.iter().position(|n| *n == name)
 }
 
 /// Answers `POST /api/v1/sync`: `Ok` is the envelope's `data` (`{"count": N, "message": "..."}`), `Err` is the
@@ -635,13 +635,13 @@ fn validate_record(i: usize, r: &mut WireRecord) -> std::result::Result<IngestRo
     };
     fill_chain_ends(i, r)?;
     let traffic = validate_traffic(i, r.traffic.take())?;
-    let id = r.get(f::ID).unwrap_or_default();
-    let meta = PackedMeta::pack(id, start_ms, |m| match m.kind() {
-        Kind::Int => r.ints[m as usize].map_or(m.default_value(), FieldValue::Int),
-        Kind::Text => r
-            .get(f::meta(m))
-            .map_or(m.default_value(), FieldValue::Text),
-    });
+    let meta = RecordMeta::new(
+        &r.text,
+        r.spans[f::ID],
+        start_ms,
+        &r.spans[f::META..f::TRAFFIC],
+        &r.ints,
+    );
     Ok(IngestRow {
         agent_id,
         meta,
@@ -731,7 +731,7 @@ fn explain_shape_error(body: &[u8]) -> Option<String> {
             return Some(format!("connections[{i}]: expected an object"));
         };
         for field in 0..f::COUNT {
-            let (name, kind) = (field_name(field), field_expect(field));
+            let (name, kind) = (RECORD_NAMES[field], RECORD_EXPECT[field]);
             let Some(v) = rec.get(name) else { continue };
             if v.is_null() {
                 continue;
@@ -780,7 +780,7 @@ fn explain_traffic(i: usize, v: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ConnMeta;
+    use crate::model::{ConnMeta, Metadata};
     use crate::store::merge::apply_batch;
     use rusqlite::Connection;
 
@@ -928,7 +928,7 @@ mod tests {
             {"id":"c3","last_updated":"2026-01-01T00:01:00Z","agent_id":"other","chains":"[\"solo\"]"}
         ],"agent_id":"r1","unknown":[{"id":5}]}"#;
         let b = parse_batch(body).unwrap();
-        let v: Vec<ConnMeta> = b.rows.iter().map(|r| r.meta.unpack()).collect();
+        let v: Vec<ConnMeta> = b.rows.iter().map(|r| r.meta.to_conn_meta()).collect();
         assert_eq!((v[0].id.as_str(), v[0].host.as_str()), ("c1", "a\"bé"));
         assert_eq!((v[0].policy.as_str(), v[0].node.as_str()), ("P\"x", "Né"));
         assert_eq!(v[0].chains.as_str(), r#"["P\"x","mid","Né"]"#);

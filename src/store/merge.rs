@@ -31,7 +31,7 @@
 //! (or at once for a row that cannot have the bucket yet).
 
 use crate::error::{Error, Result};
-use crate::model::{Bytes, ConnMeta, Field, PackedMeta};
+use crate::model::{Bytes, ConnMeta, Field, Metadata, RecordMeta};
 use crate::store::rollup::{host_key, RollupDelta};
 use crate::timefmt::{DAY_MS, MINUTE_MS};
 use rusqlite::types::ToSqlOutput;
@@ -41,7 +41,7 @@ use rusqlite::{params, Connection, OptionalExtension, Statement};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IngestRow {
     pub agent_id: String,
-    pub meta: PackedMeta,
+    pub meta: RecordMeta,
     pub end_ms: Option<i64>,
     pub last_updated_ms: i64,
     pub totals: Bytes,
@@ -71,7 +71,7 @@ pub struct Row {
 
 impl Row {
     /// The row [`Merge::insert`] just wrote as `pk`.
-    pub fn inserted(pk: i64, meta: &PackedMeta, seen: &Seen) -> Row {
+    pub fn inserted(pk: i64, meta: &impl Metadata, seen: &Seen) -> Row {
         Row {
             pk,
             start_ms: meta.start_ms(),
@@ -124,7 +124,7 @@ pub fn clamp(v: u64) -> i64 {
 }
 
 /// The rollups' host key of a connection ([`host_key`]).
-fn meta_host_key(meta: &PackedMeta) -> &str {
+fn meta_host_key(meta: &impl Metadata) -> &str {
     host_key(meta.text(Field::Host), meta.text(Field::DestinationIp))
 }
 
@@ -134,6 +134,20 @@ fn placeholders(n: usize) -> String {
         .map(|i| format!("?{i}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The update of a row's totals and `last_updated` (`?1` its pk, `?2`..`?4`), its `seq` (`?5`) only in a
+/// writer's commit and its `end_ms` (`?6`) only when `end` changes: SQLite maintains every index whose
+/// columns (or partial-index condition) an `UPDATE` names, changed or not (`connections_seq`,
+/// `connections_open`). `max()` again in SQL: a row changed behind the writer's cache (another agent
+/// syncing under the same id) is never lowered.
+fn update_sql(seq: Option<i64>, end: bool) -> String {
+    format!(
+        "UPDATE connections SET upload = max(upload, ?2), download = max(download, ?3),
+            last_updated_ms = max(last_updated_ms, ?4){}{} WHERE pk = ?1",
+        if seq.is_some() { ", seq = ?5" } else { "" },
+        if end { ", end_ms = ?6" } else { "" },
+    )
 }
 
 /// The columns [`Merge::insert`] binds before the metadata.
@@ -150,7 +164,9 @@ pub struct Merge<'c> {
     rollup: RollupDelta,
     find: Statement<'c>,
     insert: Statement<'c>,
+    /// Raises a row's totals and `last_updated` ([`update_sql`]); `update_end` also sets its end.
     update: Statement<'c>,
+    update_end: Statement<'c>,
     bucket_find: Statement<'c>,
     bucket_insert: Statement<'c>,
     bucket_set: Statement<'c>,
@@ -180,14 +196,8 @@ impl<'c> Merge<'c> {
                 ),
                 "prepare connection insert",
             )?,
-            // `max()` again in SQL: a row changed behind the writer's cache (another agent syncing under the
-            // same id) is never lowered
-            update: p(
-                "UPDATE connections SET upload = max(upload, ?2), download = max(download, ?3),
-                    last_updated_ms = max(last_updated_ms, ?4), end_ms = ?5, seq = coalesce(?6, seq)
-                 WHERE pk = ?1",
-                "prepare connection update",
-            )?,
+            update: p(&update_sql(seq, false), "prepare connection update")?,
+            update_end: p(&update_sql(seq, true), "prepare connection update")?,
             bucket_find: p(
                 "SELECT upload, download FROM traffic WHERE conn = ?1 AND minute = ?2",
                 "prepare traffic lookup",
@@ -238,7 +248,12 @@ impl<'c> Merge<'c> {
     /// Inserts connection `meta` of `agent` as `seen` unless `(agent, id)` is stored already. The new row's
     /// pk ([`Row::inserted`] is the row), or `None` when it was there: nothing was written, and the caller
     /// merges into it ([`Merge::find`], [`Merge::update`]).
-    pub fn insert(&mut self, agent: &str, meta: &PackedMeta, seen: &Seen) -> Result<Option<i64>> {
+    pub fn insert(
+        &mut self,
+        agent: &str,
+        meta: &impl Metadata,
+        seen: &Seen,
+    ) -> Result<Option<i64>> {
         let (up, down) = (clamp(seen.totals.upload), clamp(seen.totals.download));
         let st = &mut self.insert;
         let bind = |st: &mut Statement<'_>| -> rusqlite::Result<usize> {
@@ -293,9 +308,23 @@ impl<'c> Merge<'c> {
         );
         let old = (row.upload, row.download, row.last_updated_ms, row.end_ms);
         if (up, down, last, end) != old || self.seq.is_some() {
-            self.update
-                .execute(params![row.pk, up, down, last, end, self.seq])
-                .map_err(|e| Error::Db(format!("update connection {}", row.pk), e))?;
+            let st = match end == row.end_ms {
+                true => &mut self.update,
+                false => &mut self.update_end,
+            };
+            let bind = |st: &mut Statement<'_>| -> rusqlite::Result<usize> {
+                for (i, v) in [row.pk, up, down, last].into_iter().enumerate() {
+                    st.raw_bind_parameter(i + 1, v)?;
+                }
+                if let Some(seq) = self.seq {
+                    st.raw_bind_parameter(5, seq)?;
+                }
+                if end != row.end_ms {
+                    st.raw_bind_parameter(6, end)?;
+                }
+                st.raw_execute()
+            };
+            bind(st).map_err(|e| Error::Db(format!("update connection {}", row.pk), e))?;
         }
         (row.upload, row.download, row.last_updated_ms, row.end_ms) = (up, down, last, end);
         Ok(())
@@ -545,6 +574,32 @@ mod tests {
         assert_eq!(End::Merge(Some(7)).apply(Some(5)), Some(7));
         assert_eq!(End::Merge(Some(7)).apply(None), Some(7));
         assert_eq!(End::Merge(None).apply(None), None);
+    }
+
+    #[test]
+    fn an_inserted_row_is_grouped_by_host_or_destination() {
+        let meta = |host: &str| {
+            crate::model::PackedMeta::new(&ConnMeta {
+                id: "c".into(),
+                start_ms: 7,
+                host: host.into(),
+                destination_ip: "203.0.113.9".into(),
+                ..ConnMeta::default()
+            })
+        };
+        let seen = Seen {
+            totals: b(u64::MAX, 2),
+            last_updated_ms: 9,
+            end: End::Close(9),
+        };
+        let row = Row::inserted(3, &meta("example.org"), &seen);
+        assert_eq!(
+            (row.pk, row.start_ms, &*row.host_key),
+            (3, 7, "example.org")
+        );
+        assert_eq!((row.upload, row.download), (i64::MAX, 2));
+        assert_eq!((row.last_updated_ms, row.end_ms), (9, Some(9)));
+        assert_eq!(&*Row::inserted(3, &meta(""), &seen).host_key, "203.0.113.9");
     }
 
     #[test]

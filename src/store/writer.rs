@@ -6,7 +6,8 @@
 //! collector: back-pressure instead of unbounded memory. Other work (a master's sync batches, retention, the
 //! agent's sync cursor) arrives as [`WriteCmd::Run`] closures, run after pending diffs are committed, so
 //! every closure sees all earlier writes. When every sender is gone the writer commits what it holds and
-//! returns: nothing received is lost on a clean stop.
+//! returns: nothing received is lost on a clean stop. Every other thread reaches the writer through a
+//! [`WriterHandle`]; what a commit does to the rows is [`crate::store::merge`]'s.
 //!
 //! A database that cannot be written (disk full, I/O errors) is not fatal: the batch stays in memory and is
 //! retried with backoff (0.5 s doubling to 30 s), logged once when it starts failing and once when it
@@ -14,7 +15,7 @@
 //! dropped (the newest data is kept), logged and counted (`metrics::DROPPED`).
 
 use crate::error::{Error, Result};
-use crate::model::{Bytes, Closed, ConnectionDiff, Flow, PackedMeta};
+use crate::model::{Bytes, Closed, ConnectionDiff, Flow, Metadata, PackedMeta};
 use crate::store::merge::{spread_each, End, Merge, Row, Seen};
 use rusqlite::{params, Connection};
 use std::collections::{HashMap, HashSet};
@@ -230,7 +231,7 @@ impl Pending {
             diff.opened.len() + diff.reopened.len() + diff.flows.len() + diff.closed.len();
         self.opened.reserve(diff.opened.len());
         for (meta, bytes) in diff.opened {
-            self.opened.push((PackedMeta::from_meta(&meta), bytes, at));
+            self.opened.push((PackedMeta::new(&meta), bytes, at));
         }
         if !diff.reopened.is_empty() && !self.closed.is_empty() {
             // Closed by an earlier diff and back in this one, both before the commit: the commit applies
