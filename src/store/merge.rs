@@ -119,7 +119,7 @@ impl End {
 }
 
 /// Bytes as the columns hold them.
-pub fn clamp(v: u64) -> i64 {
+fn clamp(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
 
