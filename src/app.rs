@@ -10,12 +10,11 @@ use crate::error::{Error, Result};
 use crate::mihomo::collector::CollectorConfig;
 use crate::mihomo::diff::Tracker;
 use crate::retention::RetentionPolicy;
-use crate::store::{self, Access, WriteCmd, Writer, WriterConfig};
+use crate::store::{self, Access, Writer, WriterConfig, WriterHandle};
 use crate::sync::SyncConfig;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -31,7 +30,7 @@ pub struct Running {
     stop: Arc<AtomicBool>,
     producers: Vec<(&'static str, JoinHandle<()>)>,
     stoppers: Vec<Box<dyn FnOnce() + Send>>,
-    writer_tx: Option<SyncSender<WriteCmd>>,
+    writer_tx: Option<WriterHandle>,
     writer: Option<JoinHandle<Result<()>>>,
     /// A master's WAL checkpointer (`store::checkpoint`), stopped after the writer.
     checkpointer: Option<store::checkpoint::Checkpointer>,
@@ -97,11 +96,7 @@ impl Running {
             true => Some(store::checkpoint::Checkpointer::spawn(db)?),
             false => None,
         };
-        let (tx, rx) = sync_channel(WRITER_QUEUE);
-        let handle = std::thread::Builder::new()
-            .name("writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(Error::io("spawn thread writer"))?;
+        let (tx, handle) = writer.spawn(WRITER_QUEUE)?;
         let running = Running {
             stop: Arc::new(AtomicBool::new(false)),
             producers: Vec::new(),
@@ -135,19 +130,14 @@ impl Running {
         Ok(())
     }
 
-    /// A sender into the writer (for tests and for threads started later).
-    pub fn writer(&self) -> Result<SyncSender<WriteCmd>> {
+    /// A handle on the writer (for tests and for threads started later).
+    pub fn writer(&self) -> Result<WriterHandle> {
         self.writer_tx.clone().ok_or(Error::Stopped("writer"))
     }
 
     /// Commits everything the writer holds, and waits for it (tests use this to wait on an event).
     pub fn flush(&self) -> Result<()> {
-        let (tx, rx) = sync_channel(1);
-        self.writer()?
-            .send(WriteCmd::Flush(tx))
-            .map_err(|_| Error::Stopped("writer"))?;
-        rx.recv_timeout(Duration::from_secs(30))
-            .map_err(|_| Error::Stopped("writer"))
+        self.writer()?.flush(Duration::from_secs(30))
     }
 
     /// Where the HTTP API listens (with the real port when port 0 was asked).

@@ -28,6 +28,9 @@ pub enum Error {
     Http(String),
     /// A thread or channel went away unexpectedly.
     Stopped(&'static str),
+    /// A blocking call ran out of time (the writer's queue stayed full, or it did not answer); the message
+    /// names what did not answer.
+    Timeout(String),
 }
 
 /// Shorthand used throughout the crate.
@@ -68,6 +71,7 @@ impl fmt::Display for Error {
             Error::Sync(m) => write!(f, "sync: {m}"),
             Error::Http(m) => write!(f, "http: {m}"),
             Error::Stopped(what) => write!(f, "{what} stopped unexpectedly"),
+            Error::Timeout(m) => write!(f, "{m}"),
         }
     }
 }

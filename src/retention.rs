@@ -18,16 +18,15 @@
 //! and a full `VACUUM` rewrites the whole file and needs as much free space again: too much for a router's
 //! flash, so we do not run it. Expect the file to settle at about the cap plus the WAL.
 //!
-//! Each [`WriteCmd::Run`] deletes at most [`CHUNK_ROWS`] rows in its own transaction, so the collector's
+//! Each [`WriterHandle::call`] deletes at most [`CHUNK_ROWS`] rows in its own transaction, so the collector's
 //! commits interleave with a large clean-up instead of waiting for it.
 
 use crate::error::{Error, Result};
 use crate::store::rollup::delete_connections;
 use crate::store::schema::start_minute;
-use crate::store::WriteCmd;
+use crate::store::WriterHandle;
 use rusqlite::{params, Connection};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -195,7 +194,7 @@ pub fn apply_chunk(
 pub fn spawn_retention(
     policy: RetentionPolicy,
     every: Duration,
-    writer: SyncSender<WriteCmd>,
+    writer: WriterHandle,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     let body = move || {
@@ -205,8 +204,7 @@ pub fn spawn_retention(
             let mut total = RetentionReport::default();
             loop {
                 let p = policy.clone();
-                let r = crate::sync::call_writer(
-                    &writer,
+                let r = writer.call(
                     move |c| apply_chunk(c, &p, crate::timefmt::now_ms(), CHUNK_ROWS),
                     Duration::from_secs(120),
                 );

@@ -1028,33 +1028,13 @@ mod tests {
             .collect()
     }
 
-    const META_KEYS: &[&str] = &[
-        "network",
-        "type",
-        "sourceIP",
-        "destinationIP",
-        "sourceGeoIP",
-        "destinationGeoIP",
-        "sourceIPASN",
-        "destinationIPASN",
-        "sourcePort",
-        "destinationPort",
-        "inboundIP",
-        "inboundPort",
-        "inboundName",
-        "inboundUser",
-        "rematchName",
-        "host",
-        "dnsMode",
-        "uid",
-        "process",
-        "processPath",
-        "specialProxy",
-        "specialRules",
-        "remoteDestination",
-        "dscp",
-        "sniffHost",
-    ];
+    /// The keys of mihomo's `metadata`: those the tracker reads ([`crate::model::Field::mihomo`]).
+    fn meta_keys() -> Vec<&'static str> {
+        crate::model::Field::ALL
+            .iter()
+            .filter_map(|f| f.mihomo().metadata_key())
+            .collect()
+    }
 
     #[test]
     fn frame_has_mihomo_shape() {
@@ -1076,9 +1056,10 @@ mod tests {
             let id = c["id"].as_str().unwrap();
             assert_eq!(id.len(), 36, "{id}");
             let md = c["metadata"].as_object().unwrap();
-            assert_eq!(md.len(), META_KEYS.len());
-            for k in META_KEYS {
-                assert!(md.contains_key(*k), "missing metadata key {k}");
+            let keys = meta_keys();
+            assert_eq!(md.len(), keys.len());
+            for k in keys {
+                assert!(md.contains_key(k), "missing metadata key {k}");
             }
             for k in ["sourcePort", "destinationPort", "inboundPort"] {
                 assert!(

@@ -32,13 +32,12 @@
 
 use crate::error::{Error, Result};
 use crate::model::ConnMeta;
-use crate::store::{Access, WriteCmd};
+use crate::store::{Access, WriterHandle};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -156,51 +155,6 @@ impl SyncStatus {
         }
         self.set_state(state) != state
     }
-}
-
-/// Runs `f` on the writer thread and waits for its result, at most `timeout` in all (waiting for room in the
-/// channel included). Errors when the writer is gone or too slow; `f` may still run later in that case.
-pub fn call_writer<T: Send + 'static>(
-    writer: &SyncSender<WriteCmd>,
-    f: impl FnOnce(&mut Connection) -> T + Send + 'static,
-    timeout: Duration,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    let (tx, rx) = sync_channel(1);
-    let cmd = WriteCmd::Run(Box::new(move |conn| {
-        let _ = tx.send(f(conn));
-    }));
-    send_to_writer(writer, cmd, deadline)?;
-    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        .map_err(|e| match e {
-            std::sync::mpsc::RecvTimeoutError::Timeout => {
-                Error::Sync("writer did not answer in time".into())
-            }
-            std::sync::mpsc::RecvTimeoutError::Disconnected => Error::Stopped("writer"),
-        })
-}
-
-/// Queues `cmd` for the writer, waiting for room until `deadline`.
-pub fn send_to_writer(
-    writer: &SyncSender<WriteCmd>,
-    mut cmd: WriteCmd,
-    deadline: Instant,
-) -> Result<()> {
-    loop {
-        match writer.try_send(cmd) {
-            Ok(()) => break,
-            Err(TrySendError::Full(c)) => {
-                if Instant::now() >= deadline {
-                    return Err(Error::Sync("writer queue full; timed out".into()));
-                }
-                cmd = c;
-                // The writer drains in milliseconds; a short pause keeps this from spinning.
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(TrySendError::Disconnected(_)) => return Err(Error::Stopped("writer")),
-        }
-    }
-    Ok(())
 }
 
 /// The sync endpoint for a `--master-url`: accepts `http://h:p`, `http://h:p/`, `http://h:p/api/v1[/]` and
@@ -463,7 +417,7 @@ fn wait(stop: &AtomicBool, d: Duration) -> bool {
 pub fn spawn(
     cfg: SyncConfig,
     db_path: PathBuf,
-    writer: SyncSender<WriteCmd>,
+    writer: WriterHandle,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>> {
     spawn_with_status(cfg, db_path, writer, stop, Arc::new(SyncStatus::default()))
@@ -474,7 +428,7 @@ pub fn spawn(
 pub fn spawn_with_status(
     cfg: SyncConfig,
     db_path: PathBuf,
-    writer: SyncSender<WriteCmd>,
+    writer: WriterHandle,
     stop: Arc<AtomicBool>,
     status: Arc<SyncStatus>,
 ) -> Result<std::thread::JoinHandle<()>> {
@@ -492,7 +446,7 @@ fn run(
     url: String,
     conn: Connection,
     cursor: (i64, i64),
-    writer: SyncSender<WriteCmd>,
+    writer: WriterHandle,
     stop: Arc<AtomicBool>,
     status: Arc<SyncStatus>,
 ) {
@@ -520,7 +474,7 @@ struct Pusher {
     url: String,
     conn: Connection,
     agent: ureq::Agent,
-    writer: SyncSender<WriteCmd>,
+    writer: WriterHandle,
     status: Arc<SyncStatus>,
     cursor: (i64, i64),
     /// Rows asked for: halved on each 413, doubled back (up to `batch_rows`) on each accepted batch.
@@ -535,7 +489,7 @@ impl Pusher {
         url: String,
         conn: Connection,
         cursor: (i64, i64),
-        writer: SyncSender<WriteCmd>,
+        writer: WriterHandle,
         status: Arc<SyncStatus>,
     ) -> Pusher {
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -627,7 +581,9 @@ impl Pusher {
     fn accepted(&mut self, batch: &Batch) -> Duration {
         if !batch.records.is_empty() {
             let new = batch.end;
-            if let Err(e) = call_writer(&self.writer, move |c| store_cursor(c, new), WRITER_TIMEOUT)
+            if let Err(e) = self
+                .writer
+                .call(move |c| store_cursor(c, new), WRITER_TIMEOUT)
             {
                 // The master has the rows; a cursor stored late only means a harmless resend
                 // after a restart.
@@ -670,7 +626,7 @@ impl Pusher {
 mod tests {
     use super::*;
     use crate::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
-    use crate::store::{Writer, WriterConfig};
+    use crate::store::{WriteCmd, Writer, WriterConfig};
 
     #[test]
     fn endpoint_accepts_common_spellings() {
@@ -751,15 +707,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.db");
         let wconn = crate::store::open(&path, Access::Write).unwrap();
-        let (tx, rx) = std::sync::mpsc::sync_channel(16);
         let writer = Writer::new(wconn, WriterConfig::default()).unwrap();
-        let h = std::thread::spawn(move || writer.run(rx));
-        let flush = |tx: &SyncSender<WriteCmd>| {
-            let (ftx, frx) = sync_channel(1);
-            tx.send(WriteCmd::Flush(ftx)).unwrap();
-            frx.recv_timeout(Duration::from_secs(10)).unwrap();
-        };
-        tx.send(WriteCmd::Diff(ConnectionDiff {
+        let (tx, h) = writer.spawn(16).unwrap();
+        let flush = |tx: &WriterHandle| tx.flush(Duration::from_secs(10)).unwrap();
+        tx.send_blocking(WriteCmd::Diff(ConnectionDiff {
             at_ms: 120_000,
             opened: vec![(meta("C"), Bytes::default())],
             flows: vec![flow("C", 500, 60_000, 120_000, 500)],
@@ -767,14 +718,14 @@ mod tests {
         }))
         .unwrap();
         flush(&tx);
-        tx.send(WriteCmd::Diff(ConnectionDiff {
+        tx.send_blocking(WriteCmd::Diff(ConnectionDiff {
             at_ms: 130_000,
             opened: vec![(meta("A"), Bytes::default()), (meta("B"), Bytes::default())],
             ..Default::default()
         }))
         .unwrap();
         flush(&tx);
-        tx.send(WriteCmd::Diff(ConnectionDiff {
+        tx.send_blocking(WriteCmd::Diff(ConnectionDiff {
             at_ms: 140_000,
             closed: vec![Closed {
                 id: "C".into(),

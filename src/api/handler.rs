@@ -6,10 +6,9 @@
 
 use super::params::{ApiError, Format, Params};
 use super::table::{self, Answer};
-use crate::store::WriteCmd;
+use crate::store::WriterHandle;
 use rusqlite::Connection;
 use serde_json::json;
-use std::sync::mpsc::SyncSender;
 
 /// A parsed request.
 #[derive(Debug, Clone, Copy)]
@@ -69,7 +68,7 @@ pub struct Ctx<'a> {
     /// Whether the database has the rollup tables ([`super::rollup::has_rollups`]).
     pub rollups: bool,
     pub token: Option<&'a str>,
-    pub writer: Option<&'a SyncSender<WriteCmd>>,
+    pub writer: Option<&'a WriterHandle>,
     pub now_ms: i64,
     /// Names of devices (`group_by=source_ip`, `/connections`); `None`: none known.
     pub devices: Option<&'a crate::devices::Devices>,

@@ -1,20 +1,23 @@
-//! The master's side of `POST /api/v1/sync`: parsing, validating and storing one batch of an agent's
-//! connection records.
+//! The master's side of `POST /api/v1/sync`: decoding and validating one batch of an agent's connection
+//! records, and handing it to the writer.
 //!
 //! The HTTP layer calls [`handle_sync`] from a worker thread. The whole body is parsed and validated there
 //! (nothing touches the database for a bad batch), then the batch travels to the writer thread as a
-//! [`WriteCmd::Grouped`] write: batches of several agents queued at the same time share one transaction (one
-//! commit), and each is still all or nothing (a failed group is retried batch by batch).
+//! [`WriteCmd::Grouped`](crate::store::WriteCmd::Grouped) write: batches of several agents queued at the same
+//! time share one transaction (one commit), and each is still all or nothing (a failed group is retried batch
+//! by batch). The writer merges it with [`crate::store::merge::merge_batch`] (its module doc has the merge
+//! rules: re-sending a batch changes nothing).
 //!
 //! # Wire format
 //! Body: `{"agent_id": "...", "timestamp": "<RFC 3339>", "connections": [Record, ...]}`; `connections` may be
 //! `null` or `[]` (an empty batch is a heartbeat: it still counts as a sync in table `agents`).
 //!
-//! A Record is the earlier tool's 33 fields (see /work/shared/API-COMPAT.md): `id` (required, non-empty),
-//! `agent_id` (the row's agent; empty or missing means the batch's), `download`, `upload` (non-negative
-//! integers), `start`, `last_updated` (RFC 3339, any offset, stored as UTC ms; one may stand in for the other
-//! when missing), `uid`, `dscp` (integers) and strings for everything else; `chains` is a JSON array encoded
-//! as a string, policy group first and exit node last. Missing or `null` optional fields take defaults;
+//! A Record is the earlier tool's 33 fields (see `API-COMPAT.md` of the shared docs): `id` (required,
+//! non-empty), `agent_id` (the row's agent; empty or missing means the batch's), `download`, `upload`
+//! (non-negative integers), `start`, `last_updated` (RFC 3339, any offset, stored as UTC ms; one may stand in
+//! for the other when missing), `uid`, `dscp` (integers) and strings for everything else (the metadata fields
+//! under their wire names: [`crate::model::Field::wire`]); `chains` is a JSON array encoded as a string,
+//! policy group first and exit node last. Missing or `null` optional fields take defaults (their column's);
 //! unknown fields are ignored; a field of the wrong type is a `400` naming it (`connections[3].download`).
 //!
 //! Our own agents add:
@@ -22,31 +25,18 @@
 //! - `rematch_name`, `provider_chains`, `node`, `policy` (strings; `node`/`policy` default to the ends of `chains`).
 //! - `traffic`: `[[minute_start_unix_seconds, upload, download], ...]`, the bytes that flowed in each minute
 //!   (the agent's `traffic` rows that changed since it last delivered this connection).
-//!
-//! # Merge rules (re-sending a batch changes nothing)
-//! Rows are upserted on `(agent_id, id)`: totals and `last_updated` keep the larger value, `end` keeps a
-//! non-null value (the later of two), metadata is kept from the first insert. A bucket's value only grows on
-//! the agent, so `traffic` buckets merge with `max()`. Records without `traffic` (the earlier tool) get buckets
-//! derived here: the increase of the totals over what is stored, spread over `[stored last_updated, new
-//! last_updated]` (from `start` for a new row) with [`crate::store::writer::spread`]; a replay increases
-//! nothing, so it adds nothing.
-//!
-//! Table `agents` records each batch's agent: `first_seen_ms`, `last_sync_ms` (every batch), `last_data_ms`
-//! (batches with rows) and `sync_count`.
 
-use crate::error::{Error, Result};
-use crate::model::{placeholders, Bytes, ConnMeta, MetaView};
-use crate::store::rollup::{host_key, RollupDelta};
-use crate::store::writer::{spread, GroupedWrite};
-use crate::store::WriteCmd;
-use crate::timefmt::{parse_rfc3339, MINUTE_MS};
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::error::Result;
+use crate::model::{Bytes, Field, Kind, RecordMeta, Span, ABSENT};
+use crate::store::merge::{merge_batch, IngestBatch, IngestRow};
+use crate::store::writer::is_storage_error;
+use crate::store::WriterHandle;
+use crate::timefmt::parse_rfc3339;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -56,13 +46,10 @@ static STORAGE_FAILING: AtomicBool = AtomicBool::new(false);
 /// How long a sync request waits for the writer before answering `503`.
 pub const WRITER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Where a text field's value sits in its record's text (byte offsets `start..end`); [`ABSENT`] when the field
-/// was missing or `null`.
-type Span = (u32, u32);
-const ABSENT: Span = (u32::MAX, 0);
-
-/// Indexes of [`RECORD_FIELDS`] (and of a record's spans).
+/// Indexes of a record's fields (and of its spans): its own fields, then the metadata fields (in [`Field`]
+/// order, from [`f::META`]), then `traffic`.
 mod f {
+    use crate::model::Field;
     pub const ID: usize = 0;
     pub const AGENT_ID: usize = 1;
     pub const DOWNLOAD: usize = 2;
@@ -70,39 +57,16 @@ mod f {
     pub const LAST_UPDATED: usize = 4;
     pub const START: usize = 5;
     pub const END: usize = 6;
-    pub const NETWORK: usize = 7;
-    pub const CONN_TYPE: usize = 8;
-    pub const SOURCE_IP: usize = 9;
-    pub const DESTINATION_IP: usize = 10;
-    pub const SOURCE_GEOIP: usize = 11;
-    pub const DESTINATION_GEOIP: usize = 12;
-    pub const SOURCE_IP_ASN: usize = 13;
-    pub const DESTINATION_IP_ASN: usize = 14;
-    pub const SOURCE_PORT: usize = 15;
-    pub const DESTINATION_PORT: usize = 16;
-    pub const INBOUND_IP: usize = 17;
-    pub const INBOUND_PORT: usize = 18;
-    pub const INBOUND_NAME: usize = 19;
-    pub const INBOUND_USER: usize = 20;
-    pub const HOST: usize = 21;
-    pub const DNS_MODE: usize = 22;
-    pub const UID: usize = 23;
-    pub const PROCESS: usize = 24;
-    pub const PROCESS_PATH: usize = 25;
-    pub const SPECIAL_PROXY: usize = 26;
-    pub const SPECIAL_RULES: usize = 27;
-    pub const REMOTE_DESTINATION: usize = 28;
-    pub const DSCP: usize = 29;
-    pub const SNIFF_HOST: usize = 30;
-    pub const CHAINS: usize = 31;
-    pub const RULE: usize = 32;
-    pub const RULE_PAYLOAD: usize = 33;
-    pub const REMATCH_NAME: usize = 34;
-    pub const PROVIDER_CHAINS: usize = 35;
-    pub const NODE: usize = 36;
-    pub const POLICY: usize = 37;
-    pub const TRAFFIC: usize = 38;
-    pub const COUNT: usize = 39;
+    pub const META: usize = 7;
+    pub const TRAFFIC: usize = META + Field::COUNT;
+    pub const COUNT: usize = TRAFFIC + 1;
+    // (a record's keys seen so far are a bit mask)
+    const _: () = assert!(COUNT <= 64);
+
+    /// The index of metadata field `field`.
+    pub const fn meta(field: Field) -> usize {
+        META + field as usize
+    }
 }
 
 /// The body as it arrives; every field optional so that we, not serde, decide what is required.
@@ -125,16 +89,16 @@ struct Records {
 
 /// One record as it arrives, before validation. Parsed straight from the body without a `String` per field
 /// (each one an allocation on the worker and a free on the writer, through musl's one allocator lock): every
-/// text value, escapes resolved, is appended to `text` (a buffer kept across the records of a batch, copied
-/// into the row at its exact size: one allocation per record) and `spans`, indexed like [`RECORD_FIELDS`], say
-/// where. The times stay text until validation, which names a bad one.
+/// text value, escapes resolved, is appended to `text` (a buffer kept across the records of a batch) and
+/// `spans`, indexed like the record's fields ([`f`]), say where; the integer metadata fields are in `ints`
+/// (by [`Field`]). Validation packs the metadata into one allocation of its exact size. The times stay text
+/// until validation, which names a bad one.
 struct WireRecord {
     text: String,
     spans: [Span; f::COUNT],
+    ints: [Option<i64>; Field::COUNT],
     download: Option<u64>,
     upload: Option<u64>,
-    uid: Option<i64>,
-    dscp: Option<i64>,
     traffic: Option<Vec<(i64, u64, u64)>>,
 }
 
@@ -283,10 +247,9 @@ impl<'de> Visitor<'de> for RecordsSeed {
             record: WireRecord {
                 text: String::with_capacity(1024),
                 spans: [ABSENT; f::COUNT],
+                ints: [None; Field::COUNT],
                 download: None,
                 upload: None,
-                uid: None,
-                dscp: None,
                 traffic: None,
             },
             order: Vec::new(),
@@ -333,14 +296,15 @@ impl<'de> Visitor<'de> for &mut RecordSeed {
         let r = &mut self.record;
         r.text.clear();
         r.spans = [ABSENT; f::COUNT];
-        (r.download, r.upload, r.uid, r.dscp, r.traffic) = (None, None, None, None, None);
+        r.ints = [None; Field::COUNT];
+        (r.download, r.upload, r.traffic) = (None, None, None);
         let mut seen = 0u64;
         let mut k = 0;
         loop {
             let hint = self.order.get(k).map(|&h| h as usize);
             let key = map.next_key_seed(KeySeed(|name: &str| match hint {
-                Some(h) if RECORD_FIELDS.get(h).is_some_and(|(n, _)| *n == name) => Some(h),
-                _ => RECORD_FIELDS.iter().position(|(n, _)| *n == name),
+                Some(h) if RECORD_NAMES.get(h).is_some_and(|n| *n == name) => Some(h),
+                _ => record_field(name),
             }))?;
             let Some(key) = key else { break };
             let tag = key.map_or(u8::MAX, |i| i as u8);
@@ -354,15 +318,15 @@ impl<'de> Visitor<'de> for &mut RecordSeed {
                 continue;
             };
             if seen & (1 << i) != 0 {
-                return Err(de::Error::duplicate_field(RECORD_FIELDS[i].0));
+                return Err(de::Error::duplicate_field(RECORD_NAMES[i]));
             }
             seen |= 1 << i;
-            match i {
-                f::DOWNLOAD => r.download = map.next_value()?,
-                f::UPLOAD => r.upload = map.next_value()?,
-                f::UID => r.uid = map.next_value()?,
-                f::DSCP => r.dscp = map.next_value()?,
-                f::TRAFFIC => r.traffic = map.next_value()?,
+            match (i, RECORD_EXPECT[i]) {
+                (f::DOWNLOAD, _) => r.download = map.next_value()?,
+                (f::UPLOAD, _) => r.upload = map.next_value()?,
+                (f::TRAFFIC, _) => r.traffic = map.next_value()?,
+                // (the integer metadata fields)
+                (_, Expect::Int) => r.ints[i - f::META] = map.next_value()?,
                 _ => r.spans[i] = map.next_value_seed(TextSeed(&mut r.text))?,
             }
         }
@@ -372,148 +336,61 @@ impl<'de> Visitor<'de> for &mut RecordSeed {
 
 /// The type each known field must have; used only to name the bad field when typed parsing fails.
 #[derive(Clone, Copy)]
-enum Kind {
+enum Expect {
     Str,
     UInt,
     Int,
     Traffic,
 }
 
-const RECORD_FIELDS: &[(&str, Kind)] = &[
-    ("id", Kind::Str),
-    ("agent_id", Kind::Str),
-    ("download", Kind::UInt),
-    ("upload", Kind::UInt),
-    ("last_updated", Kind::Str),
-    ("start", Kind::Str),
-    ("end", Kind::Str),
-    ("network", Kind::Str),
-    ("conn_type", Kind::Str),
-    ("source_ip", Kind::Str),
-    ("destination_ip", Kind::Str),
-    ("source_geoip", Kind::Str),
-    ("destination_geoip", Kind::Str),
-    ("source_ip_asn", Kind::Str),
-    ("destination_ip_asn", Kind::Str),
-    ("source_port", Kind::Str),
-    ("destination_port", Kind::Str),
-    ("inbound_ip", Kind::Str),
-    ("inbound_port", Kind::Str),
-    ("inbound_name", Kind::Str),
-    ("inbound_user", Kind::Str),
-    ("host", Kind::Str),
-    ("dns_mode", Kind::Str),
-    ("uid", Kind::Int),
-    ("process", Kind::Str),
-    ("process_path", Kind::Str),
-    ("special_proxy", Kind::Str),
-    ("special_rules", Kind::Str),
-    ("remote_destination", Kind::Str),
-    ("dscp", Kind::Int),
-    ("sniff_host", Kind::Str),
-    ("chains", Kind::Str),
-    ("rule", Kind::Str),
-    ("rule_payload", Kind::Str),
-    ("rematch_name", Kind::Str),
-    ("provider_chains", Kind::Str),
-    ("node", Kind::Str),
-    ("policy", Kind::Str),
-    ("traffic", Kind::Traffic),
+/// A record's own fields (indexes [`f::ID`] to [`f::END`]), by wire name; `traffic` and the metadata fields
+/// ([`Field::wire`]) complete the list.
+const OWN_FIELDS: [(&str, Expect); f::META] = [
+    ("id", Expect::Str),
+    ("agent_id", Expect::Str),
+    ("download", Expect::UInt),
+    ("upload", Expect::UInt),
+    ("last_updated", Expect::Str),
+    ("start", Expect::Str),
+    ("end", Expect::Str),
 ];
 
-/// One validated record, ready to store.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IngestRow {
-    pub agent_id: String,
-    pub meta: RowMeta,
-    pub end_ms: Option<i64>,
-    pub last_updated_ms: i64,
-    pub totals: Bytes,
-    /// `(minute index, bytes)`; `None` when the agent sent no buckets (they are derived on store).
-    pub traffic: Option<Vec<(i64, Bytes)>>,
-}
-
-/// A record's [`ConnMeta`] as the record's text and where each field is in it: one allocation instead of one
-/// per field (what the worker allocates, the writer frees). [`RowMeta::view`] reads it as borrowed fields.
-#[derive(Clone)]
-pub struct RowMeta {
-    text: String,
-    spans: [Span; f::COUNT],
-    pub start_ms: i64,
-    uid: i64,
-    dscp: i64,
-}
-
-impl RowMeta {
-    /// The field's value, or its default when the record had none (missing or `null`).
-    fn text(&self, field: usize) -> &str {
-        span_text(&self.text, self.spans[field]).unwrap_or(match field {
-            f::SOURCE_GEOIP | f::DESTINATION_GEOIP => "null",
-            f::CHAINS | f::PROVIDER_CHAINS => "[]",
-            _ => "",
-        })
+/// Every record field's wire name, by index ([`f`]): the record's own, the metadata fields', `traffic`.
+const RECORD_NAMES: [&str; f::COUNT] = {
+    let mut names = [""; f::COUNT];
+    let mut i = 0;
+    while i < f::COUNT {
+        names[i] = match i {
+            f::TRAFFIC => "traffic",
+            _ if i >= f::META => Field::WIRE[i - f::META],
+            _ => OWN_FIELDS[i].0,
+        };
+        i += 1;
     }
+    names
+};
 
-    /// The fields, borrowed.
-    pub fn view(&self) -> MetaView<'_> {
-        let t = |field| self.text(field);
-        MetaView {
-            id: t(f::ID),
-            start_ms: self.start_ms,
-            network: t(f::NETWORK),
-            conn_type: t(f::CONN_TYPE),
-            source_ip: t(f::SOURCE_IP),
-            source_port: t(f::SOURCE_PORT),
-            destination_ip: t(f::DESTINATION_IP),
-            destination_port: t(f::DESTINATION_PORT),
-            source_geoip: t(f::SOURCE_GEOIP),
-            destination_geoip: t(f::DESTINATION_GEOIP),
-            source_ip_asn: t(f::SOURCE_IP_ASN),
-            destination_ip_asn: t(f::DESTINATION_IP_ASN),
-            inbound_ip: t(f::INBOUND_IP),
-            inbound_port: t(f::INBOUND_PORT),
-            inbound_name: t(f::INBOUND_NAME),
-            inbound_user: t(f::INBOUND_USER),
-            host: t(f::HOST),
-            dns_mode: t(f::DNS_MODE),
-            uid: self.uid,
-            process: t(f::PROCESS),
-            process_path: t(f::PROCESS_PATH),
-            special_proxy: t(f::SPECIAL_PROXY),
-            special_rules: t(f::SPECIAL_RULES),
-            remote_destination: t(f::REMOTE_DESTINATION),
-            dscp: self.dscp,
-            sniff_host: t(f::SNIFF_HOST),
-            rematch_name: t(f::REMATCH_NAME),
-            chains: t(f::CHAINS),
-            provider_chains: t(f::PROVIDER_CHAINS),
-            node: t(f::NODE),
-            policy: t(f::POLICY),
-            rule: t(f::RULE),
-            rule_payload: t(f::RULE_PAYLOAD),
-        }
+/// What each record field must be, by index.
+const RECORD_EXPECT: [Expect; f::COUNT] = {
+    let mut expect = [Expect::Str; f::COUNT];
+    let mut i = 0;
+    while i < f::COUNT {
+        expect[i] = match i {
+            f::TRAFFIC => Expect::Traffic,
+            _ if i >= f::META => match Field::KINDS[i - f::META] {
+                Kind::Int => Expect::Int,
+                Kind::Text => Expect::Str,
+            },
+            _ => OWN_FIELDS[i].1,
+        };
+        i += 1;
     }
-}
+    expect
+};
 
-impl PartialEq for RowMeta {
-    fn eq(&self, other: &RowMeta) -> bool {
-        self.view() == other.view()
-    }
-}
-
-impl Eq for RowMeta {}
-
-impl std::fmt::Debug for RowMeta {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.view().fmt(f)
-    }
-}
-
-/// A validated batch.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IngestBatch {
-    pub agent_id: String,
-    pub rows: Vec<IngestRow>,
+/// The record field named `name` (`None`: unknown, ignored).
+fn record_field(name: &str) -> Option<usize> {
+    RECORD_NAMES.iter().position(|n| *n == name)
 }
 
 /// Answers `POST /api/v1/sync`: `Ok` is the envelope's `data` (`{"count": N, "message": "..."}`), `Err` is the
@@ -521,7 +398,7 @@ pub struct IngestBatch {
 /// [`WRITER_TIMEOUT`].
 pub fn handle_sync(
     body: &[u8],
-    writer: &SyncSender<WriteCmd>,
+    writer: &WriterHandle,
     now_ms: i64,
 ) -> std::result::Result<Value, (u16, String)> {
     let batch = parse_batch(body).map_err(|m| (400, m))?;
@@ -564,43 +441,34 @@ pub fn handle_sync(
 /// Hands a batch to the writer for group commit (it may share its transaction with other agents' batches
 /// queued at the same time, each still all or nothing) and waits for the outcome, at most
 /// [`WRITER_TIMEOUT`]. The outer error: the writer is gone or too slow; the inner: storing failed (why, and
-/// whether the disk is full or failing: [`crate::store::writer::is_storage_error`]).
+/// whether the disk is full or failing: [`is_storage_error`]).
 fn store_grouped(
-    writer: &SyncSender<WriteCmd>,
+    writer: &WriterHandle,
     batch: IngestBatch,
     now_ms: i64,
 ) -> Result<std::result::Result<usize, (String, bool)>> {
-    let deadline = std::time::Instant::now() + WRITER_TIMEOUT;
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let n = batch.rows.len();
     // The batch comes back with the outcome and is freed here, not on the writer thread (the bottleneck;
     // musl's allocator has one lock for every thread, and a batch is thousands of allocations).
     let batch = Arc::new(Mutex::new(Some(batch)));
     let back = Arc::clone(&batch);
-    let cmd = WriteCmd::Grouped(GroupedWrite {
-        apply: Box::new(move |conn| {
+    let (outcome, _batch) = writer.call_grouped(
+        Box::new(move |conn| {
             match &*batch.lock().unwrap_or_else(PoisonError::into_inner) {
-                Some(batch) => store_batch(conn, batch, now_ms),
+                Some(batch) => merge_batch(conn, batch, now_ms),
                 None => Ok(()), // (not reached: `done` takes it after the last `apply`)
             }
         }),
-        done: Box::new(move |outcome| {
+        move |outcome| {
             let batch = back.lock().unwrap_or_else(PoisonError::into_inner).take();
             let outcome = outcome
                 .map(|()| n)
-                .map_err(|e| (e.to_string(), crate::store::writer::is_storage_error(e)));
-            let _ = tx.send((outcome, batch));
-        }),
-    });
-    crate::sync::send_to_writer(writer, cmd, deadline)?;
-    rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-        .map(|(outcome, _batch)| outcome)
-        .map_err(|e| match e {
-            std::sync::mpsc::RecvTimeoutError::Timeout => {
-                Error::Sync("writer did not answer in time".into())
-            }
-            std::sync::mpsc::RecvTimeoutError::Disconnected => Error::Stopped("writer"),
-        })
+                .map_err(|e| (e.to_string(), is_storage_error(e)));
+            (outcome, batch)
+        },
+        WRITER_TIMEOUT,
+    )?;
+    Ok(outcome)
 }
 
 /// Parses and validates a sync body completely. The error names the bad field, e.g.
@@ -765,9 +633,32 @@ fn validate_record(i: usize, r: &mut WireRecord) -> std::result::Result<IngestRo
             ))
         }
     };
-    let ends = chain_ends(i, &r.text, r.spans[f::CHAINS])?;
-    // `node`/`policy` when sent and not empty, else the ends of `chains` (or empty)
-    for (field, end) in [(f::POLICY, 0), (f::NODE, 1)] {
+    fill_chain_ends(i, r)?;
+    let traffic = validate_traffic(i, r.traffic.take())?;
+    let meta = RecordMeta::new(
+        &r.text,
+        r.spans[f::ID],
+        start_ms,
+        &r.spans[f::META..f::TRAFFIC],
+        &r.ints,
+    );
+    Ok(IngestRow {
+        agent_id,
+        meta,
+        end_ms,
+        last_updated_ms,
+        totals: Bytes {
+            upload: r.upload.unwrap_or(0),
+            download: r.download.unwrap_or(0),
+        },
+        traffic,
+    })
+}
+
+/// `node`/`policy` when sent and not empty, else the ends of `chains` (or empty).
+fn fill_chain_ends(i: usize, r: &mut WireRecord) -> std::result::Result<(), String> {
+    let ends = chain_ends(i, &r.text, r.spans[f::meta(Field::Chains)])?;
+    for (field, end) in [(f::meta(Field::Policy), 0), (f::meta(Field::Node), 1)] {
         if r.get(field).is_some_and(|v| !v.is_empty()) {
             continue;
         }
@@ -783,49 +674,38 @@ fn validate_record(i: usize, r: &mut WireRecord) -> std::result::Result<IngestRo
             },
         };
     }
-    let traffic = match r.traffic.take() {
-        None => None,
-        Some(t) => {
-            for (j, (secs, _, _)) in t.iter().enumerate() {
-                if secs.rem_euclid(60) != 0 {
-                    return Err(format!(
-                        "connections[{i}].traffic[{j}]: {secs} is not the start of a minute (Unix seconds divisible by 60)"
-                    ));
-                }
-            }
-            // (the same size as the tuples: collected in place, no allocation)
-            Some(
-                t.into_iter()
-                    .map(|(secs, up, down)| {
-                        (
-                            secs.div_euclid(60),
-                            Bytes {
-                                upload: up,
-                                download: down,
-                            },
-                        )
-                    })
-                    .collect(),
-            )
+    Ok(())
+}
+
+/// A record's `traffic` as `(minute index, bytes)`, each minute's start checked.
+type Buckets = Option<Vec<(i64, Bytes)>>;
+
+fn validate_traffic(
+    i: usize,
+    traffic: Option<Vec<(i64, u64, u64)>>,
+) -> std::result::Result<Buckets, String> {
+    let Some(t) = traffic else { return Ok(None) };
+    for (j, (secs, _, _)) in t.iter().enumerate() {
+        if secs.rem_euclid(60) != 0 {
+            return Err(format!(
+                "connections[{i}].traffic[{j}]: {secs} is not the start of a minute (Unix seconds divisible by 60)"
+            ));
         }
-    };
-    Ok(IngestRow {
-        agent_id,
-        meta: RowMeta {
-            text: r.text.as_str().into(),
-            spans: r.spans,
-            start_ms,
-            uid: r.uid.unwrap_or(0),
-            dscp: r.dscp.unwrap_or(0),
-        },
-        end_ms,
-        last_updated_ms,
-        totals: Bytes {
-            upload: r.upload.unwrap_or(0),
-            download: r.download.unwrap_or(0),
-        },
-        traffic,
-    })
+    }
+    // (the same size as the tuples: collected in place, no allocation)
+    Ok(Some(
+        t.into_iter()
+            .map(|(secs, up, down)| {
+                (
+                    secs.div_euclid(60),
+                    Bytes {
+                        upload: up,
+                        download: down,
+                    },
+                )
+            })
+            .collect(),
+    ))
 }
 
 /// Finds the first field whose JSON type is wrong, for the error message. `None` when the document looks
@@ -850,16 +730,17 @@ fn explain_shape_error(body: &[u8]) -> Option<String> {
         let Value::Object(rec) = rec else {
             return Some(format!("connections[{i}]: expected an object"));
         };
-        for (name, kind) in RECORD_FIELDS {
-            let Some(v) = rec.get(*name) else { continue };
+        for field in 0..f::COUNT {
+            let (name, kind) = (RECORD_NAMES[field], RECORD_EXPECT[field]);
+            let Some(v) = rec.get(name) else { continue };
             if v.is_null() {
                 continue;
             }
             let ok = match kind {
-                Kind::Str => v.is_string(),
-                Kind::UInt => v.is_u64(),
-                Kind::Int => v.is_i64() || v.is_u64() && v.as_i64().is_some(),
-                Kind::Traffic => {
+                Expect::Str => v.is_string(),
+                Expect::UInt => v.is_u64(),
+                Expect::Int => v.is_i64() || v.is_u64() && v.as_i64().is_some(),
+                Expect::Traffic => {
                     if let Some(msg) = explain_traffic(i, v) {
                         return Some(msg);
                     }
@@ -868,10 +749,10 @@ fn explain_shape_error(body: &[u8]) -> Option<String> {
             };
             if !ok {
                 let want = match kind {
-                    Kind::Str => "a string",
-                    Kind::UInt => "a non-negative integer",
-                    Kind::Int => "an integer",
-                    Kind::Traffic => "[[minute_unix_seconds, upload, download], ...]",
+                    Expect::Str => "a string",
+                    Expect::UInt => "a non-negative integer",
+                    Expect::Int => "an integer",
+                    Expect::Traffic => "[[minute_unix_seconds, upload, download], ...]",
                 };
                 return Some(format!("connections[{i}].{name}: expected {want}, got {v}"));
             }
@@ -896,288 +777,17 @@ fn explain_traffic(i: usize, v: &Value) -> Option<String> {
     None
 }
 
-fn clamp(v: u64) -> i64 {
-    v.min(i64::MAX as u64) as i64
-}
-
-/// Stores a validated batch in one transaction; returns the number of records. Used by [`handle_sync`] on
-/// the writer thread, and directly by tests.
-pub fn apply_batch(conn: &mut Connection, batch: &IngestBatch, now_ms: i64) -> Result<usize> {
-    let tx = conn.transaction().map_err(Error::db("begin sync batch"))?;
-    store_batch(&tx, batch, now_ms)?;
-    tx.commit().map_err(Error::db("commit sync batch"))?;
-    Ok(batch.rows.len())
-}
-
-/// The statements of [`store_batch`], prepared once per transaction.
-///
-/// Why plain statements and no `ON CONFLICT ... DO UPDATE` or `RETURNING` (which said the same in fewer
-/// lines): SQLite runs a `RETURNING` clause through a temporary table with its own page cache, created and
-/// freed per row (musl's allocator answers that with an `mmap`/`munmap` pair), and an upsert into a table
-/// with a foreign key keeps a statement journal: a copy of every page it touches. Both cost more than the
-/// writes themselves. An `INSERT ... DO NOTHING` (it only skips: no statement journal), then for a row that
-/// was there a lookup and an `UPDATE` only when something grew, does the same merge without either, and
-/// makes a replayed batch (the agent's retry) write nothing.
-struct Statements<'c> {
-    find: rusqlite::Statement<'c>,
-    insert: rusqlite::Statement<'c>,
-    update: rusqlite::Statement<'c>,
-    bucket_find: rusqlite::Statement<'c>,
-    bucket_insert: rusqlite::Statement<'c>,
-    bucket_set: rusqlite::Statement<'c>,
-    bucket_add: rusqlite::Statement<'c>,
-}
-
-impl<'c> Statements<'c> {
-    fn prepare(tx: &'c Connection) -> Result<Statements<'c>> {
-        let p = |sql: &str, what: &'static str| tx.prepare(sql).map_err(Error::db(what));
-        Ok(Statements {
-            find: p(
-                "SELECT pk, upload, download, last_updated_ms, end_ms, start_ms, host, destination_ip
-                 FROM connections WHERE agent_id = ?1 AND id = ?2",
-                "prepare sync lookup",
-            )?,
-            insert: p(
-                &format!(
-                    "INSERT INTO connections (agent_id, id, end_ms, last_updated_ms, upload, download, {})
-                     VALUES ({}) ON CONFLICT (agent_id, id) DO NOTHING",
-                    ConnMeta::SQL_COLUMNS,
-                    placeholders(6 + ConnMeta::SQL_COLUMNS.split(',').count())
-                ),
-                "prepare sync insert",
-            )?,
-            update: p(
-                "UPDATE connections SET upload = ?2, download = ?3, last_updated_ms = ?4, end_ms = ?5
-                 WHERE pk = ?1",
-                "prepare sync update",
-            )?,
-            bucket_find: p(
-                "SELECT upload, download FROM traffic WHERE conn = ?1 AND minute = ?2",
-                "prepare sync traffic lookup",
-            )?,
-            bucket_insert: p(
-                "INSERT INTO traffic (conn, minute, upload, download) VALUES (?1, ?2, ?3, ?4)",
-                "prepare sync traffic insert",
-            )?,
-            bucket_set: p(
-                "UPDATE traffic SET upload = ?3, download = ?4 WHERE conn = ?1 AND minute = ?2",
-                "prepare sync traffic update",
-            )?,
-            bucket_add: p(
-                "UPDATE traffic SET upload = upload + ?3, download = download + ?4
-                 WHERE conn = ?1 AND minute = ?2",
-                "prepare sync derived traffic",
-            )?,
-        })
-    }
-}
-
-/// What is stored of a connection before a record is merged into it.
-struct Prior {
-    pk: i64,
-    upload: i64,
-    download: i64,
-    last_updated_ms: i64,
-    end_ms: Option<i64>,
-    start_ms: i64,
-    host: String,
-    destination_ip: String,
-}
-
-/// `end` merged: a non-null value wins over null, the later of two wins.
-fn merge_end(old: Option<i64>, new: Option<i64>) -> Option<i64> {
-    match (old, new) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// Writes a validated batch inside the caller's transaction (see the module doc for the merge rules).
-pub fn store_batch(tx: &Connection, batch: &IngestBatch, now_ms: i64) -> Result<()> {
-    let mut rollup = RollupDelta::default();
-    {
-        let mut st = Statements::prepare(tx)?;
-        let mut other_agents: Vec<&str> = Vec::new();
-        for row in &batch.rows {
-            let m = row.meta.view();
-            if row.agent_id != batch.agent_id && !other_agents.contains(&row.agent_id.as_str()) {
-                other_agents.push(&row.agent_id);
-            }
-            let (new_up, new_down) = (clamp(row.totals.upload), clamp(row.totals.download));
-            // A new connection is the common case: insert first (`DO NOTHING` when the row exists), and read
-            // what was stored (to merge, to derive buckets for records that carry none, and for the rollup
-            // deltas) only when nothing was inserted: one index search per new row instead of two.
-            let head: [&dyn rusqlite::ToSql; 6] = [
-                &row.agent_id,
-                &m.id,
-                &row.end_ms,
-                &row.last_updated_ms,
-                &new_up,
-                &new_down,
-            ];
-            let inserted = st
-                .insert
-                .execute(rusqlite::params_from_iter(
-                    head.into_iter().chain(m.sql_values()),
-                ))
-                .map_err(|e| Error::Db(format!("store connection {}", m.id), e))?;
-            let prior: Option<Prior> = match inserted {
-                0 => Some(
-                    st.find
-                        .query_row(params![row.agent_id, m.id], |r| {
-                            Ok(Prior {
-                                pk: r.get(0)?,
-                                upload: r.get(1)?,
-                                download: r.get(2)?,
-                                last_updated_ms: r.get(3)?,
-                                end_ms: r.get(4)?,
-                                start_ms: r.get(5)?,
-                                host: r.get(6)?,
-                                destination_ip: r.get(7)?,
-                            })
-                        })
-                        .map_err(|e| Error::Db(format!("look up connection {}", m.id), e))?,
-                ),
-                _ => None,
-            };
-            let pk = match &prior {
-                None => {
-                    rollup.conn(
-                        &row.agent_id,
-                        m.start_ms,
-                        host_key(m.host, m.destination_ip),
-                        1,
-                        new_up,
-                        new_down,
-                    );
-                    tx.last_insert_rowid()
-                }
-                Some(p) => {
-                    let (up, down) = (new_up.max(p.upload), new_down.max(p.download));
-                    let last = row.last_updated_ms.max(p.last_updated_ms);
-                    let end = merge_end(p.end_ms, row.end_ms);
-                    rollup.conn(
-                        &row.agent_id,
-                        p.start_ms,
-                        host_key(&p.host, &p.destination_ip),
-                        0,
-                        up - p.upload,
-                        down - p.download,
-                    );
-                    if (up, down, last, end) != (p.upload, p.download, p.last_updated_ms, p.end_ms)
-                    {
-                        st.update
-                            .execute(params![p.pk, up, down, last, end])
-                            .map_err(|e| Error::Db(format!("store connection {}", m.id), e))?;
-                    }
-                    p.pk
-                }
-            };
-            match &row.traffic {
-                Some(buckets) => {
-                    // A new connection has no buckets yet, unless this record lists a minute twice (our agents
-                    // send them in order, once each).
-                    let fresh = prior.is_none() && buckets.windows(2).all(|w| w[0].0 < w[1].0);
-                    for (minute, b) in buckets {
-                        let (up, down) = (clamp(b.upload), clamp(b.download));
-                        let old: Option<(i64, i64)> = match fresh {
-                            true => None,
-                            false => st
-                                .bucket_find
-                                .query_row(params![pk, minute], |r| Ok((r.get(0)?, r.get(1)?)))
-                                .optional()
-                                .map_err(|e| {
-                                    Error::Db(format!("look up traffic of {}", m.id), e)
-                                })?,
-                        };
-                        match old {
-                            None => {
-                                rollup.traffic(&row.agent_id, *minute, up, down);
-                                st.bucket_insert
-                                    .execute(params![pk, minute, up, down])
-                                    .map_err(|e| {
-                                        Error::Db(format!("store traffic of {}", m.id), e)
-                                    })?;
-                            }
-                            Some((u0, d0)) => {
-                                let (nu, nd) = (up.max(u0), down.max(d0));
-                                if (nu, nd) != (u0, d0) {
-                                    rollup.traffic(&row.agent_id, *minute, nu - u0, nd - d0);
-                                    st.bucket_set.execute(params![pk, minute, nu, nd]).map_err(
-                                        |e| Error::Db(format!("store traffic of {}", m.id), e),
-                                    )?;
-                                }
-                            }
-                        }
-                    }
-                }
-                None => {
-                    let (up0, down0, from) = prior.as_ref().map_or((0, 0, m.start_ms), |p| {
-                        (p.upload, p.download, p.last_updated_ms)
-                    });
-                    let delta = Bytes {
-                        upload: (new_up - up0).max(0) as u64,
-                        download: (new_down - down0).max(0) as u64,
-                    };
-                    if delta != Bytes::default() {
-                        // an agent whose clock went back: its bytes stay after what is stored
-                        let to = row.last_updated_ms.max(from);
-                        for (minute, b) in spread(from, to, delta) {
-                            let (up, down) = (clamp(b.upload), clamp(b.download));
-                            rollup.traffic(&row.agent_id, minute, up, down);
-                            // `spread` gives each minute once: a new connection has none of them yet
-                            let added = match prior {
-                                None => 0,
-                                Some(_) => st
-                                    .bucket_add
-                                    .execute(params![pk, minute, up, down])
-                                    .map_err(|e| {
-                                        Error::Db(format!("store traffic of {}", m.id), e)
-                                    })?,
-                            };
-                            if added == 0 {
-                                st.bucket_insert
-                                    .execute(params![pk, minute, up, down])
-                                    .map_err(|e| {
-                                        Error::Db(format!("store traffic of {}", m.id), e)
-                                    })?;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        let has_data = !batch.rows.is_empty();
-        tx.execute(
-            "INSERT INTO agents (agent_id, first_seen_ms, last_sync_ms, last_data_ms, sync_count)
-             VALUES (?1, ?2, ?2, CASE WHEN ?3 THEN ?2 END, 1)
-             ON CONFLICT (agent_id) DO UPDATE SET last_sync_ms = ?2,
-                last_data_ms = CASE WHEN ?3 THEN ?2 ELSE last_data_ms END, sync_count = sync_count + 1",
-            params![batch.agent_id, now_ms, has_data],
-        )
-        .map_err(Error::db("record agent sync"))?;
-        // Rows an agent forwards under another id (kept from before an --agent-id change): that agent
-        // exists and has data, but did not sync itself.
-        for other in other_agents {
-            tx.execute(
-                "INSERT INTO agents (agent_id, first_seen_ms, last_data_ms) VALUES (?1, ?2, ?2)
-                 ON CONFLICT (agent_id) DO UPDATE SET last_data_ms = ?2",
-                params![other, now_ms],
-            )
-            .map_err(Error::db("record agent data"))?;
-        }
-    }
-    rollup.apply(tx)
-}
-
-/// The minute index of a millisecond time (the `traffic.minute` column).
-pub fn minute_of(ms: i64) -> i64 {
-    ms.div_euclid(MINUTE_MS)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{ConnMeta, Metadata};
+    use crate::store::merge::apply_batch;
+    use rusqlite::Connection;
+
+    /// The minute index of a millisecond time (the `traffic.minute` column).
+    fn minute_of(ms: i64) -> i64 {
+        ms.div_euclid(crate::timefmt::MINUTE_MS)
+    }
 
     fn ok_body() -> serde_json::Value {
         serde_json::json!({
@@ -1201,13 +811,13 @@ mod tests {
         let r = &b.rows[0];
         assert_eq!(r.agent_id, "r1");
         assert_eq!(
-            r.meta.start_ms,
+            r.meta.start_ms(),
             parse_rfc3339("2026-11-28T23:00:00Z").unwrap()
         );
-        assert_eq!(r.last_updated_ms - r.meta.start_ms, 30 * 60_000);
-        assert_eq!(r.meta.view().policy, "Proxy");
-        assert_eq!(r.meta.view().node, "HK-01");
-        assert_eq!(r.meta.view().source_geoip, "null");
+        assert_eq!(r.last_updated_ms - r.meta.start_ms(), 30 * 60_000);
+        assert_eq!(r.meta.text(Field::Policy), "Proxy");
+        assert_eq!(r.meta.text(Field::Node), "HK-01");
+        assert_eq!(r.meta.text(Field::SourceGeoip), "null");
         assert_eq!(r.end_ms, None);
         assert!(r.traffic.is_none());
     }
@@ -1318,21 +928,32 @@ mod tests {
             {"id":"c3","last_updated":"2026-01-01T00:01:00Z","agent_id":"other","chains":"[\"solo\"]"}
         ],"agent_id":"r1","unknown":[{"id":5}]}"#;
         let b = parse_batch(body).unwrap();
-        let v: Vec<MetaView> = b.rows.iter().map(|r| r.meta.view()).collect();
-        assert_eq!((v[0].id, v[0].host), ("c1", "a\"bé"));
-        assert_eq!((v[0].policy, v[0].node), ("P\"x", "Né"));
-        assert_eq!(v[0].chains, r#"["P\"x","mid","Né"]"#);
+        let v: Vec<ConnMeta> = b.rows.iter().map(|r| r.meta.to_conn_meta()).collect();
+        assert_eq!((v[0].id.as_str(), v[0].host.as_str()), ("c1", "a\"bé"));
+        assert_eq!((v[0].policy.as_str(), v[0].node.as_str()), ("P\"x", "Né"));
+        assert_eq!(v[0].chains.as_str(), r#"["P\"x","mid","Né"]"#);
         assert_eq!(
-            (v[1].id, v[1].host, v[1].policy, v[1].node),
+            (
+                v[1].id.as_str(),
+                v[1].host.as_str(),
+                v[1].policy.as_str(),
+                v[1].node.as_str()
+            ),
             ("c2", "h2", "Pol", "N")
         );
-        assert_eq!((v[1].source_geoip, v[1].provider_chains), ("null", "[]"));
+        assert_eq!(
+            (v[1].source_geoip.as_str(), v[1].provider_chains.as_str()),
+            ("null", "[]")
+        );
         assert_eq!((v[1].uid, v[1].dscp), (-3, 4));
         assert_eq!(
             (b.rows[1].agent_id.as_str(), b.rows[2].agent_id.as_str()),
             ("r1", "other")
         );
-        assert_eq!((v[2].policy, v[2].node, v[2].host), ("solo", "solo", ""));
+        assert_eq!(
+            (v[2].policy.as_str(), v[2].node.as_str(), v[2].host.as_str()),
+            ("solo", "solo", "")
+        );
         assert_eq!(v[2].start_ms, b.rows[2].last_updated_ms);
         let dup =
             parse_batch(br#"{"agent_id":"a","connections":[{"id":"x","host":"h","host":"i"}]}"#);

@@ -36,7 +36,7 @@ pub mod stats;
 pub mod table;
 
 use crate::error::{Error, Result};
-use crate::store::{Access, WriteCmd};
+use crate::store::{Access, WriterHandle};
 use handler::{ApiRequest, Ctx};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -92,7 +92,7 @@ impl ApiServer {
 
 /// Binds `cfg.listen`, opens one read-only connection per worker and starts the workers.
 /// `writer` is the database writer, needed by `POST /sync` (`503` without it).
-pub fn start(cfg: ApiConfig, writer: Option<SyncSender<WriteCmd>>) -> Result<ApiServer> {
+pub fn start(cfg: ApiConfig, writer: Option<WriterHandle>) -> Result<ApiServer> {
     start_with_body_timeout(cfg, writer, BODY_TIMEOUT)
 }
 
@@ -100,7 +100,7 @@ pub fn start(cfg: ApiConfig, writer: Option<SyncSender<WriteCmd>>) -> Result<Api
 /// one).
 pub fn start_with_body_timeout(
     cfg: ApiConfig,
-    writer: Option<SyncSender<WriteCmd>>,
+    writer: Option<WriterHandle>,
     body_timeout: Duration,
 ) -> Result<ApiServer> {
     let limits = http::Limits {
@@ -113,7 +113,7 @@ pub fn start_with_body_timeout(
 /// [`start`] with other client limits (`max_body_bytes` and `token` are taken from `cfg`).
 pub fn start_with_limits(
     cfg: ApiConfig,
-    writer: Option<SyncSender<WriteCmd>>,
+    writer: Option<WriterHandle>,
     mut limits: http::Limits,
 ) -> Result<ApiServer> {
     let workers = cfg.workers.max(1);
@@ -266,7 +266,7 @@ struct LazyDb {
 
 impl LazyDb {
     /// Serves `job` on the connection, opening it first if needed (`503` when that fails).
-    fn serve(&mut self, job: http::Job, shared: &Shared, writer: Option<&SyncSender<WriteCmd>>) {
+    fn serve(&mut self, job: http::Job, shared: &Shared, writer: Option<&WriterHandle>) {
         if self.conn.is_none() {
             match crate::store::open(&self.path, Access::Read) {
                 Ok(c) => self.conn = Some(c),
@@ -288,7 +288,7 @@ fn worker(
     jobs: &Mutex<Receiver<http::Job>>,
     shared: &Shared,
     db: &mut LazyDb,
-    writer: Option<&SyncSender<WriteCmd>>,
+    writer: Option<&WriterHandle>,
     queries: &SyncSender<http::Job>,
 ) {
     while let Some(job) = next_job(jobs) {
@@ -354,7 +354,7 @@ fn serve(
     job: http::Job,
     shared: &Shared,
     db: &rusqlite::Connection,
-    writer: Option<&SyncSender<WriteCmd>>,
+    writer: Option<&WriterHandle>,
 ) {
     let started = std::time::Instant::now();
     let rq = &job.request;

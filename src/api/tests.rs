@@ -1903,7 +1903,7 @@ fn a_read_right_after_an_acknowledged_sync_includes_it() {
         devices: None,
         metrics: Default::default(),
     };
-    let server = super::start(cfg, Some(tx)).unwrap();
+    let server = super::start(cfg, Some(crate::store::WriterHandle::new(tx))).unwrap();
     let base = format!("http://{}/api/v1", server.addr());
     let http: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)

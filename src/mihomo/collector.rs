@@ -13,12 +13,11 @@
 use crate::error::{Error, Result};
 use crate::mihomo::diff::Tracker;
 use crate::mihomo::snapshot::Snapshot;
-use crate::store::WriteCmd;
+use crate::store::{WriteCmd, WriterHandle};
 use std::io::ErrorKind;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,7 +92,7 @@ enum Ended {
 pub fn run(
     cfg: CollectorConfig,
     mut tracker: Tracker,
-    writer: SyncSender<WriteCmd>,
+    writer: WriterHandle,
     stop: Arc<AtomicBool>,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -191,7 +190,7 @@ fn handshake(cfg: &CollectorConfig, stream: TcpStream) -> std::result::Result<Fr
 fn session(
     cfg: &CollectorConfig,
     tracker: &mut Tracker,
-    writer: &SyncSender<WriteCmd>,
+    writer: &WriterHandle,
     stop: &AtomicBool,
     got_frames: &mut bool,
 ) -> Ended {
@@ -323,7 +322,7 @@ impl ClockGate {
 
 /// Applies a push received at `at` to the tracker and sends its diffs to the writer; false when the writer
 /// is gone.
-fn record(snap: Snapshot, at: i64, tracker: &mut Tracker, writer: &SyncSender<WriteCmd>) -> bool {
+fn record(snap: Snapshot, at: i64, tracker: &mut Tracker, writer: &WriterHandle) -> bool {
     crate::counters::add(&crate::counters::FRAMES, 1);
     if snap.skipped > 0 {
         crate::warn!(
@@ -333,10 +332,10 @@ fn record(snap: Snapshot, at: i64, tracker: &mut Tracker, writer: &SyncSender<Wr
     }
     let mut writer_gone = false;
     let diff = tracker.apply_in_parts(&snap, at, OPENED_PART, &mut |part| {
-        writer_gone |= writer.send(WriteCmd::Diff(part)).is_err();
+        writer_gone |= writer.send_blocking(WriteCmd::Diff(part)).is_err();
     });
     drop(snap);
-    !(writer_gone || (!diff.is_empty() && writer.send(WriteCmd::Diff(diff)).is_err()))
+    !(writer_gone || (!diff.is_empty() && writer.send_blocking(WriteCmd::Diff(diff)).is_err()))
 }
 
 /// New connections are handed to the writer in diffs of at most this many (memory: their decoded metadata

@@ -11,7 +11,7 @@
 //! `connections` is neither an array nor `null`, is refused.
 
 use crate::error::{Error, Result};
-use crate::model::{Bytes, ConnMeta};
+use crate::model::{Bytes, ConnMeta, Field, Mihomo};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -581,59 +581,65 @@ fn geoip(raw: Option<&RawValue>) -> String {
     }
 }
 
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", default)]
-struct RawMeta<'a> {
-    #[serde(borrow)]
-    network: Option<&'a RawValue>,
-    #[serde(borrow, rename = "type")]
-    conn_type: Option<&'a RawValue>,
-    #[serde(borrow, rename = "sourceIP")]
-    source_ip: Option<&'a RawValue>,
-    #[serde(borrow, rename = "destinationIP")]
-    destination_ip: Option<&'a RawValue>,
-    #[serde(borrow, rename = "sourceGeoIP")]
-    source_geoip: Option<&'a RawValue>,
-    #[serde(borrow, rename = "destinationGeoIP")]
-    destination_geoip: Option<&'a RawValue>,
-    #[serde(borrow, rename = "sourceIPASN")]
-    source_ip_asn: Option<&'a RawValue>,
-    #[serde(borrow, rename = "destinationIPASN")]
-    destination_ip_asn: Option<&'a RawValue>,
-    #[serde(borrow)]
-    source_port: Option<&'a RawValue>,
-    #[serde(borrow)]
-    destination_port: Option<&'a RawValue>,
-    #[serde(borrow, rename = "inboundIP")]
-    inbound_ip: Option<&'a RawValue>,
-    #[serde(borrow)]
-    inbound_port: Option<&'a RawValue>,
-    #[serde(borrow)]
-    inbound_name: Option<&'a RawValue>,
-    #[serde(borrow)]
-    inbound_user: Option<&'a RawValue>,
-    #[serde(borrow)]
-    rematch_name: Option<&'a RawValue>,
-    #[serde(borrow)]
-    host: Option<&'a RawValue>,
-    #[serde(borrow)]
-    dns_mode: Option<&'a RawValue>,
-    #[serde(borrow)]
-    uid: Option<&'a RawValue>,
-    #[serde(borrow)]
-    process: Option<&'a RawValue>,
-    #[serde(borrow)]
-    process_path: Option<&'a RawValue>,
-    #[serde(borrow)]
-    special_proxy: Option<&'a RawValue>,
-    #[serde(borrow)]
-    special_rules: Option<&'a RawValue>,
-    #[serde(borrow)]
-    remote_destination: Option<&'a RawValue>,
-    #[serde(borrow)]
-    dscp: Option<&'a RawValue>,
-    #[serde(borrow)]
-    sniff_host: Option<&'a RawValue>,
+/// A connection's `metadata`, still raw: the value of each field that mihomo puts there ([`Mihomo::Meta`],
+/// [`Mihomo::MetaList`]), every other key skipped unread. Anything but an object, or a key twice, makes it
+/// unusable (every field then takes its default), as it always did.
+#[derive(Default)]
+struct RawMeta<'a>([Option<&'a RawValue>; Field::COUNT]);
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawMeta<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = RawMeta<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a metadata object")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut m = RawMeta::default();
+                while let Some(key) = map.next_key_seed(MetaKey)? {
+                    let Some(field) = key else {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
+                    };
+                    let slot = &mut m.0[field as usize];
+                    if slot.is_some() {
+                        return Err(serde::de::Error::duplicate_field(
+                            field.mihomo().metadata_key().unwrap_or_default(),
+                        ));
+                    }
+                    *slot = map.next_value::<Option<&'de RawValue>>()?;
+                }
+                Ok(m)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// A `metadata` key: the field it holds, without allocating.
+struct MetaKey;
+
+impl<'de> serde::de::DeserializeSeed<'de> for MetaKey {
+    type Value = Option<Field>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MetaKey {
+    type Value = Option<Field>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Self::Value, E> {
+        Ok(Field::ALL
+            .into_iter()
+            .find(|f| f.mihomo().metadata_key() == Some(v)))
+    }
 }
 
 impl Entry {
@@ -674,34 +680,9 @@ impl Entry {
         chains.reverse();
         let mut provider_chains = strings(r.provider_chains).unwrap_or_default();
         provider_chains.reverse();
-        ConnMeta {
+        let mut meta = ConnMeta {
             id: self.id().into_owned(),
             start_ms,
-            network: owned(m.network),
-            conn_type: owned(m.conn_type),
-            source_ip: owned(m.source_ip),
-            source_port: owned(m.source_port),
-            destination_ip: owned(m.destination_ip),
-            destination_port: owned(m.destination_port),
-            source_geoip: geoip(m.source_geoip),
-            destination_geoip: geoip(m.destination_geoip),
-            source_ip_asn: owned(m.source_ip_asn),
-            destination_ip_asn: owned(m.destination_ip_asn),
-            inbound_ip: owned(m.inbound_ip),
-            inbound_port: owned(m.inbound_port),
-            inbound_name: owned(m.inbound_name),
-            inbound_user: owned(m.inbound_user),
-            host: owned(m.host),
-            dns_mode: owned(m.dns_mode),
-            uid: signed(m.uid),
-            process: owned(m.process),
-            process_path: owned(m.process_path),
-            special_proxy: owned(m.special_proxy),
-            special_rules: owned(m.special_rules),
-            remote_destination: owned(m.remote_destination),
-            dscp: signed(m.dscp),
-            sniff_host: owned(m.sniff_host),
-            rematch_name: owned(m.rematch_name),
             chains: serde_json::to_string(&chains).unwrap_or_else(|_| "[]".into()),
             provider_chains: serde_json::to_string(&provider_chains)
                 .unwrap_or_else(|_| "[]".into()),
@@ -709,7 +690,22 @@ impl Entry {
             policy,
             rule: owned(r.rule),
             rule_payload: owned(r.rule_payload),
+            ..ConnMeta::default()
+        };
+        for f in Field::ALL {
+            let raw = m.0[f as usize];
+            match (f.mihomo(), meta.text_mut(f)) {
+                (Mihomo::Object, _) => {}
+                (Mihomo::MetaList(_), Some(t)) => *t = geoip(raw),
+                (Mihomo::Meta(_), Some(t)) => *t = owned(raw),
+                (_, None) => {
+                    if let Some(i) = meta.int_mut(f) {
+                        *i = signed(raw);
+                    }
+                }
+            }
         }
+        meta
     }
 }
 

@@ -429,6 +429,59 @@ mod tests {
         }
     }
 
+    /// The metadata fields declared in `crate::model` are the columns of `connections`, with their types and
+    /// defaults (the migrations stay literal: a released one never changes).
+    #[test]
+    fn declared_fields_are_the_connection_columns() {
+        use crate::model::{ConnMeta, Field, FieldValue, Kind};
+        let c = open(&tmp("fields"), Access::Write).unwrap();
+        let mut st = c
+            .prepare("SELECT name, type, dflt_value FROM pragma_table_info('connections')")
+            .unwrap();
+        let columns: Vec<(String, String, Option<String>)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        for f in Field::ALL {
+            let (_, ty, default) = columns
+                .iter()
+                .find(|(name, _, _)| name == f.column())
+                .unwrap_or_else(|| panic!("{f:?}: no column {}", f.column()));
+            let want_ty = match f.kind() {
+                Kind::Text => "TEXT",
+                Kind::Int => "INTEGER",
+            };
+            assert_eq!(ty, want_ty, "{f:?}");
+            let want_default = match f.default_value() {
+                FieldValue::Text(t) => format!("'{t}'"),
+                FieldValue::Int(i) => i.to_string(),
+            };
+            assert_eq!(default.as_deref(), Some(want_default.as_str()), "{f:?}");
+        }
+        let listed: Vec<&str> = ConnMeta::SQL_COLUMNS.split(", ").collect();
+        assert_eq!(listed.len(), 1 + Field::COUNT);
+        assert_eq!(listed[0], "start_ms");
+        // every other column is the row's own (key, times, totals, change counter)
+        let own = [
+            "pk",
+            "agent_id",
+            "id",
+            "start_ms",
+            "end_ms",
+            "last_updated_ms",
+            "upload",
+            "download",
+            "seq",
+        ];
+        for (name, _, _) in &columns {
+            assert!(
+                own.contains(&name.as_str()) || Field::ALL.iter().any(|f| f.column() == name),
+                "column {name} is not declared"
+            );
+        }
+    }
+
     #[test]
     fn refuses_non_sqlite_file_untouched() {
         let p = tmp("garbage");

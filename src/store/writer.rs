@@ -6,7 +6,8 @@
 //! collector: back-pressure instead of unbounded memory. Other work (a master's sync batches, retention, the
 //! agent's sync cursor) arrives as [`WriteCmd::Run`] closures, run after pending diffs are committed, so
 //! every closure sees all earlier writes. When every sender is gone the writer commits what it holds and
-//! returns: nothing received is lost on a clean stop.
+//! returns: nothing received is lost on a clean stop. Every other thread reaches the writer through a
+//! [`WriterHandle`]; what a commit does to the rows is [`crate::store::merge`]'s.
 //!
 //! A database that cannot be written (disk full, I/O errors) is not fatal: the batch stays in memory and is
 //! retried with backoff (0.5 s doubling to 30 s), logged once when it starts failing and once when it
@@ -14,12 +15,11 @@
 //! dropped (the newest data is kept), logged and counted (`metrics::DROPPED`).
 
 use crate::error::{Error, Result};
-use crate::model::{placeholders, Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
-use crate::store::rollup::{host_key, RollupDelta};
-use crate::timefmt::{DAY_MS, MINUTE_MS};
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::model::{Bytes, Closed, ConnectionDiff, Flow, Metadata, PackedMeta};
+use crate::store::merge::{spread_each, End, Merge, Row, Seen};
+use rusqlite::{params, Connection};
 use std::collections::{HashMap, HashSet};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 /// A unit of work for the writer thread.
@@ -53,6 +53,102 @@ pub struct GroupedWrite {
 pub type GroupApply = Box<dyn Fn(&Connection) -> Result<()> + Send>;
 /// Told the outcome of a [`GroupedWrite`] after its transaction.
 pub type GroupDone = Box<dyn FnOnce(std::result::Result<(), &Error>) + Send>;
+
+/// The way into the writer thread, for every thread that needs it (collector, sync, retention, the API's
+/// ingest, the app's wiring, tests): a clone each. The channel is bounded; every wait here but the
+/// collector's ends at a deadline, and the messages name the writer, not the caller (the caller says who it
+/// is when it logs).
+#[derive(Clone)]
+pub struct WriterHandle(SyncSender<WriteCmd>);
+
+impl WriterHandle {
+    /// Wraps the sending end of the writer's channel (the receiving end goes to [`Writer::run`]).
+    pub fn new(tx: SyncSender<WriteCmd>) -> WriterHandle {
+        WriterHandle(tx)
+    }
+
+    /// Queues `cmd`, waiting for room until `deadline` (a deadline now or past: one try).
+    pub fn send(&self, mut cmd: WriteCmd, deadline: Instant) -> Result<()> {
+        loop {
+            match self.0.try_send(cmd) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(c)) => {
+                    if Instant::now() >= deadline {
+                        return Err(Error::Timeout("writer: its queue stayed full".into()));
+                    }
+                    cmd = c;
+                    // The writer drains in milliseconds; a short pause keeps this from spinning.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(TrySendError::Disconnected(_)) => return Err(Error::Stopped("writer")),
+            }
+        }
+    }
+
+    /// Queues `cmd` if there is room now.
+    pub fn try_send(&self, cmd: WriteCmd) -> Result<()> {
+        self.send(cmd, Instant::now())
+    }
+
+    /// Queues `cmd`, waiting for room as long as it takes: the collector's back-pressure (a diff must not be
+    /// lost, and the writer, while it lives, always drains). Errors only when the writer is gone.
+    pub fn send_blocking(&self, cmd: WriteCmd) -> Result<()> {
+        self.0.send(cmd).map_err(|_| Error::Stopped("writer"))
+    }
+
+    /// Runs `f` on the writer thread and waits for its result, at most `timeout` in all (waiting for room in
+    /// the channel included). Errors when the writer is gone or too slow; `f` may still run later then.
+    pub fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> T + Send + 'static,
+        timeout: Duration,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let (tx, rx) = sync_channel(1);
+        let cmd = WriteCmd::Run(Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        }));
+        self.send(cmd, deadline)?;
+        answer(&rx, deadline, timeout)
+    }
+
+    /// Hands `apply` to the writer for group commit ([`GroupedWrite`]) and waits, at most `timeout`, for what
+    /// `done` makes of its outcome.
+    pub fn call_grouped<T: Send + 'static>(
+        &self,
+        apply: GroupApply,
+        done: impl FnOnce(std::result::Result<(), &Error>) -> T + Send + 'static,
+        timeout: Duration,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let (tx, rx) = sync_channel(1);
+        let done: GroupDone = Box::new(move |outcome| {
+            let _ = tx.send(done(outcome));
+        });
+        self.send(WriteCmd::Grouped(GroupedWrite { apply, done }), deadline)?;
+        answer(&rx, deadline, timeout)
+    }
+
+    /// Commits everything the writer holds and waits for it, at most `timeout`.
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let (tx, rx) = sync_channel(1);
+        self.send(WriteCmd::Flush(tx), deadline)?;
+        answer(&rx, deadline, timeout)
+    }
+}
+
+/// The writer's answer on `rx`, waited for until `deadline` (`timeout` after the request started).
+fn answer<T>(rx: &Receiver<T>, deadline: Instant, timeout: Duration) -> Result<T> {
+    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .map_err(|e| match e {
+            RecvTimeoutError::Timeout => Error::Timeout(format!(
+                "writer: no answer within {:.1} s",
+                timeout.as_secs_f64()
+            )),
+            RecvTimeoutError::Disconnected => Error::Stopped("writer"),
+        })
+}
 
 /// How the writer batches.
 #[derive(Clone, Debug)]
@@ -95,59 +191,6 @@ pub fn is_storage_error(e: &Error) -> bool {
             matches!(f.code, C::DiskFull | C::SystemIoFailure | C::CannotOpen)
         }
         _ => false,
-    }
-}
-
-/// Bytes that moved are spread over at most this span; older bytes land in its first minute.
-pub const MAX_SPREAD_MS: i64 = DAY_MS;
-
-/// At most this many buckets per spread: a long gap is cut into chunks of whole minutes, each chunk's share
-/// stored in its first minute. A tracker starting next to 2,500 day-old connections writes 150,000 rows, not
-/// 3.6 million.
-pub const MAX_SPREAD_BUCKETS: i64 = 60;
-
-/// Splits `delta` over the minutes of `[from_ms, to_ms]` in proportion to the time spent in each (in chunks
-/// of several minutes when the span is longer than [`MAX_SPREAD_BUCKETS`] minutes), with exact integer sums.
-/// An empty or backwards span puts everything in the minute of `to_ms`.
-pub fn spread(from_ms: i64, to_ms: i64, delta: Bytes) -> Vec<(i64, Bytes)> {
-    let mut out = Vec::new();
-    spread_each(from_ms, to_ms, delta, |minute, share| {
-        out.push((minute, share))
-    });
-    out
-}
-
-/// [`spread`], handing each `(minute, share)` to `f` instead of collecting them.
-fn spread_each(from_ms: i64, to_ms: i64, delta: Bytes, mut f: impl FnMut(i64, Bytes)) {
-    let from_ms = from_ms.max(to_ms - MAX_SPREAD_MS);
-    if to_ms <= from_ms {
-        return f(to_ms.div_euclid(MINUTE_MS), delta);
-    }
-    let first = from_ms.div_euclid(MINUTE_MS);
-    // the minute holding the span's last instant (`to_ms` itself is excluded)
-    let last = (to_ms - 1).div_euclid(MINUTE_MS);
-    if first == last {
-        return f(last, delta);
-    }
-    let minutes = last - first + 1;
-    let step = (minutes + MAX_SPREAD_BUCKETS - 1) / MAX_SPREAD_BUCKETS;
-    let span = (to_ms - from_ms) as u128;
-    let (mut done_up, mut done_down) = (0u64, 0u64);
-    let mut minute = first;
-    while minute <= last {
-        let end = ((minute + step) * MINUTE_MS).min(to_ms);
-        let elapsed = (end - from_ms) as u128;
-        let up = (delta.upload as u128 * elapsed / span) as u64;
-        let down = (delta.download as u128 * elapsed / span) as u64;
-        let share = Bytes {
-            upload: up - done_up,
-            download: down - done_down,
-        };
-        (done_up, done_down) = (up, down);
-        if share != Bytes::default() {
-            f(minute, share);
-        }
-        minute += step;
     }
 }
 
@@ -254,134 +297,12 @@ struct Failing {
     merged: u64,
 }
 
-/// A new connection waiting in the pending batch, packed into one allocation: its id, `start_ms` and rollup
-/// key, then the values of [`ConnMeta::SQL_COLUMNS`] (`u32` length + text, or a tag and 8 bytes). A start
-/// next to 2,500 connections holds them all until the first commit, and that commit is the largest: about
-/// 4 MB as `ConnMeta`s (33 strings each), a third of that packed.
-struct PackedMeta(Box<[u8]>);
-
-/// How [`PackedMeta`] tags a value.
-const PACKED_TEXT: u8 = 0;
-const PACKED_INT: u8 = 1;
-const PACKED_REAL: u8 = 2;
-const PACKED_NULL: u8 = 3;
-const PACKED_BLOB: u8 = 4;
-
-impl PackedMeta {
-    fn new(m: &ConnMeta) -> PackedMeta {
-        use rusqlite::types::{ToSqlOutput, Value, ValueRef};
-        let mut out = Vec::with_capacity(512);
-        // (a value longer than 4 GiB cannot come in: frames and request bodies are limited far below)
-        let text = |out: &mut Vec<u8>, t: &[u8]| {
-            out.extend_from_slice(&(t.len() as u32).to_le_bytes());
-            out.extend_from_slice(t);
-        };
-        text(&mut out, m.id.as_bytes());
-        out.extend_from_slice(&m.start_ms.to_le_bytes());
-        text(&mut out, host_key(&m.host, &m.destination_ip).as_bytes());
-        for v in m.view().sql_values() {
-            let v = v.to_sql().unwrap_or(ToSqlOutput::Owned(Value::Null));
-            let v = match &v {
-                ToSqlOutput::Borrowed(v) => *v,
-                ToSqlOutput::Owned(v) => ValueRef::from(v),
-                // not produced by ConnMeta's fields (strings and integers)
-                _ => ValueRef::Null,
-            };
-            match v {
-                ValueRef::Text(t) => {
-                    out.push(PACKED_TEXT);
-                    text(&mut out, t);
-                }
-                ValueRef::Blob(t) => {
-                    out.push(PACKED_BLOB);
-                    text(&mut out, t);
-                }
-                ValueRef::Integer(i) => {
-                    out.push(PACKED_INT);
-                    out.extend_from_slice(&i.to_le_bytes());
-                }
-                ValueRef::Real(f) => {
-                    out.push(PACKED_REAL);
-                    out.extend_from_slice(&f.to_le_bytes());
-                }
-                ValueRef::Null => out.push(PACKED_NULL),
-            }
-        }
-        PackedMeta(out.into_boxed_slice())
-    }
-
-    /// The text at `at` and where the next field starts.
-    fn text_at(&self, at: usize) -> (&[u8], usize) {
-        let len = u32::from_le_bytes(self.0[at..at + 4].try_into().unwrap_or_default()) as usize;
-        (&self.0[at + 4..at + 4 + len], at + 4 + len)
-    }
-
-    fn id(&self) -> &str {
-        std::str::from_utf8(self.text_at(0).0).unwrap_or_default()
-    }
-
-    fn start_ms(&self) -> i64 {
-        let at = self.text_at(0).1;
-        i64::from_le_bytes(self.0[at..at + 8].try_into().unwrap_or_default())
-    }
-
-    fn host_key(&self) -> &str {
-        let at = self.text_at(0).1 + 8;
-        std::str::from_utf8(self.text_at(at).0).unwrap_or_default()
-    }
-
-    /// The id and the values to bind, in [`ConnMeta::SQL_COLUMNS`] order (borrowed: nothing is copied).
-    fn unpack(&self) -> (&str, Vec<rusqlite::types::ToSqlOutput<'_>>) {
-        use rusqlite::types::{ToSqlOutput, ValueRef};
-        let mut at = self.text_at(self.text_at(0).1 + 8).1;
-        let mut values = Vec::with_capacity(32);
-        while at < self.0.len() {
-            let tag = self.0[at];
-            at += 1;
-            let v = match tag {
-                PACKED_TEXT | PACKED_BLOB => {
-                    let (t, next) = self.text_at(at);
-                    at = next;
-                    if tag == PACKED_TEXT {
-                        ValueRef::Text(t)
-                    } else {
-                        ValueRef::Blob(t)
-                    }
-                }
-                PACKED_INT | PACKED_REAL => {
-                    let b: [u8; 8] = self.0[at..at + 8].try_into().unwrap_or_default();
-                    at += 8;
-                    if tag == PACKED_INT {
-                        ValueRef::Integer(i64::from_le_bytes(b))
-                    } else {
-                        ValueRef::Real(f64::from_le_bytes(b))
-                    }
-                }
-                _ => ValueRef::Null,
-            };
-            values.push(ToSqlOutput::Borrowed(v));
-        }
-        (self.id(), values)
-    }
-}
-
-/// What the writer remembers of a connection it writes to: its row key, what the rollups group it by,
-/// and the totals stored in its row (so rollup deltas need no read).
-#[derive(Clone, Debug)]
-struct Live {
-    pk: i64,
-    start_ms: i64,
-    host_key: Box<str>,
-    upload: i64,
-    download: i64,
-}
-
 /// The writer's state: its connection, the pending batch and a cache of the open connections' rows.
 pub struct Writer {
     conn: Connection,
     cfg: WriterConfig,
     pending: Pending,
-    live: HashMap<String, Live>,
+    live: HashMap<String, Row>,
     next_seq: i64,
     failing: Option<Failing>,
     /// Open connections whose opening was dropped while the database was full: their later changes are
@@ -389,10 +310,6 @@ pub struct Writer {
     dropped_ids: HashSet<String>,
     /// The page cap last set through [`crate::test_hooks`].
     page_cap: Option<i64>,
-}
-
-fn clamp(v: u64) -> i64 {
-    v.min(i64::MAX as u64) as i64
 }
 
 impl Writer {
@@ -413,6 +330,20 @@ impl Writer {
             dropped_ids: HashSet::new(),
             page_cap: None,
         })
+    }
+
+    /// Starts the writer on a thread of its own (`writer`) behind a channel of `queue` commands: the handle
+    /// for the other threads, and the thread to join once every handle is dropped.
+    pub fn spawn(
+        self,
+        queue: usize,
+    ) -> Result<(WriterHandle, std::thread::JoinHandle<Result<()>>)> {
+        let (tx, rx) = sync_channel(queue);
+        let thread = std::thread::Builder::new()
+            .name("writer".into())
+            .spawn(move || self.run(rx))
+            .map_err(Error::io("spawn thread writer"))?;
+        Ok((WriterHandle::new(tx), thread))
     }
 
     /// Runs until every sender is gone; commits what it holds before returning.
@@ -727,201 +658,136 @@ impl Writer {
         }
     }
 
+    /// Writes the pending batch in one transaction (see [`crate::store::merge`] for the rules): new
+    /// connections, reopened ones, byte updates (rows in pk order), then closes.
     fn apply(
         conn: &mut Connection,
         agent: &str,
         seq: i64,
         p: &Pending,
-        live: &mut HashMap<String, Live>,
+        live: &mut HashMap<String, Row>,
     ) -> Result<()> {
         let tx = conn.transaction().map_err(Error::db("begin write"))?;
-        let mut rollup = RollupDelta::default();
-        {
-            let mut lookup = tx
-                .prepare(
-                    "SELECT pk, start_ms, host, destination_ip, upload, download FROM connections
-                     WHERE agent_id = ?1 AND id = ?2",
-                )
-                .map_err(Error::db("prepare lookup"))?;
-            let mut find = |id: &str, live: &mut HashMap<String, Live>| -> Result<Option<Live>> {
-                if let Some(l) = live.get(id) {
-                    return Ok(Some(l.clone()));
-                }
-                let found = lookup
-                    .query_row(params![agent, id], |r| {
-                        Ok(Live {
-                            pk: r.get(0)?,
-                            start_ms: r.get(1)?,
-                            host_key: host_key(&r.get::<_, String>(2)?, &r.get::<_, String>(3)?)
-                                .into(),
-                            upload: r.get(4)?,
-                            download: r.get(5)?,
-                        })
-                    })
-                    .optional()
-                    .map_err(Error::db("look up connection"))?;
-                if let Some(l) = &found {
-                    live.insert(id.to_string(), l.clone());
-                }
-                Ok(found)
-            };
-            // Raises the stored totals to at least `up`/`down`; returns the row and the rollup delta.
-            let raise = |l: &mut Live, up: i64, down: i64, rollup: &mut RollupDelta| {
-                let (nu, nd) = (l.upload.max(up), l.download.max(down));
-                rollup.conn(
-                    agent,
-                    l.start_ms,
-                    &l.host_key,
-                    0,
-                    nu - l.upload,
-                    nd - l.download,
-                );
-                (l.upload, l.download) = (nu, nd);
-            };
-
-            let mut insert = tx
-                .prepare(&format!(
-                    "INSERT INTO connections (agent_id, id, end_ms, last_updated_ms, upload, download, seq, {})
-                     VALUES ({})",
-                    ConnMeta::SQL_COLUMNS,
-                    placeholders(7 + ConnMeta::SQL_COLUMNS.split(',').count())
-                ))
-                .map_err(Error::db("prepare insert"))?;
-            let mut reopen = tx
-                .prepare(
-                    "UPDATE connections SET end_ms = NULL, upload = max(upload, ?2), download = max(download, ?3),
-                        last_updated_ms = max(last_updated_ms, ?4), seq = ?5 WHERE pk = ?1",
-                )
-                .map_err(Error::db("prepare reopen"))?;
-            for (m, b, at) in &p.opened {
-                let (id, values) = m.unpack();
-                let (up, down) = (clamp(b.upload), clamp(b.download));
-                if let Some(mut l) = find(id, live)? {
-                    // known already (a glitch hid it, or it came through another path): reopen the same row
-                    raise(&mut l, up, down, &mut rollup);
-                    reopen
-                        .execute(params![l.pk, l.upload, l.download, at, seq])
-                        .map_err(Error::db("reopen connection"))?;
-                    live.insert(id.to_string(), l);
-                    continue;
-                }
-                // never updated before it started (a clock that went back)
-                let at = (*at).max(m.start_ms());
-                let head: [&dyn rusqlite::ToSql; 7] =
-                    [&agent, &id, &rusqlite::types::Null, &at, &up, &down, &seq];
-                // the new rowid, not `RETURNING pk`: that builds a temporary table per row (with musl, an
-                // mmap/munmap pair each), which cost more than the insert
-                insert
-                    .execute(rusqlite::params_from_iter(
-                        head.into_iter()
-                            .chain(values.iter().map(|v| v as &dyn rusqlite::ToSql)),
-                    ))
-                    .map_err(|e| Error::Db(format!("insert connection {id}"), e))?;
-                let pk = tx.last_insert_rowid();
-                let key = m.host_key();
-                rollup.conn(agent, m.start_ms(), key, 1, up, down);
-                live.insert(
-                    id.to_string(),
-                    Live {
-                        pk,
-                        start_ms: m.start_ms(),
-                        host_key: key.into(),
-                        upload: up,
-                        download: down,
-                    },
-                );
-            }
-
-            let mut reopen_only = tx
-                .prepare("UPDATE connections SET end_ms = NULL, last_updated_ms = max(last_updated_ms, ?2), seq = ?3 WHERE pk = ?1")
-                .map_err(Error::db("prepare reopen"))?;
-            for (id, at) in &p.reopened {
-                if let Some(l) = find(id, live)? {
-                    reopen_only
-                        .execute(params![l.pk, at, seq])
-                        .map_err(Error::db("reopen connection"))?;
-                }
-            }
-
-            let mut totals = tx
-                .prepare(
-                    "UPDATE connections SET upload = max(upload, ?2), download = max(download, ?3), last_updated_ms = max(last_updated_ms, ?4),
-                        seq = ?5 WHERE pk = ?1",
-                )
-                .map_err(Error::db("prepare totals"))?;
-            let mut bucket = tx
-                .prepare(
-                    "INSERT INTO traffic (conn, minute, upload, download, seq) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (conn, minute) DO UPDATE SET upload = upload + excluded.upload,
-                        download = download + excluded.download, seq = excluded.seq",
-                )
-                .map_err(Error::db("prepare traffic"))?;
-            let mut buckets: Vec<(i64, Bytes)> = Vec::new();
-            // in row order: each page of the table is then changed once in a row, so a small page cache
-            // (a router's) spills it once instead of over and over
-            let mut flows: Vec<(&String, &PendingFlow)> = p.flows.iter().collect();
-            flows.sort_unstable_by_key(|(id, _)| live.get(*id).map_or(i64::MAX, |l| l.pk));
-            for (id, f) in flows {
-                let Some(mut l) = find(id, live)? else {
-                    crate::warn!("writer: traffic for unknown connection {id} ignored");
-                    continue;
+        let mut merge = Merge::prepare(&tx, Some(seq))?;
+        apply_opened(&mut merge, agent, &p.opened, live)?;
+        for (id, at) in &p.reopened {
+            if let Some(row) = cached(&mut merge, agent, id, live)? {
+                let seen = Seen {
+                    totals: Bytes::default(),
+                    last_updated_ms: *at,
+                    end: End::Reopen,
                 };
-                raise(
-                    &mut l,
-                    clamp(f.totals.upload),
-                    clamp(f.totals.download),
-                    &mut rollup,
-                );
-                totals
-                    .execute(params![l.pk, l.upload, l.download, f.at_ms, seq])
-                    .map_err(Error::db("update totals"))?;
-                buckets.clear();
-                for &(from_ms, to_ms, delta) in &f.spans {
-                    spread_each(from_ms, to_ms, delta, |minute, share| {
-                        // a connection's pending minutes are few (one or two while tracking live)
-                        match buckets.iter_mut().find(|(m, _)| *m == minute) {
-                            Some((_, b)) => {
-                                b.upload += share.upload;
-                                b.download += share.download;
-                            }
-                            None => buckets.push((minute, share)),
-                        }
-                    });
-                }
-                for (minute, b) in &buckets {
-                    let (up, down) = (clamp(b.upload), clamp(b.download));
-                    bucket
-                        .execute(params![l.pk, minute, up, down, seq])
-                        .map_err(Error::db("write traffic"))?;
-                    rollup.traffic(agent, *minute, up, down);
-                }
-                live.insert(id.clone(), l);
-            }
-
-            let mut close = tx
-                .prepare(
-                    "UPDATE connections SET end_ms = ?2, upload = max(upload, ?3), download = max(download, ?4),
-                        last_updated_ms = max(last_updated_ms, ?2), seq = ?5 WHERE pk = ?1",
-                )
-                .map_err(Error::db("prepare close"))?;
-            for c in &p.closed {
-                if let Some(mut l) = find(&c.id, live)? {
-                    raise(
-                        &mut l,
-                        clamp(c.totals.upload),
-                        clamp(c.totals.download),
-                        &mut rollup,
-                    );
-                    close
-                        .execute(params![l.pk, c.end_ms, l.upload, l.download, seq])
-                        .map_err(Error::db("close connection"))?;
-                    live.insert(c.id.clone(), l);
-                }
+                merge.update(agent, row, &seen)?;
             }
         }
-        rollup.apply(&tx)?;
+        apply_flows(&mut merge, agent, &p.flows, live)?;
+        for c in &p.closed {
+            if let Some(row) = cached(&mut merge, agent, &c.id, live)? {
+                let seen = Seen {
+                    totals: c.totals,
+                    last_updated_ms: c.end_ms,
+                    end: End::Close(c.end_ms),
+                };
+                merge.update(agent, row, &seen)?;
+            }
+        }
+        merge.finish()?;
         tx.commit().map_err(Error::db("commit"))
     }
+}
+
+/// The row of `agent`'s connection `id`: from the writer's cache, else from the database (and then cached).
+fn cached<'l>(
+    merge: &mut Merge<'_>,
+    agent: &str,
+    id: &str,
+    live: &'l mut HashMap<String, Row>,
+) -> Result<Option<&'l mut Row>> {
+    if !live.contains_key(id) {
+        match merge.find(agent, id)? {
+            Some(row) => live.insert(id.to_string(), row),
+            None => return Ok(None),
+        };
+    }
+    Ok(live.get_mut(id))
+}
+
+/// New connections: inserted, or reopened when the row is known already (a glitch hid the connection, or it
+/// came through another path).
+fn apply_opened(
+    merge: &mut Merge<'_>,
+    agent: &str,
+    opened: &[(PackedMeta, Bytes, i64)],
+    live: &mut HashMap<String, Row>,
+) -> Result<()> {
+    for (meta, totals, at) in opened {
+        let id = meta.id();
+        let reopen = Seen {
+            totals: *totals,
+            last_updated_ms: *at,
+            end: End::Reopen,
+        };
+        if !live.contains_key(id) {
+            let new = Seen {
+                // never updated before it started (a clock that went back)
+                last_updated_ms: (*at).max(meta.start_ms()),
+                ..reopen
+            };
+            if let Some(pk) = merge.insert(agent, meta, &new)? {
+                live.insert(id.to_string(), Row::inserted(pk, meta, &new));
+                continue;
+            }
+        }
+        if let Some(row) = cached(merge, agent, id, live)? {
+            merge.update(agent, row, &reopen)?;
+        }
+    }
+    Ok(())
+}
+
+/// Byte updates: each connection's totals, and its deltas spread over the minutes in which they flowed.
+fn apply_flows(
+    merge: &mut Merge<'_>,
+    agent: &str,
+    flows: &HashMap<String, PendingFlow>,
+    live: &mut HashMap<String, Row>,
+) -> Result<()> {
+    // in row order: each page of the table is then changed once in a row, so a small page cache (a
+    // router's) spills it once instead of over and over
+    let mut flows: Vec<(&String, &PendingFlow)> = flows.iter().collect();
+    flows.sort_unstable_by_key(|(id, _)| live.get(*id).map_or(i64::MAX, |l| l.pk));
+    let mut buckets: Vec<(i64, Bytes)> = Vec::new();
+    for (id, f) in flows {
+        let Some(row) = cached(merge, agent, id, live)? else {
+            crate::warn!("writer: traffic for unknown connection {id} ignored");
+            continue;
+        };
+        let seen = Seen {
+            totals: f.totals,
+            last_updated_ms: f.at_ms,
+            end: End::Keep,
+        };
+        merge.update(agent, row, &seen)?;
+        buckets.clear();
+        for &(from_ms, to_ms, delta) in &f.spans {
+            spread_each(from_ms, to_ms, delta, |minute, share| {
+                // a connection's pending minutes are few (one or two while tracking live)
+                match buckets.iter_mut().find(|(m, _)| *m == minute) {
+                    Some((_, b)) => {
+                        b.upload += share.upload;
+                        b.download += share.download;
+                    }
+                    None => buckets.push((minute, share)),
+                }
+            });
+        }
+        // each minute once per commit: a row inserted by this one has none of them yet
+        let fresh = merge.inserted_here(row.pk);
+        for &(minute, b) in &buckets {
+            merge.add_traffic(agent, row.pk, minute, b, fresh)?;
+        }
+    }
+    Ok(())
 }
 
 /// Loads the connections of `agent_id` that the database still has open, for the collector to resume.
@@ -948,83 +814,10 @@ pub fn load_open(conn: &Connection, agent_id: &str) -> Result<Vec<crate::model::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ConnMeta;
 
     fn b(upload: u64, download: u64) -> Bytes {
         Bytes { upload, download }
-    }
-
-    #[test]
-    fn packed_meta_gives_back_every_value() {
-        use rusqlite::types::{ToSqlOutput, Value};
-        let owned = |v: &ToSqlOutput<'_>| match v {
-            ToSqlOutput::Borrowed(v) => Value::try_from(*v).unwrap(),
-            ToSqlOutput::Owned(v) => v.clone(),
-            _ => Value::Null,
-        };
-        let full = ConnMeta {
-            id: "c-1".into(),
-            start_ms: -5,
-            network: "tcp".into(),
-            source_ip: "10.0.0.2".into(),
-            destination_ip: "203.0.113.9".into(),
-            host: "example.org".into(),
-            uid: i64::MAX,
-            dscp: 46,
-            chains: r#"["a","é"]"#.into(),
-            rule_payload: "x".repeat(300),
-            ..ConnMeta::default()
-        };
-        let no_host = ConnMeta {
-            host: String::new(),
-            ..full.clone()
-        };
-        for (m, key) in [(&full, "example.org"), (&no_host, "203.0.113.9")] {
-            let p = PackedMeta::new(m);
-            let (id, values) = p.unpack();
-            assert_eq!((id, p.start_ms(), p.host_key()), ("c-1", -5, key));
-            let want: Vec<Value> = m
-                .view()
-                .sql_values()
-                .iter()
-                .map(|v| owned(&v.to_sql().unwrap()))
-                .collect();
-            let got: Vec<Value> = values.iter().map(owned).collect();
-            assert_eq!(got, want);
-            assert_eq!(got.len(), ConnMeta::SQL_COLUMNS.split(',').count());
-        }
-    }
-
-    #[test]
-    fn spread_keeps_sums_and_shape() {
-        // three hours, 1,800,000 bytes down: 10,000 per minute
-        // one hour, 600,000 bytes down: 10,000 per minute
-        let parts = spread(0, 3_600_000, b(0, 600_000));
-        assert_eq!(parts.len(), 60);
-        assert!(parts.iter().all(|(_, x)| x.download == 10_000));
-        // three hours: 60 chunks of 3 minutes, 30,000 each, at each chunk's first minute
-        let parts = spread(0, 3 * 3_600_000, b(0, 1_800_000));
-        let sum: u64 = parts.iter().map(|(_, x)| x.download).sum();
-        assert_eq!(sum, 1_800_000);
-        assert_eq!(parts.len(), 60);
-        assert!(
-            parts
-                .iter()
-                .all(|(m, x)| x.download == 30_000 && m % 3 == 0),
-            "{parts:?}"
-        );
-        // a day-old connection first seen: still at most 60 rows
-        assert!(spread(0, 86_400_000, b(1, 1)).len() <= 60);
-        // odd numbers still sum exactly
-        let parts = spread(1_234, 500_001, b(7, 1_000_003));
-        assert_eq!(parts.iter().map(|(_, x)| x.upload).sum::<u64>(), 7);
-        assert_eq!(
-            parts.iter().map(|(_, x)| x.download).sum::<u64>(),
-            1_000_003
-        );
-        // backwards clock: one bucket at the end
-        assert_eq!(spread(600_000, 0, b(1, 2)), vec![(0, b(1, 2))]);
-        // within one minute
-        assert_eq!(spread(60_001, 119_999, b(1, 2)), vec![(1, b(1, 2))]);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use crate::support::{whole_connection, write_diffs, TempDir};
 use mihomo_connections_tracker::api::{self, ApiConfig};
 use mihomo_connections_tracker::model::{Bytes, ConnMeta};
-use mihomo_connections_tracker::store::WriteCmd;
+use mihomo_connections_tracker::store::{WriteCmd, WriterHandle};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -74,7 +74,11 @@ fn get(a: &ureq::Agent, url: &str, token: Option<&str>) -> (u16, String) {
 fn serves_over_http_with_auth_limits_and_clean_stop() {
     let dir = fixture("socket");
     let (tx, _rx) = std::sync::mpsc::sync_channel::<WriteCmd>(1);
-    let server = api::start(config(dir.path("t.db"), Some("tok"), 3, 1024), Some(tx)).unwrap();
+    let server = api::start(
+        config(dir.path("t.db"), Some("tok"), 3, 1024),
+        Some(WriterHandle::new(tx)),
+    )
+    .unwrap();
     let addr = server.addr();
     assert_ne!(addr.port(), 0);
     let base = format!("http://{addr}/api/v1");
@@ -186,7 +190,9 @@ fn a_stalled_upload_does_not_hold_the_only_worker() {
     let dir = fixture("stall");
     let (tx, _rx) = std::sync::mpsc::sync_channel::<WriteCmd>(1);
     let cfg = config(dir.path("t.db"), None, 1, 100_000);
-    let server = api::start_with_body_timeout(cfg, Some(tx), Duration::from_millis(200)).unwrap();
+    let server =
+        api::start_with_body_timeout(cfg, Some(WriterHandle::new(tx)), Duration::from_millis(200))
+            .unwrap();
     let addr = server.addr();
     // Promise 5000 bytes (more than tiny_http reads ahead by itself), send 10, then stall.
     let mut stalled = TcpStream::connect(addr).unwrap();

@@ -22,7 +22,7 @@ use mihomo_connections_tracker::mihomo::diff::Tracker;
 use mihomo_connections_tracker::mihomo::snapshot;
 use mihomo_connections_tracker::model::{Bytes, ConnMeta, ConnectionDiff};
 use mihomo_connections_tracker::simulate::{Rng, SimModel};
-use mihomo_connections_tracker::store::writer::spread;
+use mihomo_connections_tracker::store::merge::spread;
 use mihomo_connections_tracker::sync::{encode_batch, Batch, OutRecord};
 use mihomo_connections_tracker::timefmt::{self, format_rfc3339, MINUTE_MS};
 use rusqlite::{Connection, OpenFlags};

@@ -266,7 +266,7 @@ fn metrics_parse_with_prometheus_client_and_match_the_fixture() {
     running
         .writer()
         .unwrap()
-        .send(WriteCmd::Run(Box::new(move |c| {
+        .send_blocking(WriteCmd::Run(Box::new(move |c| {
             let n = c
                 .execute("DELETE FROM connections WHERE id = 'm1'", [])
                 .unwrap();

@@ -5,12 +5,13 @@ use crate::support::{query_one, wait_until, TempDir, POLL};
 use mihomo_connections_tracker::api::ingest::handle_sync;
 use mihomo_connections_tracker::model::{Bytes, Closed, ConnMeta, ConnectionDiff, Flow};
 use mihomo_connections_tracker::retention::{self, RetentionPolicy};
-use mihomo_connections_tracker::store::{self, Access, WriteCmd, Writer, WriterConfig};
+use mihomo_connections_tracker::store::{
+    self, Access, WriteCmd, Writer, WriterConfig, WriterHandle,
+};
 use mihomo_connections_tracker::sync::{self, LinkState, SyncConfig, SyncStatus};
 use rusqlite::types::Value;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 struct Db {
     path: PathBuf,
-    tx: Option<SyncSender<WriteCmd>>,
+    tx: Option<WriterHandle>,
     handle: Option<JoinHandle<mihomo_connections_tracker::Result<()>>>,
 }
 
@@ -34,32 +35,25 @@ impl Db {
             max_pending: 20_000,
         };
         let writer = Writer::new(conn, cfg).unwrap();
-        let (tx, rx) = sync_channel(64);
-        let handle = std::thread::spawn(move || writer.run(rx));
+        let (tx, handle) = writer.spawn(64).unwrap();
         Db {
             path,
             tx: Some(tx),
             handle: Some(handle),
         }
     }
-    fn tx(&self) -> SyncSender<WriteCmd> {
+    fn tx(&self) -> WriterHandle {
         self.tx.clone().unwrap()
     }
     fn send(&self, diff: ConnectionDiff) {
         self.tx
             .as_ref()
             .unwrap()
-            .send(WriteCmd::Diff(diff))
+            .send_blocking(WriteCmd::Diff(diff))
             .unwrap();
     }
     fn flush(&self) {
-        let (ftx, frx) = sync_channel(1);
-        self.tx
-            .as_ref()
-            .unwrap()
-            .send(WriteCmd::Flush(ftx))
-            .unwrap();
-        frx.recv_timeout(WAIT).unwrap();
+        self.tx.as_ref().unwrap().flush(WAIT).unwrap();
     }
 }
 
@@ -552,7 +546,7 @@ fn row_updated_while_its_batch_is_in_flight_is_sent_again() {
             if in_batch && !fired.swap(true, Ordering::SeqCst) {
                 // c1 (open) moves on while the batch holding its old state is being answered.
                 agent_tx
-                    .send(WriteCmd::Diff(ConnectionDiff {
+                    .send_blocking(WriteCmd::Diff(ConnectionDiff {
                         at_ms: T0 + 300_000,
                         flows: vec![Flow {
                             id: "c1".into(),
@@ -569,9 +563,7 @@ fn row_updated_while_its_batch_is_in_flight_is_sent_again() {
                         ..Default::default()
                     }))
                     .unwrap();
-                let (ftx, frx) = sync_channel(1);
-                agent_tx.send(WriteCmd::Flush(ftx)).unwrap();
-                frx.recv_timeout(WAIT).unwrap();
+                agent_tx.flush(WAIT).unwrap();
             }
         }));
     }
@@ -843,13 +835,14 @@ fn retention_after_sync_keeps_open_and_unsynced_rows() {
         require_synced: true,
         ..Default::default()
     };
-    let deleted = sync::call_writer(
-        &agent_db.tx(),
-        move |c| retention::apply(c, &policy, T0 + 30 * 86_400_000),
-        WAIT,
-    )
-    .unwrap()
-    .unwrap();
+    let deleted = agent_db
+        .tx()
+        .call(
+            move |c| retention::apply(c, &policy, T0 + 30 * 86_400_000),
+            WAIT,
+        )
+        .unwrap()
+        .unwrap();
     assert_eq!(deleted.deleted_by_age, 5);
     let left = dump(&agent_db.path, "r1");
     let ids: Vec<String> = left
@@ -914,7 +907,7 @@ fn measure_ingest_and_catch_up() {
         let mut c = store::open(&dir.path("direct.db"), Access::Write).unwrap();
         let started = Instant::now();
         for b in &parsed {
-            mihomo_connections_tracker::api::ingest::apply_batch(&mut c, b, T0).unwrap();
+            mihomo_connections_tracker::store::merge::apply_batch(&mut c, b, T0).unwrap();
         }
         eprintln!(
             "one thread: parse {parse:.2} s, store {:.2} s",

@@ -49,12 +49,11 @@ mod queries;
 use super::params::{ApiError, ApiResult};
 use super::stats::Totals;
 use crate::devices::Devices;
-use crate::store::WriteCmd;
+use crate::store::{WriteCmd, WriterHandle};
 use dimension::{exported, DimState, AGENT, DEVICE, DIMENSIONS, HOST, NODE, POLICY, RULE};
 use queries::Failed;
 use rusqlite::Connection;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::mpsc::SyncSender;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -140,7 +139,7 @@ pub fn render(
     rollups: bool,
     state: &MetricsState,
     devices: Option<&Devices>,
-    writer: Option<&SyncSender<WriteCmd>>,
+    writer: Option<&WriterHandle>,
     now_ms: i64,
 ) -> ApiResult<String> {
     let mut inner = state.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -175,7 +174,7 @@ fn scrape(
     cfg: &MetricsConfig,
     inner: &mut Inner,
     devices: Option<&Devices>,
-    writer: Option<&SyncSender<WriteCmd>>,
+    writer: Option<&WriterHandle>,
     now_ms: i64,
 ) -> Result<String, Failed> {
     if inner.saved.is_none() {
@@ -277,7 +276,7 @@ fn refresh(
 
 /// Hands the offsets to the writer when they changed (rarely: after deletions or when the top N changes).
 /// A full queue just means trying again at the next scrape.
-fn persist(inner: &mut Inner, hosts: bool, writer: Option<&SyncSender<WriteCmd>>) {
+fn persist(inner: &mut Inner, hosts: bool, writer: Option<&WriterHandle>) {
     let Some(writer) = writer else { return };
     let mut all: Saved = BTreeMap::new();
     for i in exported(hosts) {
