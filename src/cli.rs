@@ -3,7 +3,7 @@
 //! Same flags as the earlier tool (`master`, `agent`), so existing service files keep working, plus ours.
 //! Every flag can also come from the environment: `--mihomo-token` from `MCT_MIHOMO_TOKEN` and so on (the
 //! command line wins). Tokens can be read from a file (`--api-token-file`, ...) so they never show in `ps`.
-//! [`parse`] picks the subcommand; one function per subcommand reads its flags through [`Flags`]. An unknown,
+//! [`parse`] picks the subcommand; one function per subcommand reads its flags through `Flags`. An unknown,
 //! malformed or out-of-range flag is an error naming it and what it expects, and so is a flag that would be
 //! ignored (`--interval-ms` on a master without `--mihomo-host`, a flag of another subcommand): exit code 2.
 

@@ -1,6 +1,6 @@
 //! The data that flows between threads: what we know of a connection, and the changes the collector sees.
 //!
-//! A connection's metadata fields are declared once, in the table of [`connection_fields!`] below: each
+//! A connection's metadata fields are declared once, in the table of `connection_fields!` below: each
 //! field's name, kind, default, `connections` column, name in a sync record and key in mihomo's `metadata`.
 //! The struct [`ConnMeta`], the column list and the row mapping of the writers and the sync reader, the
 //! binds, the sync wire names and mihomo's keys all come from it, so the mapping between fields and columns
